@@ -1,0 +1,512 @@
+//! Rooms: the registry (name → room), each room's members and published tracks, and the
+//! membership events members receive.
+//!
+//! Owns no sockets and no webrtc types. A member is reached only through the channels it
+//! registered; a published track only through its forwarder's command channel. Every method
+//! takes the room's lock briefly and never across an `.await`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use dashmap::DashMap;
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::config::Limits;
+use crate::forward::ForwarderCommand;
+use crate::types::{MediaKind, ParticipantId, RoomName, TrackCodec, TrackId};
+use crate::metrics::{GaugeGuard, Metrics};
+use crate::signal::protocol::{ParticipantInfo, RoomMode, ServerMessage, TrackInfo};
+
+/// A track published in a room.
+#[derive(Debug)]
+pub struct Publication {
+    pub info: TrackInfo,
+    pub publisher: ParticipantId,
+    pub track_id: TrackId,
+    pub codec: TrackCodec,
+    /// Commands to the task that reads and forwards this track.
+    pub forwarder: mpsc::Sender<ForwarderCommand>,
+}
+
+/// What a member hears from its room.
+#[derive(Debug, Clone)]
+pub enum RoomEvent {
+    ParticipantJoined(ParticipantInfo),
+    ParticipantLeft(ParticipantId),
+    TrackPublished(Arc<Publication>),
+    TrackUnpublished(Arc<Publication>),
+    /// A signaling message relayed from another participant (mesh rooms).
+    Relay(ServerMessage),
+}
+
+/// How a room reaches one member.
+#[derive(Debug, Clone)]
+pub struct MemberChannels {
+    /// Membership and track events, and mesh relays: rare, never dropped.
+    pub events: mpsc::UnboundedSender<RoomEvent>,
+    /// Chat lines (JSON) for the member's `chat` data channel: bounded, dropped when full.
+    pub chat: mpsc::Sender<Arc<str>>,
+}
+
+#[derive(Debug)]
+struct Member {
+    name: String,
+    channels: MemberChannels,
+}
+
+#[derive(Debug, Default)]
+struct RoomState {
+    members: HashMap<ParticipantId, Member>,
+    /// In join order, so `joined` lists participants as they came.
+    order: Vec<ParticipantId>,
+    tracks: HashMap<TrackId, Arc<Publication>>,
+    /// Set when the registry dropped the room; a late joiner must pick a fresh one.
+    closed: bool,
+}
+
+#[derive(Debug)]
+pub struct Room {
+    name: RoomName,
+    mode: RoomMode,
+    state: Mutex<RoomState>,
+    _gauge: GaugeGuard,
+}
+
+/// Why a join was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JoinError {
+    #[error("room `{0}` is full ({1} participants)")]
+    RoomFull(String, usize),
+    #[error("the server holds its maximum of {0} rooms")]
+    TooManyRooms(usize),
+}
+
+/// Why a publish was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    #[error("a participant may publish at most {0} tracks")]
+    TooManyTracks(usize),
+    #[error("the participant is no longer in the room")]
+    NotAMember,
+}
+
+/// What a new member learns on joining.
+#[derive(Debug)]
+pub struct Joined {
+    pub room: Arc<Room>,
+    pub participant_id: ParticipantId,
+    pub participants: Vec<ParticipantInfo>,
+    pub tracks: Vec<Arc<Publication>>,
+}
+
+/// Read-only view of a room, for the admin API and tests.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct RoomSnapshot {
+    pub name: String,
+    pub mode: RoomMode,
+    pub participants: Vec<ParticipantInfo>,
+    pub tracks: Vec<TrackInfo>,
+}
+
+impl Room {
+    pub fn name(&self) -> &RoomName {
+        &self.name
+    }
+
+    pub fn mode(&self) -> RoomMode {
+        self.mode
+    }
+
+    fn lock(&self) -> MutexGuard<'_, RoomState> {
+        // A poisoned lock means a panic while holding it, which is a bug; the state itself is
+        // still consistent (every update is a single insert/remove), so keep serving.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn broadcast_except(state: &RoomState, except: &ParticipantId, event: &RoomEvent) {
+        for (id, member) in &state.members {
+            if id != except {
+                // A member whose session ended is cleaned up by its own leave; nothing to do.
+                let _ = member.channels.events.send(event.clone());
+            }
+        }
+    }
+
+    /// Publishes a track and announces it to the other members.
+    pub fn publish(
+        &self,
+        publisher: &ParticipantId,
+        kind: MediaKind,
+        stream_index: usize,
+        codec: TrackCodec,
+        forwarder: mpsc::Sender<ForwarderCommand>,
+        max_tracks: usize,
+    ) -> Result<Arc<Publication>, PublishError> {
+        let mut state = self.lock();
+        if !state.members.contains_key(publisher) {
+            return Err(PublishError::NotAMember);
+        }
+        let published = state
+            .tracks
+            .values()
+            .filter(|t| &t.publisher == publisher)
+            .count();
+        if published >= max_tracks {
+            return Err(PublishError::TooManyTracks(max_tracks));
+        }
+        let track_id = TrackId::random();
+        let publication = Arc::new(Publication {
+            info: TrackInfo {
+                track_id: track_id.to_string(),
+                participant_id: publisher.to_string(),
+                stream_id: format!("{publisher}-{stream_index}"),
+                kind,
+                codec: codec.mime_type.clone(),
+            },
+            publisher: publisher.clone(),
+            track_id: track_id.clone(),
+            codec,
+            forwarder,
+        });
+        state.tracks.insert(track_id, publication.clone());
+        Self::broadcast_except(
+            &state,
+            publisher,
+            &RoomEvent::TrackPublished(publication.clone()),
+        );
+        Ok(publication)
+    }
+
+    /// Removes a track (its publisher stopped it) and tells the subscribers.
+    pub fn unpublish(&self, track_id: &TrackId) {
+        let mut state = self.lock();
+        if let Some(publication) = state.tracks.remove(track_id) {
+            let event = RoomEvent::TrackUnpublished(publication.clone());
+            Self::broadcast_except(&state, &publication.publisher, &event);
+        }
+    }
+
+    pub fn publication(&self, track_id: &TrackId) -> Option<Arc<Publication>> {
+        self.lock().tracks.get(track_id).cloned()
+    }
+
+    /// Delivers a relayed signaling message to one member (mesh rooms). False if no such member.
+    pub fn relay(&self, to: &ParticipantId, message: ServerMessage) -> bool {
+        let state = self.lock();
+        match state.members.get(to) {
+            Some(member) => member
+                .channels
+                .events
+                .send(RoomEvent::Relay(message))
+                .is_ok(),
+            None => false,
+        }
+    }
+
+    /// Sends a chat line to every member but the sender. Returns how many were dropped because
+    /// the member's chat queue was full.
+    pub fn chat(&self, from: &ParticipantId, line: Arc<str>) -> usize {
+        let state = self.lock();
+        let mut dropped = 0;
+        for (id, member) in &state.members {
+            if id != from && member.channels.chat.try_send(line.clone()).is_err() {
+                dropped += 1;
+            }
+        }
+        dropped
+    }
+
+    pub fn member_name(&self, id: &ParticipantId) -> Option<String> {
+        self.lock().members.get(id).map(|m| m.name.clone())
+    }
+
+    pub fn is_member(&self, id: &ParticipantId) -> bool {
+        self.lock().members.contains_key(id)
+    }
+
+    pub fn snapshot(&self) -> RoomSnapshot {
+        let state = self.lock();
+        let mut tracks: Vec<TrackInfo> = state.tracks.values().map(|t| t.info.clone()).collect();
+        tracks.sort_by(|a, b| a.track_id.cmp(&b.track_id));
+        RoomSnapshot {
+            name: self.name.to_string(),
+            mode: self.mode,
+            participants: state
+                .order
+                .iter()
+                .filter_map(|id| {
+                    state.members.get(id).map(|m| ParticipantInfo {
+                        id: id.to_string(),
+                        name: m.name.clone(),
+                    })
+                })
+                .collect(),
+            tracks,
+        }
+    }
+}
+
+/// All rooms of the server.
+#[derive(Debug)]
+pub struct Registry {
+    rooms: DashMap<RoomName, Arc<Room>>,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+}
+
+impl Registry {
+    pub fn new(limits: Limits, metrics: Arc<Metrics>) -> Self {
+        Registry {
+            rooms: DashMap::new(),
+            limits,
+            metrics,
+        }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Adds a participant to a room, creating the room (in `mode`) if it does not exist.
+    pub fn join(
+        &self,
+        room_name: &RoomName,
+        name: &str,
+        mode: RoomMode,
+        channels: MemberChannels,
+    ) -> Result<Joined, JoinError> {
+        loop {
+            let room = self.room_or_create(room_name, mode)?;
+            let mut state = room.lock();
+            if state.closed {
+                // Dropped between lookup and lock: take the fresh one.
+                continue;
+            }
+            let max = self.limits.max_participants_per_room;
+            if max != 0 && state.members.len() >= max {
+                return Err(JoinError::RoomFull(room_name.to_string(), max));
+            }
+            let participant_id = ParticipantId::random();
+            let info = ParticipantInfo {
+                id: participant_id.to_string(),
+                name: name.to_string(),
+            };
+            let participants = state
+                .order
+                .iter()
+                .filter_map(|id| {
+                    state.members.get(id).map(|m| ParticipantInfo {
+                        id: id.to_string(),
+                        name: m.name.clone(),
+                    })
+                })
+                .collect();
+            let tracks = state.tracks.values().cloned().collect();
+            Room::broadcast_except(
+                &state,
+                &participant_id,
+                &RoomEvent::ParticipantJoined(info),
+            );
+            state.members.insert(
+                participant_id.clone(),
+                Member {
+                    name: name.to_string(),
+                    channels,
+                },
+            );
+            state.order.push(participant_id.clone());
+            drop(state);
+            return Ok(Joined {
+                room,
+                participant_id,
+                participants,
+                tracks,
+            });
+        }
+    }
+
+    fn room_or_create(&self, name: &RoomName, mode: RoomMode) -> Result<Arc<Room>, JoinError> {
+        if let Some(room) = self.rooms.get(name) {
+            return Ok(room.clone());
+        }
+        let max = self.limits.max_rooms;
+        if max != 0 && self.rooms.len() >= max {
+            return Err(JoinError::TooManyRooms(max));
+        }
+        let room = self
+            .rooms
+            .entry(name.clone())
+            .or_insert_with(|| {
+                tracing::info!(room = %name, ?mode, "room created");
+                Arc::new(Room {
+                    name: name.clone(),
+                    mode,
+                    state: Mutex::new(RoomState::default()),
+                    _gauge: GaugeGuard::new(&self.metrics, |m| &m.rooms),
+                })
+            })
+            .clone();
+        Ok(room)
+    }
+
+    /// Removes a participant and everything it published, tells the others, and drops the room
+    /// when it is empty. Idempotent.
+    pub fn leave(&self, room: &Room, id: &ParticipantId) {
+        {
+            let mut state = room.lock();
+            if state.members.remove(id).is_none() {
+                return;
+            }
+            state.order.retain(|m| m != id);
+            let gone: Vec<TrackId> = state
+                .tracks
+                .iter()
+                .filter(|(_, t)| &t.publisher == id)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for track_id in gone {
+                if let Some(publication) = state.tracks.remove(&track_id) {
+                    Room::broadcast_except(&state, id, &RoomEvent::TrackUnpublished(publication));
+                }
+            }
+            Room::broadcast_except(&state, id, &RoomEvent::ParticipantLeft(id.clone()));
+        }
+        let removed = self.rooms.remove_if(room.name(), |_, r| {
+            let mut state = r.lock();
+            if state.members.is_empty() {
+                state.closed = true;
+                true
+            } else {
+                false
+            }
+        });
+        if removed.is_some() {
+            tracing::info!(room = %room.name(), "room closed (empty)");
+        }
+    }
+
+    pub fn room_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.rooms.iter().map(|r| r.key().to_string()).collect();
+        names.sort();
+        names
+    }
+
+    pub fn room_snapshot(&self, name: &str) -> Option<RoomSnapshot> {
+        let name = RoomName::parse(name)?;
+        let room = self.rooms.get(&name)?.clone();
+        Some(room.snapshot())
+    }
+
+    pub fn snapshots(&self) -> Vec<RoomSnapshot> {
+        let rooms: Vec<Arc<Room>> = self.rooms.iter().map(|r| r.value().clone()).collect();
+        let mut out: Vec<RoomSnapshot> = rooms.iter().map(|r| r.snapshot()).collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn channels() -> (
+        MemberChannels,
+        mpsc::UnboundedReceiver<RoomEvent>,
+        mpsc::Receiver<Arc<str>>,
+    ) {
+        let (events, erx) = mpsc::unbounded_channel();
+        let (chat, crx) = mpsc::channel(4);
+        (MemberChannels { events, chat }, erx, crx)
+    }
+
+    fn registry(max_participants: usize) -> Registry {
+        let limits = Limits {
+            max_participants_per_room: max_participants,
+            ..Limits::default()
+        };
+        Registry::new(limits, Arc::new(Metrics::default()))
+    }
+
+    fn codec() -> TrackCodec {
+        TrackCodec {
+            mime_type: "video/VP8".into(),
+            clock_rate: 90000,
+            channels: 0,
+            sdp_fmtp_line: String::new(),
+        }
+    }
+
+    #[test]
+    fn join_announce_leave_and_drop_empty_room() {
+        let reg = registry(10);
+        let name = RoomName::parse("r").unwrap();
+        let (ca, mut ea, _) = channels();
+        let a = reg.join(&name, "alice", RoomMode::Sfu, ca).unwrap();
+        assert!(a.participants.is_empty());
+        let (cb, _eb, _) = channels();
+        let b = reg.join(&name, "bob", RoomMode::Mesh, cb).unwrap();
+        assert_eq!(b.participants[0].name, "alice");
+        assert_eq!(b.room.mode(), RoomMode::Sfu, "the creator's mode wins");
+        assert!(matches!(ea.try_recv(), Ok(RoomEvent::ParticipantJoined(p)) if p.name == "bob"));
+
+        let (tx, _rx) = mpsc::channel(1);
+        let publication = b
+            .room
+            .publish(&b.participant_id, MediaKind::Video, 0, codec(), tx, 8)
+            .unwrap();
+        assert_eq!(
+            publication.info.stream_id,
+            format!("{}-0", b.participant_id)
+        );
+        assert!(matches!(ea.try_recv(), Ok(RoomEvent::TrackPublished(_))));
+
+        reg.leave(&b.room, &b.participant_id);
+        assert!(matches!(ea.try_recv(), Ok(RoomEvent::TrackUnpublished(_))));
+        assert!(matches!(ea.try_recv(), Ok(RoomEvent::ParticipantLeft(_))));
+        assert!(reg.room_snapshot("r").unwrap().tracks.is_empty());
+        reg.leave(&b.room, &b.participant_id); // idempotent
+        reg.leave(&a.room, &a.participant_id);
+        assert!(reg.room_names().is_empty());
+    }
+
+    #[test]
+    fn full_room_and_track_limit() {
+        let reg = registry(1);
+        let name = RoomName::parse("r").unwrap();
+        let (ca, _ea, _) = channels();
+        let a = reg.join(&name, "alice", RoomMode::Sfu, ca).unwrap();
+        let (cb, _eb, _) = channels();
+        assert!(matches!(
+            reg.join(&name, "bob", RoomMode::Sfu, cb),
+            Err(JoinError::RoomFull(..))
+        ));
+        let (tx, _rx) = mpsc::channel(1);
+        a.room
+            .publish(&a.participant_id, MediaKind::Audio, 0, codec(), tx.clone(), 1)
+            .unwrap();
+        assert_eq!(
+            a.room
+                .publish(&a.participant_id, MediaKind::Audio, 0, codec(), tx, 1)
+                .unwrap_err(),
+            PublishError::TooManyTracks(1)
+        );
+    }
+
+    #[test]
+    fn chat_reaches_others_and_drops_when_full() {
+        let reg = registry(10);
+        let name = RoomName::parse("r").unwrap();
+        let (ca, _ea, mut chat_a) = channels();
+        let a = reg.join(&name, "alice", RoomMode::Sfu, ca).unwrap();
+        let (cb, _eb, mut chat_b) = channels();
+        let _b = reg.join(&name, "bob", RoomMode::Sfu, cb).unwrap();
+        assert_eq!(a.room.chat(&a.participant_id, "hi".into()), 0);
+        assert_eq!(&*chat_b.try_recv().unwrap(), "hi");
+        assert!(chat_a.try_recv().is_err(), "not echoed to the sender");
+        let dropped: usize = (0..10)
+            .map(|_| a.room.chat(&a.participant_id, "x".into()))
+            .sum();
+        assert_eq!(dropped, 6, "queue of 4");
+    }
+}

@@ -1,0 +1,516 @@
+//! One participant's server-side peer connection: negotiation (the server is the impolite peer
+//! of perfect negotiation), the tracks it publishes, and the tracks it is subscribed to.
+//!
+//! Owned by the participant's session task; every method is called from there, so negotiation
+//! state needs no lock. The library's callbacks only turn into [`PeerEvent`]s.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use rtc::media_stream::MediaStreamTrack;
+use rtc::peer_connection::sdp::RTCSessionDescription;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+};
+use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use webrtc::data_channel::{DataChannel, DataChannelEvent};
+use webrtc::media_stream::track_local::TrackLocal;
+use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
+use webrtc::media_stream::track_remote::TrackRemote;
+use webrtc::peer_connection::{
+    PeerConnection, PeerConnectionEventHandler, RTCIceCandidateInit, RTCPeerConnectionIceEvent,
+    RTCPeerConnectionState,
+};
+use webrtc::rtp_transceiver::RtpSender;
+
+use super::media::{PublishedTrack, run_downtrack};
+use super::{PortLease, RtcError};
+use crate::forward::{DownTrack, ForwarderCommand, Rewriter};
+use crate::metrics::{GaugeGuard, Metrics};
+use crate::types::{IceCandidate, MediaKind, ParticipantId, TrackCodec, TrackId};
+
+/// What the library tells the session about its connection.
+#[derive(Debug)]
+pub enum PeerEvent {
+    LocalCandidate(IceCandidate),
+    /// The participant started sending a track.
+    Track(PublishedTrack),
+    /// The participant opened its `chat` data channel.
+    Chat(ChatChannel),
+    Connected,
+    /// ICE failed or the connection closed: the participant's media is gone.
+    Failed,
+}
+
+/// The participant's `chat` data channel.
+#[derive(Clone)]
+pub struct ChatChannel(Arc<dyn DataChannel>);
+
+impl std::fmt::Debug for ChatChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ChatChannel")
+    }
+}
+
+/// One event of a chat channel, as the session needs it.
+#[derive(Debug)]
+pub enum ChatEvent {
+    Text(String),
+    /// Binary or non-UTF-8 message: ignored, but counted by the caller.
+    Other,
+    Closed,
+}
+
+impl ChatChannel {
+    pub async fn recv(&self) -> ChatEvent {
+        loop {
+            match self.0.poll().await {
+                Some(DataChannelEvent::OnMessage(msg)) => {
+                    if !msg.is_string {
+                        return ChatEvent::Other;
+                    }
+                    return match String::from_utf8(msg.data.to_vec()) {
+                        Ok(text) => ChatEvent::Text(text),
+                        Err(_) => ChatEvent::Other,
+                    };
+                }
+                Some(DataChannelEvent::OnClose) | None => return ChatEvent::Closed,
+                Some(_) => {}
+            }
+        }
+    }
+
+    /// Sends unless the channel's send buffer is full, in which case the line is dropped: a
+    /// participant that does not read its chat must not hold up the others.
+    pub async fn try_send(&self, text: &str) -> bool {
+        self.0.try_send_text(text).await.is_ok()
+    }
+}
+
+/// Turns library callbacks into [`PeerEvent`]s.
+pub(super) struct Handler {
+    events: mpsc::UnboundedSender<PeerEvent>,
+}
+
+impl Handler {
+    pub(super) fn new(events: mpsc::UnboundedSender<PeerEvent>) -> Self {
+        Handler { events }
+    }
+}
+
+fn codec_kind(kind: RtpCodecKind) -> Option<MediaKind> {
+    match kind {
+        RtpCodecKind::Audio => Some(MediaKind::Audio),
+        RtpCodecKind::Video => Some(MediaKind::Video),
+        _ => None,
+    }
+}
+
+#[async_trait::async_trait]
+impl PeerConnectionEventHandler for Handler {
+    async fn on_ice_candidate(&self, event: RTCPeerConnectionIceEvent) {
+        match event.candidate.to_json() {
+            Ok(init) => {
+                let _ = self.events.send(PeerEvent::LocalCandidate(IceCandidate {
+                    candidate: init.candidate,
+                    sdp_mid: init.sdp_mid,
+                    sdp_mline_index: init.sdp_mline_index,
+                    username_fragment: init.username_fragment,
+                }));
+            }
+            Err(e) => tracing::warn!("local candidate not serializable: {e}"),
+        }
+    }
+
+    async fn on_connection_state_change(&self, state: RTCPeerConnectionState) {
+        tracing::debug!(%state, "peer connection state");
+        let event = match state {
+            RTCPeerConnectionState::Connected => PeerEvent::Connected,
+            RTCPeerConnectionState::Failed | RTCPeerConnectionState::Closed => PeerEvent::Failed,
+            _ => return,
+        };
+        let _ = self.events.send(event);
+    }
+
+    async fn on_data_channel(&self, channel: Arc<dyn DataChannel>) {
+        match channel.label().await {
+            Ok(label) if label == "chat" => {
+                let _ = self.events.send(PeerEvent::Chat(ChatChannel(channel)));
+            }
+            Ok(label) => tracing::debug!(label, "ignoring data channel"),
+            Err(e) => tracing::debug!("data channel without label: {e}"),
+        }
+    }
+
+    async fn on_track(&self, track: Arc<dyn TrackRemote>) {
+        let Some(kind) = codec_kind(track.kind().await) else {
+            return;
+        };
+        let Some(ssrc) = track.ssrcs().await.first().copied() else {
+            tracing::warn!("remote track without SSRC, not published");
+            return;
+        };
+        let Some(codec) = track.codec(ssrc).await else {
+            tracing::warn!(ssrc, "remote track without codec, not published");
+            return;
+        };
+        let stream_id = track.stream_id().await.to_string();
+        let published = PublishedTrack {
+            track,
+            kind,
+            codec: TrackCodec {
+                mime_type: codec.mime_type,
+                clock_rate: codec.clock_rate,
+                channels: codec.channels,
+                sdp_fmtp_line: codec.sdp_fmtp_line,
+            },
+            stream_id,
+            ssrc,
+        };
+        let _ = self.events.send(PeerEvent::Track(published));
+    }
+}
+
+/// What became of a client's offer.
+#[derive(Debug)]
+pub enum RemoteOfferOutcome {
+    /// Applied; send this answer.
+    Answer(String),
+    /// Collided with the server's own outstanding offer; the server (impolite) ignores it and
+    /// the client rolls back.
+    IgnoredForGlare,
+}
+
+struct Subscription {
+    sender: Arc<dyn RtpSender>,
+    local: Arc<TrackLocalStaticRTP>,
+    codec: TrackCodec,
+    ssrc: u32,
+    forwarder: mpsc::Sender<ForwarderCommand>,
+    /// The writer task, once negotiation made the subscription live.
+    writer: Option<JoinHandle<()>>,
+}
+
+/// A participant's server-side peer connection.
+pub struct Peer {
+    participant: ParticipantId,
+    pc: Arc<dyn PeerConnection>,
+    metrics: Arc<Metrics>,
+    downtrack_queue: usize,
+    /// The server sent an offer and waits for the answer.
+    awaiting_answer: bool,
+    /// Tracks were added or removed since the last offer.
+    negotiation_needed: bool,
+    /// The client's first offer was applied: before it, there is nothing to renegotiate.
+    established: bool,
+    subscriptions: HashMap<TrackId, Subscription>,
+    publishers: Vec<JoinHandle<()>>,
+    _lease: PortLease,
+    _gauge: GaugeGuard,
+}
+
+impl std::fmt::Debug for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peer")
+            .field("participant", &self.participant)
+            .field("subscriptions", &self.subscriptions.len())
+            .finish()
+    }
+}
+
+impl Peer {
+    pub(super) fn new(
+        participant: ParticipantId,
+        pc: Arc<dyn PeerConnection>,
+        lease: PortLease,
+        metrics: Arc<Metrics>,
+        downtrack_queue: usize,
+    ) -> Self {
+        Peer {
+            participant,
+            pc,
+            _gauge: GaugeGuard::new(&metrics, |m| &m.peer_connections),
+            metrics,
+            downtrack_queue,
+            awaiting_answer: false,
+            negotiation_needed: false,
+            established: false,
+            subscriptions: HashMap::new(),
+            publishers: Vec::new(),
+            _lease: lease,
+        }
+    }
+
+    /// Applies a client offer and answers it, unless it collides with the server's own offer.
+    pub async fn handle_remote_offer(&mut self, sdp: String) -> Result<RemoteOfferOutcome, RtcError> {
+        let offer = RTCSessionDescription::offer(sdp).map_err(|e| RtcError::BadSdp(e.to_string()))?;
+        if self.awaiting_answer {
+            return Ok(RemoteOfferOutcome::IgnoredForGlare);
+        }
+        self.pc
+            .set_remote_description(offer)
+            .await
+            .map_err(|e| RtcError::BadSdp(e.to_string()))?;
+        let answer = self.pc.create_answer(None).await?;
+        self.pc.set_local_description(answer).await?;
+        let sdp = self
+            .pc
+            .local_description()
+            .await
+            .map(|d| d.sdp)
+            .ok_or_else(|| RtcError::BadSdp("no local description after answer".into()))?;
+        self.established = true;
+        Ok(RemoteOfferOutcome::Answer(sdp))
+    }
+
+    /// Applies the client's answer to the server's offer and starts the subscriptions it made
+    /// live.
+    pub async fn handle_remote_answer(&mut self, sdp: String) -> Result<(), RtcError> {
+        if !self.awaiting_answer {
+            return Err(RtcError::BadSdp("answer without an outstanding offer".into()));
+        }
+        let answer =
+            RTCSessionDescription::answer(sdp).map_err(|e| RtcError::BadSdp(e.to_string()))?;
+        self.pc
+            .set_remote_description(answer)
+            .await
+            .map_err(|e| RtcError::BadSdp(e.to_string()))?;
+        self.awaiting_answer = false;
+        self.start_negotiated_subscriptions().await;
+        Ok(())
+    }
+
+    pub async fn add_remote_candidate(&self, candidate: IceCandidate) -> Result<(), RtcError> {
+        let init = RTCIceCandidateInit {
+            candidate: candidate.candidate,
+            sdp_mid: candidate.sdp_mid,
+            sdp_mline_index: candidate.sdp_mline_index,
+            username_fragment: candidate.username_fragment,
+            url: None,
+        };
+        self.pc
+            .add_ice_candidate(init)
+            .await
+            .map_err(|e| RtcError::BadCandidate(e.to_string()))
+    }
+
+    /// An offer to send the client, if tracks changed and the connection is ready for one.
+    pub async fn offer_if_needed(&mut self) -> Result<Option<String>, RtcError> {
+        if !self.negotiation_needed || self.awaiting_answer || !self.established {
+            return Ok(None);
+        }
+        let offer = self.pc.create_offer(None).await?;
+        self.pc.set_local_description(offer).await?;
+        let sdp = self
+            .pc
+            .local_description()
+            .await
+            .map(|d| d.sdp)
+            .ok_or_else(|| RtcError::BadSdp("no local description after offer".into()))?;
+        self.negotiation_needed = false;
+        self.awaiting_answer = true;
+        Ok(Some(sdp))
+    }
+
+    /// Adds a send-only track carrying another participant's published track. It goes live
+    /// (packets flow, a keyframe is requested) once the client answers the next offer.
+    pub async fn subscribe(
+        &mut self,
+        track_id: &TrackId,
+        stream_id: &str,
+        kind: MediaKind,
+        codec: &TrackCodec,
+        forwarder: mpsc::Sender<ForwarderCommand>,
+    ) -> Result<(), RtcError> {
+        if self.subscriptions.contains_key(track_id) {
+            return Ok(());
+        }
+        let ssrc: u32 = rand::random();
+        let rtc_codec = RTCRtpCodec {
+            mime_type: codec.mime_type.clone(),
+            clock_rate: codec.clock_rate,
+            channels: codec.channels,
+            sdp_fmtp_line: codec.sdp_fmtp_line.clone(),
+            rtcp_feedback: vec![],
+        };
+        let rtc_kind = match kind {
+            MediaKind::Audio => RtpCodecKind::Audio,
+            MediaKind::Video => RtpCodecKind::Video,
+        };
+        let local = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+            stream_id.to_string(),
+            track_id.to_string(),
+            track_id.to_string(),
+            rtc_kind,
+            vec![RTCRtpEncodingParameters {
+                rtp_coding_parameters: RTCRtpCodingParameters {
+                    ssrc: Some(ssrc),
+                    ..Default::default()
+                },
+                codec: rtc_codec,
+                ..Default::default()
+            }],
+        )));
+        let transceiver = self
+            .pc
+            .add_transceiver_from_track(
+                local.clone() as Arc<dyn TrackLocal>,
+                Some(RTCRtpTransceiverInit {
+                    direction: RTCRtpTransceiverDirection::Sendonly,
+                    streams: vec![stream_id.to_string()],
+                    send_encodings: vec![],
+                }),
+            )
+            .await?;
+        let sender = transceiver
+            .sender()
+            .await?
+            .ok_or_else(|| RtcError::BadSdp("transceiver without a sender".into()))?;
+        self.subscriptions.insert(
+            track_id.clone(),
+            Subscription {
+                sender,
+                local,
+                codec: codec.clone(),
+                ssrc,
+                forwarder,
+                writer: None,
+            },
+        );
+        self.negotiation_needed = true;
+        Ok(())
+    }
+
+    /// Removes a subscribed track; the next offer takes it off the client's connection.
+    pub async fn unsubscribe(&mut self, track_id: &TrackId) {
+        let Some(sub) = self.subscriptions.remove(track_id) else {
+            return;
+        };
+        if let Some(writer) = sub.writer {
+            writer.abort();
+        }
+        let _ = sub
+            .forwarder
+            .try_send(ForwarderCommand::RemoveDownTrack(self.participant.clone()));
+        if let Err(e) = self.pc.remove_track(&sub.sender).await {
+            tracing::debug!(%track_id, "remove_track: {e}");
+        }
+        self.negotiation_needed = true;
+    }
+
+    pub fn subscription_count(&self) -> usize {
+        self.subscriptions.len()
+    }
+
+    /// Starts forwarding to every subscription the last negotiation made live.
+    async fn start_negotiated_subscriptions(&mut self) {
+        for (track_id, sub) in self.subscriptions.iter_mut() {
+            if sub.writer.is_some() {
+                continue;
+            }
+            let payload_type = match sub.sender.get_parameters().await {
+                Ok(params) => negotiated_payload_type(
+                    &sub.codec,
+                    params
+                        .rtp_parameters
+                        .codecs
+                        .iter()
+                        .map(|c| (c.rtp_codec.mime_type.as_str(), c.rtp_codec.sdp_fmtp_line.as_str(), c.payload_type)),
+                ),
+                Err(e) => {
+                    tracing::warn!(%track_id, "sender parameters: {e}");
+                    None
+                }
+            };
+            let Some(payload_type) = payload_type else {
+                tracing::warn!(%track_id, codec = %sub.codec.mime_type, "subscriber did not accept the codec");
+                continue;
+            };
+            let rewriter = Rewriter::new(sub.ssrc, payload_type, rand::random(), rand::random());
+            let (downtrack, queue) =
+                DownTrack::new(self.participant.clone(), rewriter, self.downtrack_queue);
+            if sub
+                .forwarder
+                .send(ForwarderCommand::AddDownTrack(downtrack))
+                .await
+                .is_err()
+            {
+                // The publisher is gone; its unpublish event will remove this subscription.
+                continue;
+            }
+            sub.writer = Some(tokio::spawn(run_downtrack(
+                sub.local.clone(),
+                queue,
+                sub.forwarder.clone(),
+                self.metrics.clone(),
+            )));
+        }
+    }
+
+    /// Remembers a publisher task so that closing the peer ends it.
+    pub fn adopt_publisher(&mut self, task: JoinHandle<()>) {
+        self.publishers.retain(|t| !t.is_finished());
+        self.publishers.push(task);
+    }
+
+    /// Ends everything this connection runs: writers, publisher readers, the connection itself.
+    pub async fn close(mut self) {
+        for (_, sub) in self.subscriptions.drain() {
+            if let Some(writer) = sub.writer {
+                writer.abort();
+            }
+            let _ = sub
+                .forwarder
+                .try_send(ForwarderCommand::RemoveDownTrack(self.participant.clone()));
+        }
+        for task in self.publishers.drain(..) {
+            task.abort();
+        }
+        if let Err(e) = self.pc.close().await {
+            tracing::debug!("closing peer connection: {e}");
+        }
+    }
+}
+
+/// The payload type the subscriber's connection negotiated for `codec`: same MIME type, and
+/// for codecs with parameters (H.264 profiles) the same fmtp line where one matches.
+fn negotiated_payload_type<'a>(
+    codec: &TrackCodec,
+    negotiated: impl Iterator<Item = (&'a str, &'a str, u8)>,
+) -> Option<u8> {
+    let mut by_mime = None;
+    for (mime, fmtp, pt) in negotiated {
+        if mime.eq_ignore_ascii_case(&codec.mime_type) {
+            if fmtp == codec.sdp_fmtp_line {
+                return Some(pt);
+            }
+            by_mime.get_or_insert(pt);
+        }
+    }
+    by_mime
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_type_prefers_exact_fmtp() {
+        let codec = TrackCodec {
+            mime_type: "video/H264".into(),
+            clock_rate: 90000,
+            channels: 0,
+            sdp_fmtp_line: "profile-level-id=42e01f;packetization-mode=1".into(),
+        };
+        let list = [
+            ("video/VP8", "", 96),
+            ("video/h264", "profile-level-id=42001f;packetization-mode=0", 102),
+            ("video/H264", "profile-level-id=42e01f;packetization-mode=1", 106),
+        ];
+        assert_eq!(negotiated_payload_type(&codec, list.iter().copied()), Some(106));
+        assert_eq!(negotiated_payload_type(&codec, list[..2].iter().copied()), Some(102));
+        assert_eq!(negotiated_payload_type(&codec, list[..1].iter().copied()), None);
+    }
+}

@@ -1,0 +1,85 @@
+//! Assembles the server from its parts and runs it until shutdown, then drains.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::room::Registry;
+use crate::rtc::RtcEngine;
+use crate::signal::session::DRAIN_TIMEOUT;
+use crate::signal::{ServerContext, run_session};
+
+pub struct Server;
+
+/// A running server.
+pub struct ServerHandle {
+    pub http_addr: SocketAddr,
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Server {
+    /// Binds the HTTP listener and starts serving.
+    pub async fn start(config: Config) -> anyhow::Result<ServerHandle> {
+        let metrics = Arc::new(Metrics::default());
+        let registry = Arc::new(Registry::new(config.limits.clone(), metrics.clone()));
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let ctx = Arc::new(ServerContext {
+            registry: registry.clone(),
+            engine: RtcEngine::new(&config, metrics.clone()),
+            metrics: metrics.clone(),
+            limits: config.limits.clone(),
+            shutdown: shutdown_rx.clone(),
+        });
+        let listener = tokio::net::TcpListener::bind(config.http)
+            .await
+            .with_context(|| format!("binding HTTP on {}", config.http))?;
+        let http_addr = listener.local_addr()?;
+        let app = crate::http::router(ctx);
+        let mut stop = shutdown_rx;
+        let task = tokio::spawn(async move {
+            let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            });
+            if let Err(e) = serve.await {
+                tracing::error!("http server: {e}");
+            }
+        });
+        // Keep the session entry point referenced from here for readers following the flow.
+        let _ = run_session;
+        Ok(ServerHandle {
+            http_addr,
+            registry,
+            metrics,
+            shutdown,
+            task,
+        })
+    }
+}
+
+impl ServerHandle {
+    /// Stops accepting, tells every session to close, and waits (bounded) for them to go.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        while self.metrics.snapshot().sessions > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, self.task).await;
+    }
+
+    /// Runs until `signal` resolves, then shuts down.
+    pub async fn run_until(self, signal: impl std::future::Future<Output = ()>) {
+        signal.await;
+        tracing::info!("shutting down");
+        self.shutdown().await;
+    }
+}

@@ -1,0 +1,301 @@
+//! The signaling wire protocol: JSON text frames over one WebSocket per participant.
+//!
+//! Every message is an object with a `"type"` field. This file owns the shapes only; what a
+//! message causes is `session.rs`'s business. The README's "Signaling protocol" section is the
+//! prose version of this file; keep them in step.
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the protocol, sent in `joined` so a client can tell what it talks to.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// How a room carries media.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RoomMode {
+    /// The server terminates every peer connection and forwards media (the SFU).
+    #[default]
+    Sfu,
+    /// The server relays signaling between participants only; media flows peer to peer.
+    Mesh,
+}
+
+/// A participant as others see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParticipantInfo {
+    pub id: String,
+    pub name: String,
+}
+
+pub use crate::types::{IceCandidate, MediaKind};
+
+/// A track some participant publishes, as announced to the others (SFU rooms).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrackInfo {
+    pub track_id: String,
+    pub participant_id: String,
+    /// The `MediaStream` id the subscriber sees this track in (`{participant_id}-{n}`).
+    pub stream_id: String,
+    pub kind: MediaKind,
+    /// e.g. `video/VP8`.
+    pub codec: String,
+}
+
+/// Messages a client sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum ClientMessage {
+    /// Enter a room. `mode` matters only to the participant who creates the room.
+    Join {
+        room: String,
+        name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mode: Option<RoomMode>,
+    },
+    /// SDP offer. In SFU rooms to the server (omit `to`); in mesh rooms to participant `to`.
+    Offer {
+        sdp: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to: Option<String>,
+    },
+    /// SDP answer, addressed like `offer`.
+    Answer {
+        sdp: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to: Option<String>,
+    },
+    /// Trickle ICE candidate, addressed like `offer`. `null` means end of candidates.
+    Candidate {
+        candidate: Option<IceCandidate>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to: Option<String>,
+    },
+    /// Leave the room; the server answers `left` and keeps the socket open for another `join`.
+    Leave,
+    /// Liveness check; answered by `pong`.
+    Ping,
+}
+
+impl ClientMessage {
+    /// The wire names of all client message types, for telling "unknown type" from "bad fields".
+    pub const TYPES: &'static [&'static str] =
+        &["join", "offer", "answer", "candidate", "leave", "ping"];
+}
+
+/// Messages the server sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum ServerMessage {
+    /// Answer to `join`: who you are and who is already there (not including you).
+    Joined {
+        participant_id: String,
+        room: String,
+        mode: RoomMode,
+        participants: Vec<ParticipantInfo>,
+        /// Tracks already published in the room (SFU rooms).
+        tracks: Vec<TrackInfo>,
+        protocol: u32,
+    },
+    ParticipantJoined {
+        participant: ParticipantInfo,
+    },
+    ParticipantLeft {
+        participant_id: String,
+    },
+    /// A track was published; the server will offer it to you shortly (SFU rooms).
+    TrackPublished {
+        track: TrackInfo,
+    },
+    /// A track was unpublished; the server will renegotiate it away (SFU rooms).
+    TrackUnpublished {
+        track_id: String,
+        participant_id: String,
+    },
+    /// SDP offer: from the server (no `from`) or relayed from participant `from` (mesh).
+    Offer {
+        sdp: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from: Option<String>,
+    },
+    Answer {
+        sdp: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from: Option<String>,
+    },
+    Candidate {
+        candidate: Option<IceCandidate>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from: Option<String>,
+    },
+    /// Answer to `leave`.
+    Left,
+    Pong,
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+/// Machine-readable error codes of `error` messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorCode {
+    /// The frame was not valid JSON (or not a JSON object, or a binary frame).
+    MalformedJson,
+    /// `type` names no message of this protocol.
+    UnknownType,
+    /// A required field is missing or has the wrong type.
+    MissingField,
+    /// A room or participant message was sent before `join`.
+    NotJoined,
+    /// `join` while already in a room.
+    AlreadyJoined,
+    /// Room name or display name is empty, too long, or uses characters outside the allowed set.
+    InvalidName,
+    /// The room holds its maximum number of participants.
+    RoomFull,
+    /// The server holds its maximum number of rooms or media ports.
+    ServerFull,
+    /// The SDP could not be parsed or applied.
+    BadSdp,
+    /// The ICE candidate could not be parsed or applied.
+    BadCandidate,
+    /// `to` names no participant of this room.
+    UnknownParticipant,
+    /// The message does not fit the room's mode (e.g. `to` in an SFU room, no `to` in mesh).
+    WrongMode,
+    /// The server could not carry out the request (logged server-side).
+    Internal,
+    /// The participant's media connection failed; the session ends.
+    ConnectionFailed,
+}
+
+/// The chat message the server puts on each other participant's `chat` data channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatRelay {
+    pub from: String,
+    pub name: String,
+    pub text: String,
+}
+
+/// A client message that could not be turned into a [`ClientMessage`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// Parses one text frame, telling malformed JSON, unknown types and bad fields apart.
+pub fn parse_client_message(text: &str) -> Result<ClientMessage, ParseError> {
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| ParseError {
+        code: ErrorCode::MalformedJson,
+        message: format!("not valid JSON: {e}"),
+    })?;
+    let Some(object) = value.as_object() else {
+        return Err(ParseError {
+            code: ErrorCode::MalformedJson,
+            message: "a message must be a JSON object".into(),
+        });
+    };
+    let kind = match object.get("type") {
+        Some(serde_json::Value::String(kind)) => kind.as_str(),
+        Some(_) => {
+            return Err(ParseError {
+                code: ErrorCode::MissingField,
+                message: "field `type` must be a string".into(),
+            });
+        }
+        None => {
+            return Err(ParseError {
+                code: ErrorCode::MissingField,
+                message: "missing field `type`".into(),
+            });
+        }
+    };
+    if !ClientMessage::TYPES.contains(&kind) {
+        return Err(ParseError {
+            code: ErrorCode::UnknownType,
+            message: format!("unknown message type `{kind}`"),
+        });
+    }
+    serde_json::from_value(value.clone()).map_err(|e| ParseError {
+        code: ErrorCode::MissingField,
+        message: format!("bad `{kind}` message: {e}"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_join() {
+        let msg = parse_client_message(r#"{"type":"join","room":"a","name":"b"}"#).unwrap();
+        assert_eq!(
+            msg,
+            ClientMessage::Join {
+                room: "a".into(),
+                name: "b".into(),
+                mode: None
+            }
+        );
+        let msg = parse_client_message(r#"{"type":"join","room":"a","name":"b","mode":"mesh"}"#)
+            .unwrap();
+        assert!(matches!(
+            msg,
+            ClientMessage::Join {
+                mode: Some(RoomMode::Mesh),
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn tells_errors_apart() {
+        let code = |t: &str| parse_client_message(t).unwrap_err().code;
+        assert_eq!(code("{nope"), ErrorCode::MalformedJson);
+        assert_eq!(code("[1,2]"), ErrorCode::MalformedJson);
+        assert_eq!(code(r#"{"room":"a"}"#), ErrorCode::MissingField);
+        assert_eq!(code(r#"{"type":7}"#), ErrorCode::MissingField);
+        assert_eq!(code(r#"{"type":"dance"}"#), ErrorCode::UnknownType);
+        assert_eq!(code(r#"{"type":"join","room":"a"}"#), ErrorCode::MissingField);
+        assert_eq!(code(r#"{"type":"offer"}"#), ErrorCode::MissingField);
+    }
+
+    #[test]
+    fn candidate_round_trip_uses_browser_field_names() {
+        let text = r#"{"type":"candidate","candidate":{"candidate":"candidate:1 1 udp 1 127.0.0.1 5000 typ host","sdpMid":"0","sdpMLineIndex":0}}"#;
+        let msg = parse_client_message(text).unwrap();
+        let ClientMessage::Candidate {
+            candidate: Some(c), ..
+        } = msg
+        else {
+            panic!("not a candidate: {msg:?}");
+        };
+        assert_eq!(c.sdp_mid.as_deref(), Some("0"));
+        assert_eq!(c.sdp_mline_index, Some(0));
+        let null = parse_client_message(r#"{"type":"candidate","candidate":null}"#).unwrap();
+        assert_eq!(
+            null,
+            ClientMessage::Candidate {
+                candidate: None,
+                to: None
+            }
+        );
+    }
+
+    #[test]
+    fn server_messages_are_kebab_case() {
+        let text = serde_json::to_string(&ServerMessage::ParticipantLeft {
+            participant_id: "p1".into(),
+        })
+        .unwrap();
+        assert_eq!(text, r#"{"type":"participant-left","participant_id":"p1"}"#);
+        let text = serde_json::to_string(&ServerMessage::Error {
+            code: ErrorCode::NotJoined,
+            message: "x".into(),
+        })
+        .unwrap();
+        assert!(text.contains(r#""code":"not-joined""#));
+    }
+}

@@ -1,0 +1,133 @@
+//! The vocabulary every layer shares: newtypes for the ids the server hands out (so a participant
+//! id cannot be passed as a track id), media kinds, room names and ICE candidates.
+
+use std::fmt;
+use std::sync::Arc;
+
+macro_rules! id_type {
+    ($name:ident, $prefix:literal) => {
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(Arc<str>);
+
+        impl $name {
+            /// A fresh random id: the prefix and 12 hex digits (no `-`, which separates
+            /// the participant id from the stream index in forwarded stream ids).
+            pub fn random() -> Self {
+                let n: u64 = rand::random();
+                Self(format!(concat!($prefix, "{:012x}"), n & 0xffff_ffff_ffff).into())
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl From<&str> for $name {
+            fn from(s: &str) -> Self {
+                Self(s.into())
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+id_type!(ParticipantId, "p");
+id_type!(TrackId, "t");
+
+/// Media kind of a track.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MediaKind {
+    Audio,
+    Video,
+}
+
+/// The codec a publisher sends, as subscribers' tracks must declare it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TrackCodec {
+    pub mime_type: String,
+    pub clock_rate: u32,
+    pub channels: u16,
+    pub sdp_fmtp_line: String,
+}
+
+/// An ICE candidate as the browser's `RTCIceCandidate.toJSON()` gives it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, Default)]
+pub struct IceCandidate {
+    pub candidate: String,
+    #[serde(rename = "sdpMid", default, skip_serializing_if = "Option::is_none")]
+    pub sdp_mid: Option<String>,
+    #[serde(
+        rename = "sdpMLineIndex",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub sdp_mline_index: Option<u16>,
+    #[serde(
+        rename = "usernameFragment",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub username_fragment: Option<String>,
+}
+
+/// A validated room name: 1–64 characters of `[A-Za-z0-9_.-]`.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub struct RoomName(Arc<str>);
+
+impl RoomName {
+    pub const MAX_LEN: usize = 64;
+
+    pub fn parse(s: &str) -> Option<Self> {
+        let ok = !s.is_empty()
+            && s.len() <= Self::MAX_LEN
+            && s
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+        ok.then(|| Self(s.into()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for RoomName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_prefixed_and_dashless() {
+        let p = ParticipantId::random();
+        assert!(p.as_str().starts_with('p'));
+        assert_eq!(p.as_str().len(), 13);
+        assert!(!p.as_str().contains('-'));
+        assert_ne!(p, ParticipantId::random());
+    }
+
+    #[test]
+    fn room_names() {
+        assert!(RoomName::parse("standup").is_some());
+        assert!(RoomName::parse("team-a_2.0").is_some());
+        assert!(RoomName::parse("").is_none());
+        assert!(RoomName::parse("a/b").is_none());
+        assert!(RoomName::parse(&"x".repeat(65)).is_none());
+    }
+}
