@@ -38,7 +38,8 @@ impl std::fmt::Debug for PublishedTrack {
     }
 }
 
-fn to_media_packet(packet: rtc::rtp::Packet) -> MediaPacket {
+/// A webrtc-rs packet as the forwarder sees it (no copy: the payload moves).
+pub fn to_media_packet(packet: rtc::rtp::Packet) -> MediaPacket {
     let h = packet.header;
     MediaPacket {
         marker: h.marker,
@@ -50,7 +51,8 @@ fn to_media_packet(packet: rtc::rtp::Packet) -> MediaPacket {
     }
 }
 
-fn to_rtp_packet(packet: MediaPacket) -> rtc::rtp::Packet {
+/// A forwarded packet as webrtc-rs writes it.
+pub fn to_rtp_packet(packet: MediaPacket) -> rtc::rtp::Packet {
     // Header extensions of the publisher's connection mean nothing on the subscriber's (ids are
     // negotiated per connection), so none are carried; the empty vectors do not allocate.
     rtc::rtp::Packet {
