@@ -18,7 +18,9 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use rtc::shared::marshal::{Marshal, MarshalSize, Unmarshal};
 use rtc::srtp::context::Context;
 use rtc::srtp::protection_profile::ProtectionProfile;
-use switchboard::forward::{DownTrack, DownTrackReceiver, ForwarderCommand, Rewriter, TrackForwarder};
+use switchboard::forward::{
+    DownTrack, DownTrackReceiver, ForwarderCommand, Rewriter, TrackForwarder,
+};
 use switchboard::rtc::{to_media_packet, to_rtp_packet};
 use switchboard::types::{MediaKind, ParticipantId};
 
@@ -63,7 +65,8 @@ fn sink() -> UdpSocket {
     tx.connect(rx.local_addr().expect("addr")).expect("connect");
     switchboard::rtc::runtime::raise_socket_buffers(&rx, 4 << 20);
     switchboard::rtc::runtime::raise_socket_buffers(&tx, 4 << 20);
-    rx.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+    rx.set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout");
     std::thread::spawn(move || {
         let mut buf = [0u8; 2048];
         while rx.recv(&mut buf).is_ok() {}
@@ -146,7 +149,10 @@ fn machine_limit(c: &mut Criterion) {
                 seq = seq.wrapping_add(1);
                 p.header.sequence_number = seq;
                 let plain = p.marshal().expect("marshal");
-                protected.push(srtp.encrypt_rtp_with_header(&plain, &p.header).expect("encrypt"));
+                protected.push(
+                    srtp.encrypt_rtp_with_header(&plain, &p.header)
+                        .expect("encrypt"),
+                );
             }
             send_batch(&tx, &protected);
         });

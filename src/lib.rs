@@ -7,7 +7,7 @@
 //! session; `http` serves the client and the WebSocket. `client` is a synthetic participant for
 //! tests and the load generator, built only on the public protocol.
 
-// pub mod client; (added once the helper has mod.rs)
+pub mod client;
 pub mod config;
 pub mod forward;
 pub mod http;

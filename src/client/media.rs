@@ -1,0 +1,314 @@
+//! Synthetic media: one generator task per published track writes RTP with the
+//! [`payload`](super::payload) format to every output of the track (one output per peer
+//! connection it is sent on: one in SFU rooms, one per peer in mesh rooms), and one task per
+//! output counts the keyframe requests that come back.
+
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use rtc::media_stream::MediaStreamTrack;
+use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
+use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtp;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+};
+use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
+use tokio::sync::watch;
+use tracing::debug;
+use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
+use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
+use webrtc::rtp_transceiver::RtpTransceiver;
+
+use super::payload::{self, PayloadHeader};
+use super::peer::{Link, LinkState, opus_codec, vp8_codec};
+use super::stats::LocalTrackStats;
+use crate::signal::protocol::MediaKind;
+
+/// Rates and sizes of the synthetic media.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MediaProfile {
+    pub video_fps: u32,
+    /// RTP packets per video frame; the last carries the marker bit.
+    pub video_packets_per_frame: u32,
+    /// Payload bytes per video packet.
+    pub video_packet_size: usize,
+    pub audio_packets_per_second: u32,
+    /// Payload bytes per audio packet.
+    pub audio_packet_size: usize,
+}
+
+impl Default for MediaProfile {
+    fn default() -> Self {
+        Self {
+            video_fps: 30,
+            video_packets_per_frame: 3,
+            video_packet_size: 1100,
+            audio_packets_per_second: 50,
+            audio_packet_size: 100,
+        }
+    }
+}
+
+/// How often an output that cannot send yet re-checks whether it can.
+const READY_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+
+/// One published track on one peer connection.
+pub(crate) struct Output {
+    track: Arc<TrackLocalStaticRTP>,
+    transceiver: Arc<dyn RtpTransceiver>,
+    ssrc: u32,
+    link: Arc<LinkState>,
+    mime_type: &'static str,
+    /// Negotiated payload type; `u16::MAX` until known.
+    payload_type: AtomicU16,
+    ready: AtomicBool,
+    detached: AtomicBool,
+    next_check: Mutex<Instant>,
+}
+
+impl Output {
+    pub fn detach(&self) {
+        self.detached.store(true, Ordering::Release);
+    }
+
+    fn is_detached(&self) -> bool {
+        self.detached.load(Ordering::Acquire)
+    }
+
+    /// Whether packets can go out: connected, the transceiver negotiated to send, and the
+    /// payload type known. Checked at most every [`READY_CHECK_INTERVAL`] until it is.
+    async fn check_ready(&self) -> bool {
+        if self.ready.load(Ordering::Acquire) {
+            return true;
+        }
+        {
+            let mut next = self.next_check.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            if now < *next {
+                return false;
+            }
+            *next = now + READY_CHECK_INTERVAL;
+        }
+        if !self.link.connected() {
+            return false;
+        }
+        match self.transceiver.current_direction().await {
+            Ok(direction) if direction.has_send() => {}
+            _ => return false,
+        }
+        let Ok(Some(sender)) = self.transceiver.sender().await else {
+            return false;
+        };
+        let Ok(parameters) = sender.get_parameters().await else {
+            return false;
+        };
+        let Some(codec) = parameters
+            .rtp_parameters
+            .codecs
+            .iter()
+            .find(|c| c.rtp_codec.mime_type.eq_ignore_ascii_case(self.mime_type))
+        else {
+            return false;
+        };
+        self.payload_type
+            .store(u16::from(codec.payload_type), Ordering::Release);
+        self.ready.store(true, Ordering::Release);
+        true
+    }
+}
+
+/// A published synthetic track: its generator and its outputs.
+pub(crate) struct LocalTrack {
+    pub track_id: String,
+    pub kind: MediaKind,
+    profile: MediaProfile,
+    sender_hash: u32,
+    stream_id: String,
+    outputs: Mutex<Vec<Arc<Output>>>,
+    pub stats: Arc<LocalTrackStats>,
+}
+
+impl LocalTrack {
+    pub fn new(
+        participant_id: &str,
+        track_id: String,
+        kind: MediaKind,
+        profile: MediaProfile,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            stream_id: format!("{participant_id}-local"),
+            sender_hash: payload::participant_hash(participant_id),
+            track_id,
+            kind,
+            profile,
+            outputs: Mutex::new(Vec::new()),
+            stats: Arc::new(LocalTrackStats::new()),
+        })
+    }
+
+    /// Adds this track to `link`'s connection as a send-only transceiver (never re-using a
+    /// receiving one) and starts counting the keyframe requests it gets.
+    pub async fn attach(self: &Arc<Self>, link: &mut Link) -> anyhow::Result<()> {
+        let ssrc: u32 = rand::random();
+        let (codec, rtp_kind, mime_type) = match self.kind {
+            MediaKind::Audio => (opus_codec(), RtpCodecKind::Audio, "audio/opus"),
+            MediaKind::Video => (vp8_codec(), RtpCodecKind::Video, "video/VP8"),
+        };
+        let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+            self.stream_id.clone(),
+            self.track_id.clone(),
+            self.track_id.clone(),
+            rtp_kind,
+            vec![RTCRtpEncodingParameters {
+                rtp_coding_parameters: RTCRtpCodingParameters {
+                    ssrc: Some(ssrc),
+                    ..Default::default()
+                },
+                active: true,
+                codec,
+                ..Default::default()
+            }],
+        )));
+        let transceiver = link
+            .pc
+            .add_transceiver_from_track(
+                track.clone() as Arc<dyn TrackLocal>,
+                Some(RTCRtpTransceiverInit {
+                    direction: RTCRtpTransceiverDirection::Sendonly,
+                    streams: vec![],
+                    send_encodings: vec![],
+                }),
+            )
+            .await?;
+        let output = Arc::new(Output {
+            track: track.clone(),
+            transceiver,
+            ssrc,
+            link: link.state.clone(),
+            mime_type,
+            payload_type: AtomicU16::new(u16::MAX),
+            ready: AtomicBool::new(false),
+            detached: AtomicBool::new(false),
+            next_check: Mutex::new(Instant::now()),
+        });
+        let stats = self.stats.clone();
+        tokio::spawn(async move {
+            // Ends when the track is unbound or the connection closes.
+            while let Some(event) = track.poll().await {
+                let TrackLocalEvent::OnRtcpPacket(packets) = event else {
+                    continue;
+                };
+                for packet in packets {
+                    let any = packet.as_any();
+                    if any.is::<PictureLossIndication>() {
+                        stats.pli.fetch_add(1, Ordering::Relaxed);
+                    } else if any.is::<FullIntraRequest>() {
+                        stats.fir.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        });
+        link.outputs.push(output.clone());
+        link.mark_needs_offer();
+        self.outputs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(output);
+        Ok(())
+    }
+
+    /// Writes packets at the profile's rate until `stop` says so or its sender is dropped.
+    pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let (period, packets_per_tick, size, ts_step) = match self.kind {
+            MediaKind::Video => {
+                let fps = self.profile.video_fps.max(1);
+                (
+                    Duration::from_secs(1) / fps,
+                    self.profile.video_packets_per_frame.max(1),
+                    self.profile.video_packet_size,
+                    90_000 / fps,
+                )
+            }
+            MediaKind::Audio => {
+                let pps = self.profile.audio_packets_per_second.max(1);
+                (
+                    Duration::from_secs(1) / pps,
+                    1,
+                    self.profile.audio_packet_size,
+                    48_000 / pps,
+                )
+            }
+        };
+        let mut ticker = tokio::time::interval(period);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seq: u64 = 0;
+        let mut rtp_seq: u16 = rand::random();
+        let mut timestamp: u32 = rand::random();
+        let mut ready = Vec::new();
+        let mut buf = BytesMut::new();
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = stop.changed() => break,
+            }
+            if *stop.borrow() {
+                break;
+            }
+            let outputs: Vec<Arc<Output>> = {
+                let mut outputs = self.outputs.lock().unwrap_or_else(|e| e.into_inner());
+                outputs.retain(|o| !o.is_detached());
+                outputs.clone()
+            };
+            ready.clear();
+            for output in outputs {
+                if output.check_ready().await {
+                    ready.push(output);
+                }
+            }
+            timestamp = timestamp.wrapping_add(ts_step);
+            if ready.is_empty() {
+                continue;
+            }
+            for i in 0..packets_per_tick {
+                let header = PayloadHeader {
+                    sender: self.sender_hash,
+                    kind: self.kind,
+                    seq,
+                    sent_at_us: payload::now_micros(),
+                };
+                payload::write_payload(&header, size, &mut buf);
+                let payload = buf.split().freeze();
+                let marker = self.kind == MediaKind::Video && i + 1 == packets_per_tick;
+                for output in &ready {
+                    let packet = rtp::Packet {
+                        header: rtp::header::Header {
+                            version: 2,
+                            marker,
+                            payload_type: output.payload_type.load(Ordering::Acquire) as u8,
+                            sequence_number: rtp_seq,
+                            timestamp,
+                            ssrc: output.ssrc,
+                            ..Default::default()
+                        },
+                        payload: payload.clone(),
+                    };
+                    if let Err(e) = output.track.write_rtp(packet).await {
+                        self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                        debug!(track = %self.track_id, "write_rtp: {e}");
+                    }
+                }
+                self.stats.sent_packets.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .sent_bytes
+                    .fetch_add(payload.len() as u64, Ordering::Relaxed);
+                self.stats.last_seq.store(seq, Ordering::Relaxed);
+                seq += 1;
+                rtp_seq = rtp_seq.wrapping_add(1);
+            }
+            self.stats.frames.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}

@@ -1,0 +1,654 @@
+//! One peer connection of the client (to the SFU, or to one mesh peer): building it, the
+//! library callbacks, and its side of perfect negotiation. The client is always the polite peer
+//! toward the server; between mesh peers the one with the lexically greater participant id is
+//! polite.
+//!
+//! A [`Link`] is owned by the session task, which is the only caller of its negotiation methods,
+//! so negotiation state needs no lock. The callbacks only record, spawn readers, and forward
+//! local ICE candidates to the session task (so a candidate can never overtake the offer or
+//! answer it belongs to on the socket).
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context as _;
+use rtc::ice::mdns::MulticastDnsMode;
+use rtc::peer_connection::configuration::media_engine::{MIME_TYPE_OPUS, MIME_TYPE_VP8};
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RtpCodecKind,
+};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+use webrtc::data_channel::{DataChannel, DataChannelEvent};
+use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
+use webrtc::peer_connection::{
+    MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
+    RTCIceCandidateInit, RTCIceGatheringState, RTCPeerConnectionIceEvent, RTCPeerConnectionState,
+    RTCSessionDescription, Registry, SettingEngineBuilder, register_default_interceptors,
+};
+use webrtc::runtime::TokioRuntime;
+
+use super::ClientOptions;
+use super::media::Output;
+use super::payload;
+use super::session::Event;
+use super::stats::{ChatMessage, LinkSnapshot, RemoteTrackStats, Shared};
+use crate::signal::protocol::{ChatRelay, IceCandidate, MediaKind, RoomMode};
+
+/// Label of the chat data channel.
+pub const CHAT_LABEL: &str = "chat";
+
+/// The part of a link its callbacks and the client handle see.
+pub(crate) struct LinkState {
+    /// `None` for the SFU, the peer's participant id in mesh rooms.
+    pub peer: Option<String>,
+    connected: AtomicBool,
+    chat: Mutex<Vec<Arc<dyn DataChannel>>>,
+    chat_open: AtomicBool,
+    shared: Arc<Shared>,
+}
+
+impl LinkState {
+    fn new(peer: Option<String>, shared: Arc<Shared>) -> Self {
+        Self {
+            peer,
+            connected: AtomicBool::new(false),
+            chat: Mutex::new(Vec::new()),
+            chat_open: AtomicBool::new(false),
+            shared,
+        }
+    }
+
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
+    /// The open chat channels of this link (normally one).
+    pub fn open_chat_channels(&self) -> Vec<Arc<dyn DataChannel>> {
+        if !self.chat_open.load(Ordering::Acquire) {
+            return Vec::new();
+        }
+        self.chat.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_state(&self, state: RTCPeerConnectionState) {
+        self.connected.store(
+            state == RTCPeerConnectionState::Connected,
+            Ordering::Release,
+        );
+        let peer = self.peer.clone();
+        self.shared.update(|r| {
+            if let Some(link) = r.links.get_mut(&peer) {
+                link.state = state;
+            }
+        });
+    }
+
+    fn set_chat_open(&self) {
+        self.chat_open.store(true, Ordering::Release);
+        let peer = self.peer.clone();
+        self.shared.update(|r| {
+            if let Some(link) = r.links.get_mut(&peer) {
+                link.chat_open = true;
+            }
+        });
+    }
+
+    /// Starts reading a chat channel of this link.
+    fn adopt_chat(self: &Arc<Self>, dc: Arc<dyn DataChannel>, mode: RoomMode) {
+        self.chat
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(dc.clone());
+        let state = self.clone();
+        tokio::spawn(async move {
+            while let Some(event) = dc.poll().await {
+                match event {
+                    DataChannelEvent::OnOpen => state.set_chat_open(),
+                    DataChannelEvent::OnMessage(msg) => {
+                        let Ok(text) = std::str::from_utf8(&msg.data) else {
+                            continue;
+                        };
+                        let message = match (mode, &state.peer) {
+                            (RoomMode::Mesh, Some(peer)) => ChatMessage {
+                                from: peer.clone(),
+                                name: None,
+                                text: text.to_owned(),
+                            },
+                            _ => match serde_json::from_str::<ChatRelay>(text) {
+                                Ok(relay) => ChatMessage {
+                                    from: relay.from,
+                                    name: Some(relay.name),
+                                    text: relay.text,
+                                },
+                                Err(_) => ChatMessage {
+                                    from: String::new(),
+                                    name: None,
+                                    text: text.to_owned(),
+                                },
+                            },
+                        };
+                        state.shared.push_chat(message);
+                    }
+                    DataChannelEvent::OnClose => break,
+                    _ => {}
+                }
+            }
+        });
+    }
+}
+
+/// The library's callbacks for one link.
+struct LinkHandler {
+    state: Arc<LinkState>,
+    events: mpsc::UnboundedSender<Event>,
+    loopback_only: bool,
+    mode: RoomMode,
+}
+
+#[async_trait::async_trait]
+impl PeerConnectionEventHandler for LinkHandler {
+    async fn on_ice_candidate(&self, event: RTCPeerConnectionIceEvent) {
+        if self.loopback_only && !is_loopback_address(&event.candidate.address) {
+            debug!(address = %event.candidate.address, "not offering a non-loopback candidate");
+            return;
+        }
+        match event.candidate.to_json() {
+            Ok(init) => {
+                let _ = self.events.send(Event::LocalCandidate {
+                    peer: self.state.peer.clone(),
+                    candidate: Some(init),
+                });
+            }
+            Err(e) => warn!("cannot serialize local candidate: {e}"),
+        }
+    }
+
+    async fn on_ice_gathering_state_change(&self, state: RTCIceGatheringState) {
+        if state == RTCIceGatheringState::Complete {
+            let _ = self.events.send(Event::LocalCandidate {
+                peer: self.state.peer.clone(),
+                candidate: None,
+            });
+        }
+    }
+
+    async fn on_connection_state_change(&self, state: RTCPeerConnectionState) {
+        debug!(peer = ?self.state.peer, %state, "connection state");
+        self.state.set_state(state);
+    }
+
+    async fn on_data_channel(&self, dc: Arc<dyn DataChannel>) {
+        let state = self.state.clone();
+        let mode = self.mode;
+        tokio::spawn(async move {
+            match dc.label().await {
+                Ok(label) if label == CHAT_LABEL => state.adopt_chat(dc, mode),
+                Ok(label) => debug!(%label, "ignoring data channel"),
+                Err(e) => debug!("data channel without label: {e}"),
+            }
+        });
+    }
+
+    async fn on_track(&self, track: Arc<dyn TrackRemote>) {
+        let state = self.state.clone();
+        tokio::spawn(receive_track(track, state));
+    }
+}
+
+/// Reads one remote track until the connection ends, counting what arrives.
+async fn receive_track(track: Arc<dyn TrackRemote>, link: Arc<LinkState>) {
+    let stream_id = track.stream_id().await;
+    let track_id = track.track_id().await;
+    let kind = match track.kind().await {
+        RtpCodecKind::Audio => MediaKind::Audio,
+        _ => MediaKind::Video,
+    };
+    let publisher = match &link.peer {
+        Some(peer) => peer.clone(),
+        None => publisher_of_stream(&stream_id).to_owned(),
+    };
+    let stats = Arc::new(RemoteTrackStats::new(
+        stream_id,
+        track_id,
+        publisher,
+        kind,
+        link.peer.clone(),
+    ));
+    link.shared.update(|r| r.remote_tracks.push(stats.clone()));
+    while let Some(event) = track.poll().await {
+        match event {
+            TrackRemoteEvent::OnRtpPacket(packet) => stats.record(&packet, payload::now_micros()),
+            TrackRemoteEvent::OnEnded => break,
+            _ => {}
+        }
+    }
+    stats.set_ended();
+    link.shared.changed.notify_waiters();
+}
+
+/// The publisher's participant id in an SFU stream id `{participant_id}-{n}`.
+pub fn publisher_of_stream(stream_id: &str) -> &str {
+    stream_id
+        .rsplit_once('-')
+        .map(|(publisher, _)| publisher)
+        .unwrap_or(stream_id)
+}
+
+fn is_loopback_address(address: &str) -> bool {
+    address
+        .parse::<IpAddr>()
+        .map(|ip| ip.is_loopback())
+        .unwrap_or(false)
+}
+
+/// The connection address of an SDP candidate line (`candidate:f c proto prio ADDR port typ …`).
+fn candidate_address(candidate: &str) -> Option<&str> {
+    let value = candidate.strip_prefix("candidate:").unwrap_or(candidate);
+    value.split_whitespace().nth(4)
+}
+
+fn codecs() -> [(RTCRtpCodecParameters, RtpCodecKind); 2] {
+    let video_feedback = vec![
+        RTCPFeedback {
+            typ: "goog-remb".to_owned(),
+            parameter: String::new(),
+        },
+        RTCPFeedback {
+            typ: "ccm".to_owned(),
+            parameter: "fir".to_owned(),
+        },
+        RTCPFeedback {
+            typ: "nack".to_owned(),
+            parameter: String::new(),
+        },
+        RTCPFeedback {
+            typ: "nack".to_owned(),
+            parameter: "pli".to_owned(),
+        },
+    ];
+    [
+        (
+            RTCRtpCodecParameters {
+                rtp_codec: opus_codec(),
+                payload_type: 111,
+            },
+            RtpCodecKind::Audio,
+        ),
+        (
+            RTCRtpCodecParameters {
+                rtp_codec: RTCRtpCodec {
+                    rtcp_feedback: video_feedback,
+                    ..vp8_codec()
+                },
+                payload_type: 96,
+            },
+            RtpCodecKind::Video,
+        ),
+    ]
+}
+
+/// Opus 48 kHz stereo, as published.
+pub(crate) fn opus_codec() -> RTCRtpCodec {
+    RTCRtpCodec {
+        mime_type: MIME_TYPE_OPUS.to_owned(),
+        clock_rate: 48_000,
+        channels: 2,
+        sdp_fmtp_line: "minptime=10;useinbandfec=1".to_owned(),
+        rtcp_feedback: vec![],
+    }
+}
+
+/// VP8 90 kHz, as published.
+pub(crate) fn vp8_codec() -> RTCRtpCodec {
+    RTCRtpCodec {
+        mime_type: MIME_TYPE_VP8.to_owned(),
+        clock_rate: 90_000,
+        channels: 0,
+        sdp_fmtp_line: String::new(),
+        rtcp_feedback: vec![],
+    }
+}
+
+async fn build_peer_connection(
+    opts: &ClientOptions,
+    handler: Arc<dyn PeerConnectionEventHandler>,
+) -> anyhow::Result<Arc<dyn PeerConnection>> {
+    let mut media_engine = MediaEngine::default();
+    for (codec, kind) in codecs() {
+        media_engine.register_codec(codec, kind)?;
+    }
+    let registry = register_default_interceptors(Registry::new(), &mut media_engine)?;
+    let registry = crate::rtc::keyframe::register(registry);
+    // Loopback candidates only, and no mDNS (it would multicast off the loopback interface).
+    let setting_engine = SettingEngineBuilder::new()
+        .with_include_loopback_candidate(opts.bind_ip.is_loopback())
+        .with_multicast_dns_mode(MulticastDnsMode::Disabled)
+        .build();
+    let pc = PeerConnectionBuilder::new()
+        .with_media_engine(media_engine)
+        .with_interceptor_registry(registry)
+        .with_setting_engine(setting_engine)
+        .with_handler(handler)
+        .with_runtime(Arc::new(TokioRuntime))
+        .with_udp_addrs(vec![SocketAddr::new(opts.bind_ip, 0)])
+        .build()
+        .await
+        .context("building the peer connection")?;
+    Ok(Arc::new(pc))
+}
+
+/// What the session must put on the socket after a negotiation step.
+#[derive(Debug)]
+pub(crate) enum Outgoing {
+    Offer(String),
+    Answer(String),
+}
+
+/// One peer connection and its negotiation state.
+pub(crate) struct Link {
+    pub state: Arc<LinkState>,
+    pub pc: Arc<dyn PeerConnection>,
+    polite: bool,
+    have_local_offer: bool,
+    needs_offer: bool,
+    pending_candidates: Vec<RTCIceCandidateInit>,
+    pub outputs: Vec<Arc<Output>>,
+    loopback_only: bool,
+}
+
+impl Link {
+    /// Builds the connection for `peer` (`None` = the SFU) and registers it in the record.
+    pub async fn new(
+        peer: Option<String>,
+        polite: bool,
+        mode: RoomMode,
+        opts: &ClientOptions,
+        shared: Arc<Shared>,
+        events: mpsc::UnboundedSender<Event>,
+    ) -> anyhow::Result<Self> {
+        let state = Arc::new(LinkState::new(peer.clone(), shared.clone()));
+        let handler = Arc::new(LinkHandler {
+            state: state.clone(),
+            events,
+            loopback_only: opts.loopback_only,
+            mode,
+        });
+        let pc = build_peer_connection(opts, handler).await?;
+        shared.update(|r| {
+            r.links.insert(
+                peer.clone(),
+                LinkSnapshot {
+                    peer,
+                    state: RTCPeerConnectionState::New,
+                    chat_open: false,
+                },
+            );
+        });
+        Ok(Self {
+            state,
+            pc,
+            polite,
+            have_local_offer: false,
+            needs_offer: false,
+            pending_candidates: Vec::new(),
+            outputs: Vec::new(),
+            loopback_only: opts.loopback_only,
+        })
+    }
+
+    /// Something changed that the next negotiation must carry (a track was attached).
+    pub fn mark_needs_offer(&mut self) {
+        self.needs_offer = true;
+    }
+
+    /// Creates this side's `chat` data channel (before the first offer).
+    pub async fn create_chat(&self, mode: RoomMode) -> anyhow::Result<()> {
+        let dc = self.pc.create_data_channel(CHAT_LABEL, None).await?;
+        self.state.adopt_chat(dc, mode);
+        Ok(())
+    }
+
+    /// Makes an offer now if the signaling state allows, or remembers to make one.
+    pub async fn offer(&mut self) -> anyhow::Result<Option<Outgoing>> {
+        if self.have_local_offer {
+            self.needs_offer = true;
+            return Ok(None);
+        }
+        self.needs_offer = false;
+        let offer = self.pc.create_offer(None).await?;
+        let sdp = offer.sdp.clone();
+        self.pc.set_local_description(offer).await?;
+        self.have_local_offer = true;
+        Ok(Some(Outgoing::Offer(sdp)))
+    }
+
+    /// Applies a remote offer (rolling back our own if polite) and answers it; may follow with
+    /// our own pending offer.
+    pub async fn on_offer(&mut self, sdp: String) -> anyhow::Result<Vec<Outgoing>> {
+        let offer = RTCSessionDescription::offer(sdp).context("parsing the remote offer")?;
+        if self.have_local_offer {
+            if !self.polite {
+                debug!(peer = ?self.state.peer, "glare: impolite, ignoring the remote offer");
+                return Ok(Vec::new());
+            }
+            debug!(peer = ?self.state.peer, "glare: polite, rolling back our offer");
+            self.pc
+                .set_local_description(RTCSessionDescription::rollback(None)?)
+                .await
+                .context("rolling back the local offer")?;
+            self.have_local_offer = false;
+            self.needs_offer = true;
+        }
+        self.pc
+            .set_remote_description(offer)
+            .await
+            .context("applying the remote offer")?;
+        self.flush_candidates().await;
+        let answer = self.pc.create_answer(None).await?;
+        let sdp = answer.sdp.clone();
+        self.pc.set_local_description(answer).await?;
+        let mut out = vec![Outgoing::Answer(sdp)];
+        if self.needs_offer
+            && let Some(offer) = self.offer().await?
+        {
+            out.push(offer);
+        }
+        Ok(out)
+    }
+
+    /// Applies the answer to our offer; may follow with a pending offer.
+    pub async fn on_answer(&mut self, sdp: String) -> anyhow::Result<Option<Outgoing>> {
+        if !self.have_local_offer {
+            debug!(peer = ?self.state.peer, "answer without an outstanding offer; ignored");
+            return Ok(None);
+        }
+        let answer = RTCSessionDescription::answer(sdp).context("parsing the remote answer")?;
+        self.pc
+            .set_remote_description(answer)
+            .await
+            .context("applying the remote answer")?;
+        self.have_local_offer = false;
+        self.flush_candidates().await;
+        if self.needs_offer {
+            return self.offer().await;
+        }
+        Ok(None)
+    }
+
+    /// Adds a remote candidate, or keeps it until a remote description is set.
+    pub async fn on_candidate(&mut self, candidate: Option<IceCandidate>) {
+        let Some(candidate) = candidate else {
+            return; // end of candidates
+        };
+        if self.loopback_only
+            && !candidate_address(&candidate.candidate).is_some_and(is_loopback_address)
+        {
+            debug!(candidate = %candidate.candidate, "ignoring a non-loopback remote candidate");
+            return;
+        }
+        let init = RTCIceCandidateInit {
+            candidate: candidate.candidate,
+            sdp_mid: candidate.sdp_mid,
+            sdp_mline_index: candidate.sdp_mline_index,
+            username_fragment: candidate.username_fragment,
+            ..Default::default()
+        };
+        if self.pc.remote_description().await.is_none() {
+            self.pending_candidates.push(init);
+            return;
+        }
+        if let Err(e) = self.pc.add_ice_candidate(init).await {
+            debug!(peer = ?self.state.peer, "remote candidate rejected: {e}");
+        }
+    }
+
+    async fn flush_candidates(&mut self) {
+        for init in std::mem::take(&mut self.pending_candidates) {
+            if let Err(e) = self.pc.add_ice_candidate(init).await {
+                debug!(peer = ?self.state.peer, "remote candidate rejected: {e}");
+            }
+        }
+    }
+
+    /// Detaches this link's outputs and closes the connection.
+    pub async fn close(self) {
+        for output in &self.outputs {
+            output.detach();
+        }
+        if let Err(e) = self.pc.close().await {
+            debug!(peer = ?self.state.peer, "closing the peer connection: {e}");
+        }
+        self.state.set_state(RTCPeerConnectionState::Closed);
+    }
+}
+
+/// A local candidate as the browser's `toJSON()` would put it on the wire.
+pub(crate) fn candidate_to_wire(init: RTCIceCandidateInit) -> IceCandidate {
+    IceCandidate {
+        candidate: init.candidate,
+        // webrtc-rs leaves the mid empty; everything is bundled on the first m-line.
+        sdp_mid: Some(
+            init.sdp_mid
+                .filter(|m| !m.is_empty())
+                .unwrap_or_else(|| "0".into()),
+        ),
+        sdp_mline_index: Some(init.sdp_mline_index.unwrap_or(0)),
+        username_fragment: init.username_fragment.filter(|u| !u.is_empty()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::media::{LocalTrack, MediaProfile};
+    use std::time::Duration;
+
+    /// Feeds one side's gathered candidates to the other.
+    async fn shuttle(from: &mut mpsc::UnboundedReceiver<Event>, to: &mut Link) {
+        while let Ok(event) = from.try_recv() {
+            if let Event::LocalCandidate { candidate, .. } = event {
+                to.on_candidate(candidate.map(candidate_to_wire)).await;
+            }
+        }
+    }
+
+    /// Both sides offer at once: the impolite side ignores the polite side's offer, the polite
+    /// side rolls back, answers, and then gets its own track negotiated with a fresh offer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn glare_is_resolved_by_the_polite_side() {
+        let opts = ClientOptions::default();
+        let (shared_a, shared_b) = (Arc::new(Shared::default()), Arc::new(Shared::default()));
+        let (events_a, mut rx_a) = mpsc::unbounded_channel();
+        let (events_b, mut rx_b) = mpsc::unbounded_channel();
+        let mut a = Link::new(
+            Some("b".into()),
+            true,
+            RoomMode::Mesh,
+            &opts,
+            shared_a.clone(),
+            events_a,
+        )
+        .await
+        .unwrap();
+        let mut b = Link::new(
+            Some("a".into()),
+            false,
+            RoomMode::Mesh,
+            &opts,
+            shared_b.clone(),
+            events_b,
+        )
+        .await
+        .unwrap();
+        let profile = MediaProfile::default();
+        let track_a = LocalTrack::new("a", "video-0".into(), MediaKind::Video, profile);
+        let track_b = LocalTrack::new("b", "audio-0".into(), MediaKind::Audio, profile);
+        track_a.attach(&mut a).await.unwrap();
+        track_b.attach(&mut b).await.unwrap();
+        a.create_chat(RoomMode::Mesh).await.unwrap();
+        b.create_chat(RoomMode::Mesh).await.unwrap();
+
+        let Some(Outgoing::Offer(offer_a)) = a.offer().await.unwrap() else {
+            panic!("a offers");
+        };
+        let Some(Outgoing::Offer(offer_b)) = b.offer().await.unwrap() else {
+            panic!("b offers");
+        };
+        assert!(
+            b.on_offer(offer_a).await.unwrap().is_empty(),
+            "impolite b ignores"
+        );
+        let out = a.on_offer(offer_b).await.unwrap();
+        let [Outgoing::Answer(answer_a), Outgoing::Offer(offer_a)] = &out[..] else {
+            panic!("polite a answers, then re-offers: {out:?}");
+        };
+        assert!(b.on_answer(answer_a.clone()).await.unwrap().is_none());
+        let out = b.on_offer(offer_a.clone()).await.unwrap();
+        let [Outgoing::Answer(answer_b)] = &out[..] else {
+            panic!("b answers a's re-offer: {out:?}");
+        };
+        assert!(a.on_answer(answer_b.clone()).await.unwrap().is_none());
+
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(track_a.clone().run(stop_rx.clone()));
+        tokio::spawn(track_b.clone().run(stop_rx));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            shuttle(&mut rx_a, &mut b).await;
+            shuttle(&mut rx_b, &mut a).await;
+            let got_b = shared_b.snapshot().intact_from("a", MediaKind::Video);
+            let got_a = shared_a.snapshot().intact_from("b", MediaKind::Audio);
+            if got_a > 10 && got_b > 10 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "media after glare: a got {got_a}, b got {got_b}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stop.send_replace(true);
+        a.close().await;
+        b.close().await;
+    }
+
+    #[test]
+    fn stream_publisher() {
+        assert_eq!(publisher_of_stream("p0123456789ab-2"), "p0123456789ab");
+        assert_eq!(publisher_of_stream("a-b-3"), "a-b");
+        assert_eq!(publisher_of_stream("plain"), "plain");
+    }
+
+    #[test]
+    fn candidate_addresses() {
+        let c = "candidate:1 1 udp 2130706431 127.0.0.1 5000 typ host";
+        assert_eq!(candidate_address(c), Some("127.0.0.1"));
+        assert!(candidate_address(c).is_some_and(is_loopback_address));
+        let c = "candidate:1 1 udp 2130706431 10.1.2.3 5000 typ host";
+        assert!(!candidate_address(c).is_some_and(is_loopback_address));
+        assert!(!candidate_address("garbage").is_some_and(is_loopback_address));
+        assert!(!is_loopback_address("abc.local"));
+    }
+}

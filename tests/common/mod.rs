@@ -1,0 +1,126 @@
+//! Helpers shared by the integration tests: an in-process server on loopback, logging, and
+//! waiting for conditions.
+
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::future::Future;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use switchboard::client::{Client, ClientOptions, ClientSnapshot};
+use switchboard::config::Config;
+use switchboard::server::{Server, ServerHandle};
+
+/// Held by each media test for its whole run. The tests of one binary run in parallel by
+/// default; several calls at once on a 2-core machine starve the webrtc-rs drivers enough to
+/// overflow their receive queues, which would make the delivery checks measure the machine.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Runs the calling test alone among the tests that take this guard.
+pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().await
+}
+
+/// Logs to the test's captured output; `RUST_LOG` overrides the default (`warn`).
+pub fn init_tracing() {
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
+/// A server on 127.0.0.1 with ephemeral ports.
+pub async fn start_server() -> ServerHandle {
+    init_tracing();
+    Server::start(Config::for_tests())
+        .await
+        .expect("the server starts")
+}
+
+/// The signaling URL of `server`.
+pub fn ws_url(server: &ServerHandle) -> String {
+    format!("ws://{}/ws", server.http_addr)
+}
+
+/// Joins `room` as `name` with `opts`, panicking with the reason if it cannot.
+pub async fn join(server: &ServerHandle, room: &str, name: &str, opts: ClientOptions) -> Client {
+    match Client::connect(&ws_url(server), room, name, opts).await {
+        Ok(client) => client,
+        Err(e) => panic!("{name} cannot join {room}: {e:#}"),
+    }
+}
+
+/// Polls `condition` until it holds or `timeout` passes.
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut condition: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if condition().await {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until `condition(client, snapshot)` holds for every client.
+pub async fn wait_all(
+    clients: &[&Client],
+    what: &str,
+    timeout: Duration,
+    condition: impl Fn(&Client, &ClientSnapshot) -> bool,
+) {
+    for client in clients {
+        if let Err(e) = client
+            .wait_for(what, timeout, |s| condition(client, s))
+            .await
+        {
+            panic!("{e:#}\nlast snapshot: {}", summary(&client.snapshot()));
+        }
+    }
+}
+
+/// A readable digest of a snapshot for failure messages.
+pub fn summary(s: &ClientSnapshot) -> String {
+    let mut out = format!(
+        "participant {} room {} links {:?} participants {:?}\n",
+        s.participant_id,
+        s.room,
+        s.links
+            .iter()
+            .map(|l| (l.peer.clone(), l.state.to_string(), l.chat_open))
+            .collect::<Vec<_>>(),
+        s.participants.keys().collect::<Vec<_>>()
+    );
+    for t in &s.remote_tracks {
+        out += &format!(
+            "  recv {} {:?} from {} packets {} intact {} corrupt {} mismatched {} markers {} seq {:?}..{:?}\n",
+            t.stream_id,
+            t.kind,
+            t.publisher_id,
+            t.packets,
+            t.intact,
+            t.corrupt,
+            t.mismatched,
+            t.markers,
+            t.first_seq,
+            t.max_seq
+        );
+    }
+    for t in &s.local_tracks {
+        out += &format!(
+            "  sent {} {:?} packets {} pli {} fir {} write errors {}\n",
+            t.track_id, t.kind, t.sent_packets, t.pli, t.fir, t.write_errors
+        );
+    }
+    if !s.errors.is_empty() {
+        out += &format!("  errors {:?}\n", s.errors);
+    }
+    out
+}
