@@ -36,8 +36,14 @@ impl FromStr for PortRange {
         let (lo, hi) = s
             .split_once('-')
             .ok_or_else(|| format!("expected LO-HI, got `{s}`"))?;
-        let lo: u16 = lo.trim().parse().map_err(|e| format!("bad low port: {e}"))?;
-        let hi: u16 = hi.trim().parse().map_err(|e| format!("bad high port: {e}"))?;
+        let lo: u16 = lo
+            .trim()
+            .parse()
+            .map_err(|e| format!("bad low port: {e}"))?;
+        let hi: u16 = hi
+            .trim()
+            .parse()
+            .map_err(|e| format!("bad high port: {e}"))?;
         if lo > hi || (lo == 0) != (hi == 0) {
             return Err(format!("bad port range {lo}-{hi}"));
         }
@@ -124,7 +130,10 @@ mod tests {
     fn port_ranges() {
         assert_eq!(
             "50000-50999".parse::<PortRange>().unwrap(),
-            PortRange { lo: 50000, hi: 50999 }
+            PortRange {
+                lo: 50000,
+                hi: 50999
+            }
         );
         assert_eq!("50000-50999".parse::<PortRange>().unwrap().len(), 1000);
         assert!("5-1".parse::<PortRange>().is_err());

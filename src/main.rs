@@ -22,7 +22,9 @@ async fn main() -> anyhow::Result<()> {
         public_ip = ?config.public_ip,
         "switchboard listening"
     );
-    println!("Switchboard is up. Open http://{host}:{port}/room/standup in a browser (any room name works).");
+    println!(
+        "Switchboard is up. Open http://{host}:{port}/room/standup in a browser (any room name works)."
+    );
     server.run_until(shutdown_signal()).await;
     Ok(())
 }

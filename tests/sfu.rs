@@ -226,7 +226,8 @@ async fn late_joiner_and_mid_call_publish() {
     }
 
     // b publishes a second video track with a client-side offer.
-    b.publish_track(MediaKind::Video)
+    let extra = b
+        .publish_track(MediaKind::Video)
         .await
         .expect("publishing mid-call");
     let b_id = b.id().to_owned();
@@ -249,9 +250,57 @@ async fn late_joiner_and_mid_call_publish() {
         .tracks;
     assert_eq!(registry_tracks.len(), 9, "{registry_tracks:?}");
 
+    // b stops that track (as a browser ends a screen share): the server notices on the client's
+    // offer, unpublishes it and renegotiates it off the others' connections.
+    b.unpublish_track(&extra).await.expect("unpublishing");
+    let result = eventually("the stopped track is unpublished", CLEANUP, || async {
+        server
+            .registry
+            .room_snapshot("t2")
+            .is_some_and(|s| s.tracks.len() == 8)
+    })
+    .await;
+    if let Err(e) = result {
+        panic!("{e:#}: {:?}", server.registry.room_snapshot("t2"));
+    }
+    for client in [&a, &c, &d] {
+        let result = eventually(
+            "the stopped track leaves the connection",
+            CLEANUP,
+            || async { client.remote_track_count().await == 6 },
+        )
+        .await;
+        if let Err(e) = result {
+            panic!("{}: {e:#}", client.id());
+        }
+    }
+    // b's first video still flows to everyone.
+    let before: std::collections::BTreeMap<String, u64> = [&a, &c, &d]
+        .iter()
+        .map(|client| (client.id().to_owned(), video_intact_from(client, &b_id)))
+        .collect();
+    wait_all(
+        &[&a, &c, &d],
+        "b's remaining video keeps flowing",
+        MEDIA,
+        |client, _| {
+            video_intact_from(client, &b_id) > before.get(client.id()).copied().unwrap_or(0) + 10
+        },
+    )
+    .await;
+
     close_all(&everyone).await;
     assert_all_clean(&server, "t2").await;
     server.shutdown().await;
+}
+
+/// Intact video packets `client` received from `publisher`, over all its video tracks.
+fn video_intact_from(client: &Client, publisher: &str) -> u64 {
+    client
+        .snapshot()
+        .tracks_from(publisher, MediaKind::Video)
+        .map(|t| t.intact)
+        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

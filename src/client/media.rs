@@ -220,6 +220,32 @@ impl LocalTrack {
         Ok(())
     }
 
+    /// Stops sending this track on `link`: removes its sender (the next offer turns the
+    /// transceiver to inactive) and stops writing to it.
+    pub async fn detach(self: &Arc<Self>, link: &mut Link) -> anyhow::Result<()> {
+        let mine: Vec<Arc<Output>> = link
+            .outputs
+            .iter()
+            .filter(|o| {
+                self.outputs
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                    .any(|x| Arc::ptr_eq(x, o))
+            })
+            .cloned()
+            .collect();
+        for output in mine {
+            output.detach();
+            if let Some(sender) = output.transceiver.sender().await? {
+                link.pc.remove_track(&sender).await?;
+            }
+            link.outputs.retain(|o| !Arc::ptr_eq(o, &output));
+        }
+        link.mark_needs_offer();
+        Ok(())
+    }
+
     /// Writes packets at the profile's rate until `stop` says so or its sender is dropped.
     pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let (period, packets_per_tick, size, ts_step) = match self.kind {

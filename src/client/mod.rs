@@ -69,6 +69,16 @@ pub struct ClientOptions {
     pub loopback_only: bool,
     /// Limit for connecting the socket and for the `joined` answer.
     pub join_timeout: Duration,
+    /// Called for every intact media packet received (the load generator's latency histograms).
+    pub probe: Option<Arc<dyn MediaProbe>>,
+}
+
+/// Sees every intact media packet a client receives, on the receive task, right after its
+/// payload was parsed. It must be cheap (atomics): it runs once per packet.
+pub trait MediaProbe: Send + Sync + std::fmt::Debug {
+    /// `header` is the parsed payload, `bytes` its length, `now_us` the receive time
+    /// ([`payload::now_micros`], the clock `header.sent_at_us` was taken with).
+    fn on_media(&self, header: &payload::PayloadHeader, bytes: usize, now_us: u64);
 }
 
 impl Default for ClientOptions {
@@ -81,6 +91,7 @@ impl Default for ClientOptions {
             bind_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             loopback_only: true,
             join_timeout: Duration::from_secs(10),
+            probe: None,
         }
     }
 }
@@ -262,6 +273,17 @@ impl Client {
         self.shared.snapshot()
     }
 
+    /// The remote tracks' counters and the links' states only: cheaper than
+    /// [`Client::snapshot`], which also copies the event log.
+    pub fn media_snapshot(&self) -> (Vec<RemoteTrackSnapshot>, Vec<LinkSnapshot>) {
+        self.shared.read(|r| {
+            (
+                r.remote_tracks.iter().map(|t| t.snapshot()).collect(),
+                r.links.values().cloned().collect(),
+            )
+        })
+    }
+
     /// Waits until `condition` holds for a snapshot, or fails after `timeout` naming `what`.
     pub async fn wait_for(
         &self,
@@ -302,6 +324,19 @@ impl Client {
         let (reply, answer) = oneshot::channel();
         self.events
             .send(Event::Publish { kind, reply })
+            .map_err(|_| anyhow!("the client is closed"))?;
+        answer.await.map_err(|_| anyhow!("the client is closed"))?
+    }
+
+    /// Stops publishing a track (removes it from the connection and renegotiates), as a browser
+    /// does when a screen share ends.
+    pub async fn unpublish_track(&self, track_id: &str) -> anyhow::Result<()> {
+        let (reply, answer) = oneshot::channel();
+        self.events
+            .send(Event::Unpublish {
+                track_id: track_id.to_string(),
+                reply,
+            })
             .map_err(|_| anyhow!("the client is closed"))?;
         answer.await.map_err(|_| anyhow!("the client is closed"))?
     }

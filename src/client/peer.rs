@@ -29,11 +29,11 @@ use webrtc::peer_connection::{
 };
 use webrtc::runtime::TokioRuntime;
 
-use super::ClientOptions;
 use super::media::Output;
 use super::payload;
 use super::session::Event;
 use super::stats::{ChatMessage, LinkSnapshot, RemoteTrackStats, Shared};
+use super::{ClientOptions, MediaProbe};
 use crate::signal::protocol::{ChatRelay, IceCandidate, MediaKind, RoomMode};
 
 /// Label of the chat data channel.
@@ -145,6 +145,7 @@ struct LinkHandler {
     events: mpsc::UnboundedSender<Event>,
     loopback_only: bool,
     mode: RoomMode,
+    probe: Option<Arc<dyn MediaProbe>>,
 }
 
 #[async_trait::async_trait]
@@ -193,12 +194,16 @@ impl PeerConnectionEventHandler for LinkHandler {
 
     async fn on_track(&self, track: Arc<dyn TrackRemote>) {
         let state = self.state.clone();
-        tokio::spawn(receive_track(track, state));
+        tokio::spawn(receive_track(track, state, self.probe.clone()));
     }
 }
 
 /// Reads one remote track until the connection ends, counting what arrives.
-async fn receive_track(track: Arc<dyn TrackRemote>, link: Arc<LinkState>) {
+async fn receive_track(
+    track: Arc<dyn TrackRemote>,
+    link: Arc<LinkState>,
+    probe: Option<Arc<dyn MediaProbe>>,
+) {
     let stream_id = track.stream_id().await;
     let track_id = track.track_id().await;
     let kind = match track.kind().await {
@@ -219,7 +224,14 @@ async fn receive_track(track: Arc<dyn TrackRemote>, link: Arc<LinkState>) {
     link.shared.update(|r| r.remote_tracks.push(stats.clone()));
     while let Some(event) = track.poll().await {
         match event {
-            TrackRemoteEvent::OnRtpPacket(packet) => stats.record(&packet, payload::now_micros()),
+            TrackRemoteEvent::OnRtpPacket(packet) => {
+                let now_us = payload::now_micros();
+                if let Some(header) = stats.record(&packet, now_us)
+                    && let Some(probe) = &probe
+                {
+                    probe.on_media(&header, packet.payload.len(), now_us);
+                }
+            }
             TrackRemoteEvent::OnEnded => break,
             _ => {}
         }
@@ -374,6 +386,7 @@ impl Link {
             events,
             loopback_only: opts.loopback_only,
             mode,
+            probe: opts.probe.clone(),
         });
         let pc = build_peer_connection(opts, handler).await?;
         shared.update(|r| {

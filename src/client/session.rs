@@ -37,6 +37,10 @@ pub(crate) enum Event {
         kind: MediaKind,
         reply: oneshot::Sender<anyhow::Result<String>>,
     },
+    Unpublish {
+        track_id: String,
+        reply: oneshot::Sender<anyhow::Result<()>>,
+    },
     Leave {
         reply: oneshot::Sender<anyhow::Result<()>>,
     },
@@ -289,6 +293,9 @@ impl Session {
                 Event::Publish { kind, reply } => {
                     let _ = reply.send(self.publish(kind).await);
                 }
+                Event::Unpublish { track_id, reply } => {
+                    let _ = reply.send(self.unpublish(&track_id).await);
+                }
                 Event::Leave { reply } => {
                     self.send(&ClientMessage::Leave);
                     self.left = true;
@@ -320,6 +327,24 @@ impl Session {
             }
         }
         Ok(track.track_id.clone())
+    }
+
+    async fn unpublish(&mut self, track_id: &str) -> anyhow::Result<()> {
+        let Some(pos) = self.tracks.iter().position(|t| t.track_id == track_id) else {
+            anyhow::bail!("no published track `{track_id}`");
+        };
+        let track = self.tracks.remove(pos);
+        let peers: Vec<Option<String>> = self.links.keys().cloned().collect();
+        for peer in peers {
+            let Some(link) = self.links.get_mut(&peer) else {
+                continue;
+            };
+            track.detach(link).await?;
+            if let Some(offer) = link.offer().await? {
+                self.send_outgoing(&peer, offer);
+            }
+        }
+        Ok(())
     }
 
     /// The link a relayed message is for, if this room mode expects one from there.

@@ -74,8 +74,9 @@ impl RemoteTrackStats {
         }
     }
 
-    /// Records one received packet; `now_us` is [`payload::now_micros`].
-    pub fn record(&self, packet: &rtp::Packet, now_us: u64) {
+    /// Records one received packet; `now_us` is [`payload::now_micros`]. Returns the payload
+    /// header when the packet was intact and from the expected publisher.
+    pub fn record(&self, packet: &rtp::Packet, now_us: u64) -> Option<payload::PayloadHeader> {
         self.packets.fetch_add(1, Ordering::Relaxed);
         self.bytes
             .fetch_add(packet.payload.len() as u64, Ordering::Relaxed);
@@ -86,7 +87,7 @@ impl RemoteTrackStats {
             Ok(header) => {
                 if header.sender != self.expected_sender || header.kind != self.kind {
                     self.mismatched.fetch_add(1, Ordering::Relaxed);
-                    return;
+                    return None;
                 }
                 self.intact.fetch_add(1, Ordering::Relaxed);
                 let _ = self.first_seq.compare_exchange(
@@ -103,12 +104,15 @@ impl RemoteTrackStats {
                 let latency = now_us.saturating_sub(header.sent_at_us);
                 self.latency_sum_us.fetch_add(latency, Ordering::Relaxed);
                 self.latency_max_us.fetch_max(latency, Ordering::Relaxed);
+                Some(header)
             }
             Err(PayloadError::TooShort | PayloadError::BadMagic | PayloadError::BadKind(_)) => {
                 self.corrupt.fetch_add(1, Ordering::Relaxed);
+                None
             }
             Err(PayloadError::BadPadding(_)) => {
                 self.corrupt.fetch_add(1, Ordering::Relaxed);
+                None
             }
         }
     }

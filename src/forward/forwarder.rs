@@ -162,7 +162,13 @@ mod tests {
         f.handle(ForwarderCommand::AddDownTrack(a));
         f.handle(ForwarderCommand::AddDownTrack(b));
         let out = f.forward(pkt(10, b"x"));
-        assert_eq!(out, ForwardOutcome { queued: 2, dropped: 0 });
+        assert_eq!(
+            out,
+            ForwardOutcome {
+                queued: 2,
+                dropped: 0
+            }
+        );
         let a = drain(&mut rx_a);
         let b = drain(&mut rx_b);
         assert_eq!((a[0].ssrc, a[0].payload_type), (1, 100));

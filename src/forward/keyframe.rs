@@ -66,7 +66,10 @@ mod tests {
         k.request();
         assert!(!k.poll(ms(100)), "inside the interval");
         assert!(k.is_pending());
-        assert!(k.poll(ms(500)), "deferred request goes out when the interval ends");
+        assert!(
+            k.poll(ms(500)),
+            "deferred request goes out when the interval ends"
+        );
         assert!(!k.poll(ms(2000)));
     }
 }

@@ -70,7 +70,10 @@ mod tests {
     fn rewrites_ssrc_pt_and_moves_seq_ts_to_base() {
         let mut r = Rewriter::new(7, 100, 1000, 5000);
         let a = r.rewrite(&pkt(65535, u32::MAX - 10));
-        assert_eq!((a.ssrc, a.payload_type, a.sequence, a.timestamp), (7, 100, 1000, 5000));
+        assert_eq!(
+            (a.ssrc, a.payload_type, a.sequence, a.timestamp),
+            (7, 100, 1000, 5000)
+        );
         // Wraps in the input, keeps distances in the output.
         let b = r.rewrite(&pkt(1, 20));
         assert_eq!((b.sequence, b.timestamp), (1002, 5031));

@@ -46,7 +46,10 @@ async fn index() -> Response {
 
 async fn room_page(Path(name): Path<String>) -> Response {
     if RoomName::parse(&name).is_none() {
-        return (StatusCode::NOT_FOUND, "room names are 1-64 characters of A-Z a-z 0-9 _ . -\n")
+        return (
+            StatusCode::NOT_FOUND,
+            "room names are 1-64 characters of A-Z a-z 0-9 _ . -\n",
+        )
             .into_response();
     }
     static_file(Path("index.html".to_string())).await
@@ -66,7 +69,14 @@ async fn static_file(Path(path): Path<String>) -> Response {
         Some("json") => "application/json",
         _ => "application/octet-stream",
     };
-    ([(header::CONTENT_TYPE, mime), (header::CACHE_CONTROL, "no-cache")], file.contents()).into_response()
+    (
+        [
+            (header::CONTENT_TYPE, mime),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        file.contents(),
+    )
+        .into_response()
 }
 
 async fn metrics(State(ctx): State<Arc<ServerContext>>) -> Response {

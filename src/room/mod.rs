@@ -14,9 +14,9 @@ use tokio::sync::mpsc;
 
 use crate::config::Limits;
 use crate::forward::ForwarderCommand;
-use crate::types::{MediaKind, ParticipantId, RoomName, TrackCodec, TrackId};
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::signal::protocol::{ParticipantInfo, RoomMode, ServerMessage, TrackInfo};
+use crate::types::{MediaKind, ParticipantId, RoomName, TrackCodec, TrackId};
 
 /// A track published in a room.
 #[derive(Debug)]
@@ -303,11 +303,7 @@ impl Registry {
                 })
                 .collect();
             let tracks = state.tracks.values().cloned().collect();
-            Room::broadcast_except(
-                &state,
-                &participant_id,
-                &RoomEvent::ParticipantJoined(info),
-            );
+            Room::broadcast_except(&state, &participant_id, &RoomEvent::ParticipantJoined(info));
             state.members.insert(
                 participant_id.clone(),
                 Member {
@@ -483,7 +479,14 @@ mod tests {
         ));
         let (tx, _rx) = mpsc::channel(1);
         a.room
-            .publish(&a.participant_id, MediaKind::Audio, 0, codec(), tx.clone(), 1)
+            .publish(
+                &a.participant_id,
+                MediaKind::Audio,
+                0,
+                codec(),
+                tx.clone(),
+                1,
+            )
             .unwrap();
         assert_eq!(
             a.room

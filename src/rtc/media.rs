@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
@@ -24,6 +24,8 @@ pub struct PublishedTrack {
     pub codec: TrackCodec,
     /// The publisher's own `MediaStream` id (msid), to group its tracks into streams.
     pub stream_id: String,
+    /// The publisher's own track id (msid track id).
+    pub remote_track_id: String,
     pub ssrc: u32,
 }
 
@@ -69,12 +71,13 @@ pub fn to_rtp_packet(packet: MediaPacket) -> rtc::rtp::Packet {
     }
 }
 
-/// Reads a published track until it ends, forwarding every packet. Commands (subscribers coming
+/// Reads a published track until it ends or `stop` fires, forwarding every packet. Commands (subscribers coming
 /// and going, keyframe requests) are taken between packets, so the forwarder needs no lock.
 pub async fn run_publisher(
     published: PublishedTrack,
     mut forwarder: TrackForwarder,
     mut commands: mpsc::Receiver<ForwarderCommand>,
+    mut stop: oneshot::Receiver<()>,
     metrics: Arc<Metrics>,
 ) {
     let _gauge = GaugeGuard::new(&metrics, |m| &m.forwarders);
@@ -83,6 +86,7 @@ pub async fn run_publisher(
     loop {
         tokio::select! {
             biased;
+            _ = &mut stop => break,
             command = commands.recv(), if commands_open => match command {
                 Some(command) => forwarder.handle(command),
                 None => commands_open = false,

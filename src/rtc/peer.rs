@@ -13,7 +13,7 @@ use rtc::rtp_transceiver::rtp_sender::{
     RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
 };
 use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use webrtc::data_channel::{DataChannel, DataChannelEvent};
 use webrtc::media_stream::track_local::TrackLocal;
@@ -157,8 +157,10 @@ impl PeerConnectionEventHandler for Handler {
             return;
         };
         let stream_id = track.stream_id().await.to_string();
+        let remote_track_id = track.track_id().await.to_string();
         let published = PublishedTrack {
             track,
+            remote_track_id,
             kind,
             codec: TrackCodec {
                 mime_type: codec.mime_type,
@@ -193,6 +195,15 @@ struct Subscription {
     writer: Option<JoinHandle<()>>,
 }
 
+/// A track this participant publishes, and the task forwarding it.
+struct Publisher {
+    /// The remote track's id (msid track id), to find its transceiver after renegotiation.
+    remote_track_id: String,
+    /// Ends the task normally (it then unpublishes); dropped when the task is aborted instead.
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
 /// A participant's server-side peer connection.
 pub struct Peer {
     participant: ParticipantId,
@@ -206,7 +217,7 @@ pub struct Peer {
     /// The client's first offer was applied: before it, there is nothing to renegotiate.
     established: bool,
     subscriptions: HashMap<TrackId, Subscription>,
-    publishers: Vec<JoinHandle<()>>,
+    publishers: Vec<Publisher>,
     _lease: PortLease,
     _gauge: GaugeGuard,
 }
@@ -244,8 +255,12 @@ impl Peer {
     }
 
     /// Applies a client offer and answers it, unless it collides with the server's own offer.
-    pub async fn handle_remote_offer(&mut self, sdp: String) -> Result<RemoteOfferOutcome, RtcError> {
-        let offer = RTCSessionDescription::offer(sdp).map_err(|e| RtcError::BadSdp(e.to_string()))?;
+    pub async fn handle_remote_offer(
+        &mut self,
+        sdp: String,
+    ) -> Result<RemoteOfferOutcome, RtcError> {
+        let offer =
+            RTCSessionDescription::offer(sdp).map_err(|e| RtcError::BadSdp(e.to_string()))?;
         if self.awaiting_answer {
             return Ok(RemoteOfferOutcome::IgnoredForGlare);
         }
@@ -262,6 +277,7 @@ impl Peer {
             .map(|d| d.sdp)
             .ok_or_else(|| RtcError::BadSdp("no local description after answer".into()))?;
         self.established = true;
+        self.stop_publishers_no_longer_received().await;
         Ok(RemoteOfferOutcome::Answer(sdp))
     }
 
@@ -269,7 +285,9 @@ impl Peer {
     /// live.
     pub async fn handle_remote_answer(&mut self, sdp: String) -> Result<(), RtcError> {
         if !self.awaiting_answer {
-            return Err(RtcError::BadSdp("answer without an outstanding offer".into()));
+            return Err(RtcError::BadSdp(
+                "answer without an outstanding offer".into(),
+            ));
         }
         let answer =
             RTCSessionDescription::answer(sdp).map_err(|e| RtcError::BadSdp(e.to_string()))?;
@@ -413,11 +431,13 @@ impl Peer {
             let payload_type = match sub.sender.get_parameters().await {
                 Ok(params) => negotiated_payload_type(
                     &sub.codec,
-                    params
-                        .rtp_parameters
-                        .codecs
-                        .iter()
-                        .map(|c| (c.rtp_codec.mime_type.as_str(), c.rtp_codec.sdp_fmtp_line.as_str(), c.payload_type)),
+                    params.rtp_parameters.codecs.iter().map(|c| {
+                        (
+                            c.rtp_codec.mime_type.as_str(),
+                            c.rtp_codec.sdp_fmtp_line.as_str(),
+                            c.payload_type,
+                        )
+                    }),
                 ),
                 Err(e) => {
                     tracing::warn!(%track_id, "sender parameters: {e}");
@@ -449,10 +469,49 @@ impl Peer {
         }
     }
 
-    /// Remembers a publisher task so that closing the peer ends it.
-    pub fn adopt_publisher(&mut self, task: JoinHandle<()>) {
-        self.publishers.retain(|t| !t.is_finished());
-        self.publishers.push(task);
+    /// Remembers a publisher task: `stop` ends it when the client stops sending the track,
+    /// closing the peer aborts it.
+    pub fn adopt_publisher(
+        &mut self,
+        track: &PublishedTrack,
+        stop: oneshot::Sender<()>,
+        task: JoinHandle<()>,
+    ) {
+        self.publishers.retain(|p| !p.task.is_finished());
+        self.publishers.push(Publisher {
+            remote_track_id: track.remote_track_id.clone(),
+            stop: Some(stop),
+            task,
+        });
+    }
+
+    /// A client that stops sending a track (ends a screen share) renegotiates its transceiver
+    /// to `recvonly`/`inactive`; webrtc-rs raises no event for that, so look after each offer.
+    async fn stop_publishers_no_longer_received(&mut self) {
+        if self.publishers.is_empty() {
+            return;
+        }
+        for transceiver in self.pc.get_transceivers().await {
+            let stopped_receiving = matches!(
+                transceiver.current_direction().await,
+                Ok(RTCRtpTransceiverDirection::Inactive | RTCRtpTransceiverDirection::Sendonly)
+            );
+            if !stopped_receiving {
+                continue;
+            }
+            let Ok(Some(receiver)) = transceiver.receiver().await else {
+                continue;
+            };
+            let track_id = receiver.track().track_id().await.to_string();
+            for publisher in &mut self.publishers {
+                if publisher.remote_track_id == track_id
+                    && let Some(stop) = publisher.stop.take()
+                {
+                    tracing::info!(participant = %self.participant, track_id, "client stopped sending a track");
+                    let _ = stop.send(());
+                }
+            }
+        }
     }
 
     /// Ends everything this connection runs: writers, publisher readers, the connection itself.
@@ -465,8 +524,8 @@ impl Peer {
                 .forwarder
                 .try_send(ForwarderCommand::RemoveDownTrack(self.participant.clone()));
         }
-        for task in self.publishers.drain(..) {
-            task.abort();
+        for publisher in self.publishers.drain(..) {
+            publisher.task.abort();
         }
         if let Err(e) = self.pc.close().await {
             tracing::debug!("closing peer connection: {e}");
@@ -506,11 +565,28 @@ mod tests {
         };
         let list = [
             ("video/VP8", "", 96),
-            ("video/h264", "profile-level-id=42001f;packetization-mode=0", 102),
-            ("video/H264", "profile-level-id=42e01f;packetization-mode=1", 106),
+            (
+                "video/h264",
+                "profile-level-id=42001f;packetization-mode=0",
+                102,
+            ),
+            (
+                "video/H264",
+                "profile-level-id=42e01f;packetization-mode=1",
+                106,
+            ),
         ];
-        assert_eq!(negotiated_payload_type(&codec, list.iter().copied()), Some(106));
-        assert_eq!(negotiated_payload_type(&codec, list[..2].iter().copied()), Some(102));
-        assert_eq!(negotiated_payload_type(&codec, list[..1].iter().copied()), None);
+        assert_eq!(
+            negotiated_payload_type(&codec, list.iter().copied()),
+            Some(106)
+        );
+        assert_eq!(
+            negotiated_payload_type(&codec, list[..2].iter().copied()),
+            Some(102)
+        );
+        assert_eq!(
+            negotiated_payload_type(&codec, list[..1].iter().copied()),
+            None
+        );
     }
 }

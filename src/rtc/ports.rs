@@ -59,7 +59,10 @@ impl PortPool {
     /// the range). With the ephemeral range, port 0: the kernel picks at bind time.
     pub fn lease(self: &Arc<Self>, ip: IpAddr) -> Option<PortLease> {
         if self.range.is_ephemeral() {
-            return Some(PortLease { pool: None, port: 0 });
+            return Some(PortLease {
+                pool: None,
+                port: 0,
+            });
         }
         let mut state = self.lock();
         for _ in 0..self.range.len() {
@@ -95,7 +98,10 @@ mod tests {
     #[test]
     fn leases_round_robin_and_returns_on_drop() {
         // A range unlikely to be busy on a test machine; skip busy ports like production does.
-        let pool = PortPool::new(PortRange { lo: 47110, hi: 47112 });
+        let pool = PortPool::new(PortRange {
+            lo: 47110,
+            hi: 47112,
+        });
         let ip = IpAddr::from([127, 0, 0, 1]);
         let a = pool.lease(ip).unwrap();
         let b = pool.lease(ip).unwrap();

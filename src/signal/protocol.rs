@@ -239,8 +239,8 @@ mod tests {
                 mode: None
             }
         );
-        let msg = parse_client_message(r#"{"type":"join","room":"a","name":"b","mode":"mesh"}"#)
-            .unwrap();
+        let msg =
+            parse_client_message(r#"{"type":"join","room":"a","name":"b","mode":"mesh"}"#).unwrap();
         assert!(matches!(
             msg,
             ClientMessage::Join {
@@ -258,7 +258,10 @@ mod tests {
         assert_eq!(code(r#"{"room":"a"}"#), ErrorCode::MissingField);
         assert_eq!(code(r#"{"type":7}"#), ErrorCode::MissingField);
         assert_eq!(code(r#"{"type":"dance"}"#), ErrorCode::UnknownType);
-        assert_eq!(code(r#"{"type":"join","room":"a"}"#), ErrorCode::MissingField);
+        assert_eq!(
+            code(r#"{"type":"join","room":"a"}"#),
+            ErrorCode::MissingField
+        );
         assert_eq!(code(r#"{"type":"offer"}"#), ErrorCode::MissingField);
     }
 

@@ -8,12 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, close_code};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::protocol::{
-    ChatRelay, ClientMessage, ErrorCode, PROTOCOL_VERSION, RoomMode,
-    ServerMessage, parse_client_message,
+    ChatRelay, ClientMessage, ErrorCode, PROTOCOL_VERSION, RoomMode, ServerMessage,
+    parse_client_message,
 };
 use crate::config::Limits;
 use crate::forward::{KeyframeThrottle, TrackForwarder};
@@ -167,7 +167,10 @@ impl Session {
             Message::Text(text) => text,
             Message::Binary(_) => {
                 return self
-                    .error(ErrorCode::MalformedJson, "binary frames are not part of the protocol")
+                    .error(
+                        ErrorCode::MalformedJson,
+                        "binary frames are not part of the protocol",
+                    )
                     .await;
             }
             Message::Close(_) => return Err(None),
@@ -189,7 +192,9 @@ impl Session {
             ClientMessage::Ping => self.send(&ServerMessage::Pong).await,
             ClientMessage::Leave => {
                 if self.joined.is_none() {
-                    return self.error(ErrorCode::NotJoined, "`leave` before `join`").await;
+                    return self
+                        .error(ErrorCode::NotJoined, "`leave` before `join`")
+                        .await;
                 }
                 self.leave().await;
                 self.send(&ServerMessage::Left).await
@@ -202,17 +207,28 @@ impl Session {
 
     async fn join(&mut self, room: &str, name: &str, mode: Option<RoomMode>) -> Result<(), Close> {
         if self.joined.is_some() {
-            return self.error(ErrorCode::AlreadyJoined, "already in a room; `leave` first").await;
+            return self
+                .error(ErrorCode::AlreadyJoined, "already in a room; `leave` first")
+                .await;
         }
         let Some(room_name) = RoomName::parse(room) else {
             return self
-                .error(ErrorCode::InvalidName, "room name must be 1-64 characters of A-Z a-z 0-9 _ . -")
+                .error(
+                    ErrorCode::InvalidName,
+                    "room name must be 1-64 characters of A-Z a-z 0-9 _ . -",
+                )
                 .await;
         };
         let name = name.trim();
-        if name.is_empty() || name.chars().count() > MAX_NAME_CHARS || name.chars().any(char::is_control) {
+        if name.is_empty()
+            || name.chars().count() > MAX_NAME_CHARS
+            || name.chars().any(char::is_control)
+        {
             return self
-                .error(ErrorCode::InvalidName, "display name must be 1-64 printable characters")
+                .error(
+                    ErrorCode::InvalidName,
+                    "display name must be 1-64 printable characters",
+                )
                 .await;
         }
         let (events_tx, events) = mpsc::unbounded_channel();
@@ -221,17 +237,20 @@ impl Session {
             events: events_tx,
             chat: chat_tx,
         };
-        let joined = match self
-            .ctx
-            .registry
-            .join(&room_name, name, mode.unwrap_or_default(), channels)
-        {
-            Ok(joined) => joined,
-            Err(e @ JoinError::RoomFull(..)) => return self.error(ErrorCode::RoomFull, e.to_string()).await,
-            Err(e @ JoinError::TooManyRooms(..)) => {
-                return self.error(ErrorCode::ServerFull, e.to_string()).await;
-            }
-        };
+        let joined =
+            match self
+                .ctx
+                .registry
+                .join(&room_name, name, mode.unwrap_or_default(), channels)
+            {
+                Ok(joined) => joined,
+                Err(e @ JoinError::RoomFull(..)) => {
+                    return self.error(ErrorCode::RoomFull, e.to_string()).await;
+                }
+                Err(e @ JoinError::TooManyRooms(..)) => {
+                    return self.error(ErrorCode::ServerFull, e.to_string()).await;
+                }
+            };
         let room = joined.room.clone();
         let id = joined.participant_id.clone();
         tracing::info!(room = %room.name(), participant = %id, name, mode = ?room.mode(), "joined");
@@ -256,7 +275,9 @@ impl Session {
                         _ => ErrorCode::Internal,
                     };
                     tracing::error!("peer connection for {id}: {e}");
-                    return self.error(code, format!("cannot open a media connection: {e}")).await;
+                    return self
+                        .error(code, format!("cannot open a media connection: {e}"))
+                        .await;
                 }
             };
             let mut media = Media {
@@ -301,13 +322,19 @@ impl Session {
     /// The joined membership, or a `not-joined` error to the client.
     async fn membership(&mut self, what: &str) -> Result<Option<&mut Membership>, Close> {
         if self.joined.is_none() {
-            self.error(ErrorCode::NotJoined, format!("`{what}` before `join`")).await?;
+            self.error(ErrorCode::NotJoined, format!("`{what}` before `join`"))
+                .await?;
             return Ok(None);
         }
         Ok(self.joined.as_mut())
     }
 
-    async fn on_sdp(&mut self, is_offer: bool, sdp: String, to: Option<String>) -> Result<(), Close> {
+    async fn on_sdp(
+        &mut self,
+        is_offer: bool,
+        sdp: String,
+        to: Option<String>,
+    ) -> Result<(), Close> {
         let what = if is_offer { "offer" } else { "answer" };
         let Some(membership) = self.membership(what).await? else {
             return Ok(());
@@ -322,7 +349,12 @@ impl Session {
             return self.relay(to, relayed).await;
         }
         if to.is_some() {
-            return self.error(ErrorCode::WrongMode, "`to` is for mesh rooms; SFU offers go to the server").await;
+            return self
+                .error(
+                    ErrorCode::WrongMode,
+                    "`to` is for mesh rooms; SFU offers go to the server",
+                )
+                .await;
         }
         let Some(media) = membership.media.as_mut() else {
             return Ok(());
@@ -346,28 +378,44 @@ impl Session {
         };
         match result {
             Ok(Some(answer)) => {
-                self.send(&ServerMessage::Answer { sdp: answer, from: None }).await?;
+                self.send(&ServerMessage::Answer {
+                    sdp: answer,
+                    from: None,
+                })
+                .await?;
                 self.offer_if_needed().await
             }
             Ok(None) => self.offer_if_needed().await,
-            Err(RtcError::BadSdp(e)) => self.error(ErrorCode::BadSdp, format!("bad {what}: {e}")).await,
+            Err(RtcError::BadSdp(e)) => {
+                self.error(ErrorCode::BadSdp, format!("bad {what}: {e}"))
+                    .await
+            }
             Err(e) => {
                 tracing::error!("applying {what}: {e}");
-                self.error(ErrorCode::Internal, format!("could not apply {what}")).await
+                self.error(ErrorCode::Internal, format!("could not apply {what}"))
+                    .await
             }
         }
     }
 
-    async fn on_candidate(&mut self, candidate: Option<IceCandidate>, to: Option<String>) -> Result<(), Close> {
+    async fn on_candidate(
+        &mut self,
+        candidate: Option<IceCandidate>,
+        to: Option<String>,
+    ) -> Result<(), Close> {
         let Some(membership) = self.membership("candidate").await? else {
             return Ok(());
         };
         if membership.room.mode() == RoomMode::Mesh {
             let from = Some(membership.id.to_string());
-            return self.relay(to, ServerMessage::Candidate { candidate, from }).await;
+            return self
+                .relay(to, ServerMessage::Candidate { candidate, from })
+                .await;
         }
         if to.is_some() {
-            return self.error(ErrorCode::WrongMode, "`to` is for mesh rooms").await;
+            return self
+                .error(ErrorCode::WrongMode, "`to` is for mesh rooms")
+                .await;
         }
         let (Some(media), Some(candidate)) = (membership.media.as_mut(), candidate) else {
             return Ok(()); // end of candidates: nothing to do
@@ -385,11 +433,21 @@ impl Session {
             return Ok(());
         };
         let Some(to) = to else {
-            return self.error(ErrorCode::WrongMode, "mesh rooms need `to`: the participant to signal").await;
+            return self
+                .error(
+                    ErrorCode::WrongMode,
+                    "mesh rooms need `to`: the participant to signal",
+                )
+                .await;
         };
         let target = ParticipantId::from(to.as_str());
         if target == membership.id || !membership.room.relay(&target, message) {
-            return self.error(ErrorCode::UnknownParticipant, format!("no participant `{to}` in this room")).await;
+            return self
+                .error(
+                    ErrorCode::UnknownParticipant,
+                    format!("no participant `{to}` in this room"),
+                )
+                .await;
         }
         Ok(())
     }
@@ -414,7 +472,8 @@ impl Session {
         };
         match event {
             RoomEvent::ParticipantJoined(participant) => {
-                self.send(&ServerMessage::ParticipantJoined { participant }).await
+                self.send(&ServerMessage::ParticipantJoined { participant })
+                    .await
             }
             RoomEvent::ParticipantLeft(id) => {
                 self.send(&ServerMessage::ParticipantLeft {
@@ -464,7 +523,9 @@ impl Session {
                 Ok(())
             }
             PeerEvent::Chat(channel) => {
-                let (Some(media), Some(queue)) = (membership.media.as_mut(), membership.chat_queue.take()) else {
+                let (Some(media), Some(queue)) =
+                    (membership.media.as_mut(), membership.chat_queue.take())
+                else {
                     return Ok(());
                 };
                 media.chat_pump = Some(tokio::spawn(run_chat_pump(
@@ -483,7 +544,8 @@ impl Session {
             }
             PeerEvent::Failed => {
                 tracing::warn!(participant = %membership.id, "media connection failed or closed");
-                self.error(ErrorCode::ConnectionFailed, "the media connection failed").await?;
+                self.error(ErrorCode::ConnectionFailed, "the media connection failed")
+                    .await?;
                 Err(close_frame(close_code::NORMAL, "media connection failed"))
             }
         }
@@ -519,7 +581,10 @@ fn publish(membership: &mut Membership, track: PublishedTrack, ctx: &Arc<ServerC
         return;
     };
     let next_index = media.streams.len();
-    let stream_index = *media.streams.entry(track.stream_id.clone()).or_insert(next_index);
+    let stream_index = *media
+        .streams
+        .entry(track.stream_id.clone())
+        .or_insert(next_index);
     let (commands_tx, commands) = mpsc::channel(FORWARDER_COMMANDS);
     let publication = match membership.room.publish(
         &membership.id,
@@ -540,11 +605,14 @@ fn publish(membership: &mut Membership, track: PublishedTrack, ctx: &Arc<ServerC
     let room = membership.room.clone();
     let metrics = ctx.metrics.clone();
     let track_id = publication.track_id.clone();
-    media.peer.adopt_publisher(tokio::spawn(async move {
-        run_publisher(track, forwarder, commands, metrics).await;
+    let (stop_tx, stop) = oneshot::channel();
+    let adopted = track.clone();
+    let task = tokio::spawn(async move {
+        run_publisher(track, forwarder, commands, stop, metrics).await;
         // The publisher stopped sending this track (e.g. ended a screen share).
         room.unpublish(&track_id);
-    }));
+    });
+    media.peer.adopt_publisher(&adopted, stop_tx, task);
 }
 
 /// Moves chat between a participant's `chat` data channel and its room.

@@ -1,0 +1,602 @@
+// app.js — wires the pieces together: lobby → join → call → leave, and the test hook.
+//
+//   signaling.js  WebSocket + JSON messages          media.js        camera, mic, screen
+//   sfu.js        one peer connection to the SFU     mesh.js         one per other participant
+//   peer.js       perfect negotiation (both use it)  stats.js        getStats → tiles
+//   ui.js         all DOM work                       audio-level.js  speaking highlight
+//
+// The page lives at /room/{name}; `?mode=mesh` asks for a mesh room (it only matters to whoever
+// creates the room).
+
+import { Signaling } from "/signaling.js";
+import { LocalMedia, describeMediaError } from "/media.js";
+import { SfuSession } from "/sfu.js";
+import { MeshSession } from "/mesh.js";
+import { StatsMonitor } from "/stats.js";
+import { AudioLevels } from "/audio-level.js";
+import { UI } from "/ui.js";
+
+const $ = (id) => document.getElementById(id);
+
+/** Human messages for the server's error codes (protocol.rs `ErrorCode`). */
+const ERROR_TEXT = {
+  "room-full": "This room is full. Try again later or pick another room.",
+  "server-full": "The server is at capacity right now. Try again in a moment.",
+  "invalid-name":
+    "That room or display name is not accepted. Use letters, digits, '-' or '_' (and keep it short).",
+  "connection-failed": "The media connection to the server failed.",
+};
+
+const RECONNECT_DELAYS_MS = [1000, 2000, 4000, 8000, 8000, 8000];
+
+const ui = new UI();
+const media = new LocalMedia();
+const levels = new AudioLevels();
+
+const state = {
+  phase: "lobby", // lobby | joining | call | left
+  connection: "idle", // idle | connecting | connected | reconnecting | failed
+  error: null, // {code, message} of the last problem shown to the user
+  room: roomFromPath(),
+  mode: new URLSearchParams(location.search).get("mode") === "mesh" ? "mesh" : undefined,
+  roomMode: null, // what the server says the room is
+  name: "",
+  selfId: null,
+  participants: new Map(), // id -> {id, name}
+  chat: [], // {from, name, text, self}
+  sharing: false,
+  chatReady: false,
+  mediaReady: false, // the first camera/mic request has finished (one way or another)
+};
+
+let signaling = null;
+let session = null;
+let reconnecting = null; // {attempt, timer} while trying to get back in
+const stats = new StatsMonitor({
+  getPeers: () => session?.peers() ?? [],
+  getTiles: () => [...ui.tiles.values()],
+  onTile: (tile, s, text) => {
+    tile.setStats(s, text);
+    // Remote badges say what actually arrives: nothing for two seconds means muted / off.
+    if (!tile.local && tile.kind === "camera") {
+      tile.setMicOff(s.audioQuietFor >= 2);
+      tile.setCamOff(s.videoQuietFor >= 2);
+    }
+  },
+});
+
+function roomFromPath() {
+  const m = location.pathname.match(/^\/room\/([^/]+)\/?$/);
+  return m ? decodeURIComponent(m[1]) : "";
+}
+
+// ---- lobby --------------------------------------------------------------------------------
+
+async function initLobby() {
+  ui.setRoom(state.room, state.mode);
+  ui.showLobby();
+  $("room-field").hidden = !!state.room;
+  $("room-input").value = state.room;
+  $("name-input").value = localStorage.getItem("switchboard.name") || `Guest ${Math.floor(100 + Math.random() * 900)}`;
+  $("mode-note").textContent = state.mode === "mesh" ? "Mesh mode: media goes directly between participants." : "";
+  // The AudioContext may only start after a gesture; any first click or key will do.
+  const unlock = () => levels.unlock();
+  document.addEventListener("pointerdown", unlock, { once: true });
+  document.addEventListener("keydown", unlock, { once: true });
+
+  $("join-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    join();
+  });
+  $("lobby-mic").addEventListener("click", () => toggleMic());
+  $("lobby-cam").addEventListener("click", () => toggleCamera());
+  for (const [select, kind] of [["camera-select", "video"], ["mic-select", "audio"]]) {
+    $(select).addEventListener("change", async (e) => {
+      try {
+        await media.selectDevice(kind, e.target.value);
+      } catch (err) {
+        ui.setLobbyError(describeMediaError(err, kind === "audio" ? "microphone" : "camera"));
+      }
+    });
+  }
+  navigator.mediaDevices?.addEventListener?.("devicechange", refreshDevices);
+
+  media.on("tracks", onLocalTracks);
+  await media.start();
+  state.mediaReady = true;
+  reportMediaErrors();
+  await refreshDevices();
+}
+
+function reportMediaErrors() {
+  const { audio, video } = media.errors;
+  let text = null;
+  if (audio && video && audio.name === video.name) text = describeMediaError(audio);
+  else if (video) text = describeMediaError(video, "camera");
+  else if (audio) text = describeMediaError(audio, "microphone");
+  if (text) {
+    state.error = { code: "media", message: text };
+    ui.showBanner("warn", text);
+  }
+}
+
+async function refreshDevices() {
+  const { cameras, mics } = await media.listDevices();
+  ui.setDevices("camera-select", cameras, media.currentDeviceId("video"));
+  ui.setDevices("mic-select", mics, media.currentDeviceId("audio"));
+}
+
+/** Camera/mic tracks changed: preview, own tile, meter and senders follow. */
+function onLocalTracks() {
+  ui.setPreview(media.stream, { camOn: media.camOn, micOn: media.micOn });
+  levels.watch("local", media.audioTrack, (level) => {
+    ui.setMicMeter(media.micOn ? level : 0);
+    ui.tiles.get("local")?.setLevel(media.micOn ? level : 0);
+  });
+  const tile = ui.tiles.get("local");
+  if (tile) {
+    tile.setStream(media.stream);
+    tile.setMicOff(!media.micOn);
+    tile.setCamOff(!media.camOn || !media.videoTrack);
+  }
+  session?.syncLocalTracks();
+  renderControls();
+}
+
+// ---- joining ------------------------------------------------------------------------------
+
+async function join() {
+  const room = state.room || $("room-input").value.trim();
+  const name = $("name-input").value.trim();
+  if (!room || !name) {
+    ui.setLobbyError("Enter a room and a display name.");
+    return;
+  }
+  levels.unlock();
+  localStorage.setItem("switchboard.name", name);
+  state.name = name;
+  if (!state.room) {
+    state.room = room;
+    history.replaceState(null, "", `/room/${encodeURIComponent(room)}${location.search}`);
+    ui.setRoom(room, state.mode);
+  }
+  ui.setLobbyError(null);
+  ui.setJoinBusy(true);
+  state.phase = "joining";
+  setConnection("connecting");
+  try {
+    await connectAndJoin("joining");
+  } catch (err) {
+    if (state.phase !== "joining") return;
+    state.phase = "lobby";
+    const short = { unreachable: "Server unreachable", "room-full": "Room full", "server-full": "Server full" };
+    setConnection("failed", short[err.code] ?? "Could not join");
+    state.error = { code: err.code ?? "unreachable", message: err.userText ?? err.message };
+    ui.setLobbyError(state.error.message);
+  } finally {
+    ui.setJoinBusy(false);
+  }
+}
+
+/**
+ * Opens the socket, sends `join` and enters the call on `joined`. Throws an Error with
+ * `userText` (and `code` for server errors) when that does not work out. `phase` is the phase
+ * we expect to still be in when the answer comes (the user may have left meanwhile).
+ */
+async function connectAndJoin(phase) {
+  const sig = new Signaling();
+  try {
+    await sig.connect();
+  } catch (err) {
+    throw Object.assign(err, {
+      code: "unreachable",
+      userText: `Cannot reach the Switchboard server at ${location.host}. Check your connection and try again.`,
+    });
+  }
+  // Messages that follow `joined` (an early server offer, say) wait here until the session
+  // exists; nothing may be lost between the two.
+  const early = [];
+  const offEarly = sig.on("message", (msg) => early.push(msg));
+  sig.send({ type: "join", room: state.room, name: state.name, ...(state.mode ? { mode: state.mode } : {}) });
+  let reply;
+  try {
+    reply = await sig.waitFor((m) => m.type === "joined" || m.type === "error", 10000);
+  } catch (err) {
+    offEarly();
+    sig.close();
+    throw Object.assign(err, { code: "unreachable", userText: `The server did not let us in: ${err.message}.` });
+  }
+  offEarly();
+  if (state.phase !== phase) {
+    sig.close();
+    throw Object.assign(new Error("cancelled"), { code: "cancelled", userText: "Cancelled." });
+  }
+  if (reply.type === "error") {
+    sig.close();
+    throw Object.assign(new Error(reply.message), {
+      code: reply.code,
+      userText: ERROR_TEXT[reply.code] ?? `The server refused to let us in: ${reply.message}`,
+    });
+  }
+  const after = early.slice(early.indexOf(reply) + 1);
+  enterCall(sig, reply, after);
+}
+
+function enterCall(sig, joined, pending) {
+  signaling = sig;
+  state.phase = "call";
+  state.error = null;
+  state.selfId = joined.participant_id;
+  state.roomMode = joined.mode;
+  state.participants = new Map(joined.participants.map((p) => [p.id, { id: p.id, name: p.name }]));
+  reconnecting = null;
+  ui.hideBanner();
+  ui.setRoom(state.room, joined.mode);
+  ui.showCall();
+
+  const local = ui.addTile({ id: "local", participantId: state.selfId, name: state.name, kind: "camera", local: true });
+  local.setStream(media.stream);
+  local.setMicOff(!media.micOn);
+  local.setCamOff(!media.camOn || !media.videoTrack);
+  for (const p of state.participants.values()) addParticipantTile(p);
+
+  session =
+    joined.mode === "mesh"
+      ? new MeshSession({ signaling: sig, media, selfId: state.selfId, selfName: state.name })
+      : new SfuSession({ signaling: sig, media, tracks: joined.tracks ?? [] });
+  session.on("stream", onRemoteStream);
+  session.on("stream-changed", ({ key }) => ui.tiles.get(tileIdForStream(key))?.refresh());
+  session.on("stream-ended", onRemoteStreamEnded);
+  session.on("chat", (msg) => addChat({ ...msg, self: false }));
+  session.on("chat-ready", (ready) => {
+    state.chatReady = ready;
+    ui.setChatEnabled(ready);
+  });
+  session.on("state", onMediaState);
+  ui.setChatEnabled(false);
+  sig.on("message", onMessage);
+  sig.on("close", onSignalingClosed);
+
+  if (session.mode === "mesh") session.start(joined.participants);
+  else session.start();
+  if (state.sharing && media.screen) addOwnScreenTile(media.screen);
+  for (const msg of pending) onMessage(msg);
+
+  stats.start();
+  renderControls();
+  addChat({ system: true, text: `You joined ${state.room}${joined.mode === "mesh" ? " (mesh)" : ""}.` });
+}
+
+function onMessage(msg) {
+  switch (msg.type) {
+    case "participant-joined": {
+      const p = { id: msg.participant.id, name: msg.participant.name };
+      state.participants.set(p.id, p);
+      addParticipantTile(p);
+      addChat({ system: true, text: `${p.name} joined.` });
+      break;
+    }
+    case "participant-left": {
+      const p = state.participants.get(msg.participant_id);
+      state.participants.delete(msg.participant_id);
+      session?.participantLeft(msg.participant_id);
+      for (const tile of ui.tilesOf(msg.participant_id)) {
+        if (!tile.local) {
+          levels.unwatch(tile.id);
+          ui.removeTile(tile.id);
+        }
+      }
+      if (p) addChat({ system: true, text: `${p.name} left.` });
+      break;
+    }
+    case "offer":
+    case "answer":
+    case "candidate":
+    case "track-published":
+    case "track-unpublished":
+      session?.handle(msg);
+      break;
+    case "error":
+      console.warn("[app] server error", msg);
+      state.error = { code: msg.code, message: msg.message };
+      if (msg.code === "connection-failed") {
+        startReconnect(ERROR_TEXT["connection-failed"]);
+      } else {
+        ui.showBanner("error", ERROR_TEXT[msg.code] ?? `Server error: ${msg.message}`);
+      }
+      break;
+    case "pong":
+    case "left":
+    case "joined":
+      break;
+    default:
+      console.debug("[app] unhandled message", msg.type);
+  }
+}
+
+// ---- remote media ---------------------------------------------------------------------------
+
+const streamTiles = new Map(); // session stream key -> tile id
+
+function tileIdForStream(key) {
+  return streamTiles.get(key);
+}
+
+function addParticipantTile(p) {
+  return ui.addTile({ id: `p:${p.id}`, participantId: p.id, name: p.name, kind: "camera" });
+}
+
+function onRemoteStream({ key, participantId, stream, screen }) {
+  const p = state.participants.get(participantId) ?? { id: participantId, name: "Participant" };
+  if (!state.participants.has(participantId)) console.warn("[app] media from unknown participant", participantId);
+  const tile = screen
+    ? ui.addTile({ id: `s:${key}`, participantId, name: p.name, kind: "screen" })
+    : addParticipantTile(p);
+  streamTiles.set(key, tile.id);
+  tile.setStream(stream);
+  watchRemoteAudio(tile, stream);
+  stream.addEventListener("addtrack", () => watchRemoteAudio(tile, stream));
+}
+
+function watchRemoteAudio(tile, stream) {
+  const track = stream.getAudioTracks()[0];
+  if (!track) return;
+  const receiver = session
+    ?.peers()
+    .flatMap(({ pc }) => pc.getReceivers())
+    .find((r) => r.track === track);
+  levels.watch(tile.id, track, (level) => tile.setLevel(level), receiver);
+}
+
+function onRemoteStreamEnded({ key, screen }) {
+  const id = streamTiles.get(key);
+  streamTiles.delete(key);
+  if (!id) return;
+  levels.unwatch(id);
+  if (screen) ui.removeTile(id);
+  else ui.tiles.get(id)?.setStream(null); // the person stays, their camera is gone
+}
+
+// ---- connection state -------------------------------------------------------------------------
+
+function setConnection(connection, text) {
+  state.connection = connection;
+  ui.setStatus(connection, text);
+}
+
+function onMediaState(mediaState) {
+  if (state.phase !== "call" || reconnecting) return;
+  if (mediaState === "failed") {
+    if (session?.mode === "mesh") {
+      setConnection("failed", "A peer connection failed");
+      ui.showBanner("error", "The connection to at least one participant failed; their media may be missing.");
+    } else {
+      startReconnect("The media connection to the server failed.");
+    }
+    return;
+  }
+  if (mediaState !== "closed") setConnection(mediaState);
+}
+
+function onSignalingClosed({ intentional }) {
+  if (intentional || state.phase !== "call") return;
+  startReconnect("Lost the connection to the server.");
+}
+
+/** Drops the current session and joins again with growing pauses, then gives up. */
+function startReconnect(reason) {
+  if (reconnecting) return;
+  console.warn("[app] reconnecting:", reason);
+  teardownSession();
+  setConnection("reconnecting", "Reconnecting…");
+  ui.showBanner("warn", `${reason} Reconnecting…`);
+  reconnecting = { attempt: 0, timer: null };
+  const attempt = async () => {
+    if (!reconnecting) return;
+    try {
+      await connectAndJoin("call");
+      addChat({ system: true, text: "Reconnected." });
+    } catch (err) {
+      if (!reconnecting) return;
+      // A refusal (room full, ...) will not change by retrying; an unreachable server might.
+      const refused = err.code && err.code !== "unreachable";
+      const delay = RECONNECT_DELAYS_MS[reconnecting.attempt++];
+      if (refused || delay === undefined) {
+        reconnecting = null;
+        state.error = { code: err.code ?? "unreachable", message: err.userText ?? err.message };
+        setConnection("failed", "Disconnected");
+        ui.showBanner("error", `${reason} Could not get back in: ${err.userText ?? err.message} Leave and join again to retry.`);
+        return;
+      }
+      reconnecting.timer = setTimeout(attempt, delay);
+    }
+  };
+  reconnecting.timer = setTimeout(attempt, 500);
+}
+
+/** Closes socket + peer connections and forgets remote tiles; local media stays. */
+function teardownSession() {
+  stats.stop();
+  session?.close();
+  session = null;
+  if (signaling) {
+    signaling.close();
+    signaling = null;
+  }
+  for (const tile of [...ui.tiles.values()]) {
+    tile.setStats(null, "");
+    if (tile.local) continue;
+    levels.unwatch(tile.id);
+    ui.removeTile(tile.id);
+  }
+  streamTiles.clear();
+  state.participants.clear();
+  state.chatReady = false;
+}
+
+function leave() {
+  if (reconnecting) clearTimeout(reconnecting.timer);
+  reconnecting = null;
+  signaling?.send({ type: "leave" });
+  teardownSession();
+  if (state.sharing) stopScreenShare();
+  ui.clearTiles();
+  ui.clearChat();
+  state.chat = [];
+  state.phase = "lobby";
+  state.selfId = null;
+  setConnection("idle", "Left the call");
+  ui.showLobby();
+  ui.showBanner("info", "You left the call.");
+}
+
+// ---- local controls ---------------------------------------------------------------------------
+
+async function toggleMic() {
+  try {
+    await media.setMic(!media.micOn);
+  } catch (err) {
+    ui.showBanner("warn", describeMediaError(err, "microphone"));
+  }
+}
+
+async function toggleCamera() {
+  try {
+    await media.setCamera(!media.camOn);
+  } catch (err) {
+    ui.showBanner("warn", describeMediaError(err, "camera"));
+  }
+}
+
+async function toggleScreenShare() {
+  if (state.sharing) {
+    stopScreenShare();
+    return;
+  }
+  let screen;
+  try {
+    screen = await media.startScreen();
+  } catch (err) {
+    if (err.name === "NotAllowedError") ui.showBanner("info", "Screen sharing was cancelled.");
+    else ui.showBanner("warn", describeMediaError(err, "screen"));
+    return;
+  }
+  state.sharing = true;
+  session?.startScreen(screen);
+  addOwnScreenTile(screen);
+  renderControls();
+}
+
+function addOwnScreenTile(screen) {
+  const tile = ui.addTile({ id: "local-screen", participantId: state.selfId, name: state.name, kind: "screen", local: true });
+  tile.setStream(screen);
+}
+
+function stopScreenShare() {
+  const screen = media.screen;
+  if (screen) session?.stopScreen(screen);
+  media.stopScreen();
+  state.sharing = false;
+  ui.removeTile("local-screen");
+  renderControls();
+}
+
+function renderControls() {
+  ui.setControls({
+    micOn: media.micOn,
+    camOn: media.camOn,
+    sharing: state.sharing,
+    canShare: !!navigator.mediaDevices?.getDisplayMedia,
+  });
+}
+
+function addChat(entry) {
+  if (!entry.system) state.chat.push({ from: entry.from ?? state.selfId, name: entry.name, text: entry.text, self: !!entry.self });
+  ui.addChat(entry);
+}
+
+function sendChat(e) {
+  e.preventDefault();
+  const input = $("chat-input");
+  const text = input.value.trim();
+  if (!text) return;
+  if (!session?.sendChat(text)) {
+    ui.showBanner("warn", "Chat is not connected yet; the message was not sent.");
+    return;
+  }
+  addChat({ from: state.selfId, name: state.name, text, self: true });
+  input.value = "";
+}
+
+$("btn-mic").addEventListener("click", toggleMic);
+$("btn-cam").addEventListener("click", toggleCamera);
+$("btn-screen").addEventListener("click", toggleScreenShare);
+$("btn-leave").addEventListener("click", leave);
+$("chat-form").addEventListener("submit", sendChat);
+media.on("screen-ended", () => state.sharing && stopScreenShare());
+// Closing the tab: tell the server right away so the others see us go.
+window.addEventListener("pagehide", () => {
+  signaling?.close();
+  session?.close();
+});
+
+// ---- test hook ------------------------------------------------------------------------------
+
+/**
+ * `window.switchboard.state()` — a plain snapshot for tests and debugging: who is here, which
+ * tiles exist (and whether they are in the DOM) and each tile's latest stats.
+ */
+window.switchboard = {
+  state() {
+    return {
+      phase: state.phase,
+      connection: state.connection,
+      error: state.error,
+      room: state.room,
+      mode: state.roomMode ?? state.mode ?? "sfu",
+      participantId: state.selfId,
+      participants: [...state.participants.values()],
+      sharing: state.sharing,
+      micOn: media.micOn,
+      camOn: media.camOn,
+      media: {
+        ready: state.mediaReady,
+        audio: !!media.audioTrack,
+        video: !!media.videoTrack,
+        errors: { audio: media.errors.audio?.name ?? null, video: media.errors.video?.name ?? null },
+      },
+      chatReady: state.chatReady,
+      chat: state.chat.map((c) => ({ ...c })),
+      tiles: [...ui.tiles.values()].map((t) => ({
+        id: t.id,
+        participantId: t.participantId,
+        kind: t.kind,
+        local: t.local,
+        name: t.name,
+        inDom: t.el.isConnected,
+        hasVideo: t.hasLiveVideo(),
+        videoSize: [t.video.videoWidth, t.video.videoHeight],
+        speaking: t.speaking,
+        micOff: t.micOff,
+        camOff: t.camOff,
+        stats: t.stats,
+      })),
+    };
+  },
+  leave,
+  /** The current SDPs and states of our peer connections (debugging aid). */
+  sdp() {
+    return (session?.peers() ?? []).map(({ pc, participantId }) => ({
+      participantId,
+      signalingState: pc.signalingState,
+      connectionState: pc.connectionState,
+      local: pc.currentLocalDescription?.sdp ?? null,
+      remote: pc.currentRemoteDescription?.sdp ?? null,
+    }));
+  },
+};
+
+initLobby().catch((err) => {
+  console.error(err);
+  ui.showBanner("error", `Something went wrong starting the page: ${err.message}`);
+});

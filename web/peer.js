@@ -1,0 +1,160 @@
+// peer.js — one RTCPeerConnection negotiated with "perfect negotiation".
+//
+// Both ends may want to (re)negotiate at any time: we add a screen share, the SFU adds another
+// participant's track. Perfect negotiation (https://w3c.github.io/webrtc-pc/#perfect-negotiation-example)
+// resolves the glare when both send an offer at once: the *impolite* peer ignores the colliding
+// offer, the *polite* peer rolls its own offer back and answers. Towards the SFU the browser is
+// always polite; in mesh rooms the pair agree on roles by comparing participant ids.
+//
+// Incoming signals are applied strictly in order (one promise chain), so an ICE candidate never
+// overtakes the description it belongs to.
+
+import { Emitter } from "/emitter.js";
+
+export class PeerLink extends Emitter {
+  /**
+   * @param {object} opts
+   * @param {boolean} opts.polite      whether we yield on offer collisions
+   * @param {(msg: object) => void} opts.send  sends {type, sdp} / {type, candidate}
+   * @param {(pc: RTCPeerConnection) => void} [opts.beforeFirstAnswer]  runs once, after the
+   *        first remote offer is applied and before answering (mesh uses it to attach its
+   *        tracks to the offered transceivers instead of forcing a second round).
+   * @param {boolean} [opts.publishOnly]  send each local track on a fresh sendonly transceiver
+   *        (SFU): addTrack would reuse a transceiver the other side offered for *receiving*,
+   *        mixing our publication into one of its subscriptions.
+   * @param {string} [opts.label]      for log lines
+   *
+   * Events: 'track' (RTCTrackEvent), 'datachannel' (RTCDataChannel), 'state' (connectionState)
+   */
+  constructor({ polite, send, beforeFirstAnswer, publishOnly = false, label = "peer" }) {
+    super();
+    this.polite = polite;
+    this.publishOnly = publishOnly;
+    this.label = label;
+    this.#send = send;
+    this.#beforeFirstAnswer = beforeFirstAnswer;
+    this.pc = new RTCPeerConnection({ iceServers: [], bundlePolicy: "max-bundle" });
+
+    const pc = this.pc;
+    pc.onnegotiationneeded = () => this.#offer();
+    pc.onicecandidate = ({ candidate }) =>
+      this.#send({ type: "candidate", candidate: candidate ? candidate.toJSON() : null });
+    pc.ontrack = (event) => this.emit("track", event);
+    pc.ondatachannel = ({ channel }) => this.emit("datachannel", channel);
+    pc.onconnectionstatechange = () => this.emit("state", pc.connectionState);
+  }
+
+  #send;
+  #beforeFirstAnswer;
+  #makingOffer = false;
+  #ignoreOffer = false;
+  #queue = Promise.resolve();
+  #closed = false;
+  #senders = new Map(); // `${streamId}:${kind}` -> RTCRtpSender
+
+  async #offer() {
+    if (this.#closed) return;
+    try {
+      this.#makingOffer = true;
+      // Argument-less setLocalDescription creates the right offer (or answer) for the state.
+      await this.pc.setLocalDescription();
+      if (this.pc.localDescription.type === "offer") {
+        console.info(`[${this.label}] sending offer`);
+        this.#send({ type: "offer", sdp: this.pc.localDescription.sdp });
+      }
+    } catch (err) {
+      console.warn(`[${this.label}] creating an offer failed`, err);
+    } finally {
+      this.#makingOffer = false;
+    }
+  }
+
+  /** Applies a signaling message ({type: 'offer'|'answer', sdp} or {type: 'candidate', candidate}). */
+  handle(msg) {
+    this.#queue = this.#queue
+      .then(() => this.#apply(msg))
+      .catch((err) => console.warn(`[${this.label}] applying ${msg.type} failed`, err));
+    return this.#queue;
+  }
+
+  async #apply(msg) {
+    if (this.#closed) return;
+    const pc = this.pc;
+    if (msg.type === "offer" || msg.type === "answer") {
+      const description = { type: msg.type, sdp: msg.sdp };
+      const collision =
+        description.type === "offer" && (this.#makingOffer || pc.signalingState !== "stable");
+      this.#ignoreOffer = !this.polite && collision;
+      if (this.#ignoreOffer) {
+        console.info(`[${this.label}] ignoring a colliding offer (impolite)`);
+        return;
+      }
+      if (description.type === "answer" && pc.signalingState !== "have-local-offer") {
+        // An answer to an offer we already rolled back; nothing to apply.
+        console.info(`[${this.label}] dropping a stale answer`);
+        return;
+      }
+      // In "have-local-offer" this performs the implicit rollback of our own offer.
+      console.info(`[${this.label}] applying remote ${description.type} (state ${pc.signalingState})`);
+      await pc.setRemoteDescription(description);
+      if (description.type === "offer") {
+        if (this.#beforeFirstAnswer) {
+          const hook = this.#beforeFirstAnswer;
+          this.#beforeFirstAnswer = null;
+          hook(pc);
+        }
+        await pc.setLocalDescription();
+        this.#send({ type: "answer", sdp: pc.localDescription.sdp });
+      }
+    } else if (msg.type === "candidate") {
+      try {
+        // `null` means end of candidates: addIceCandidate() without an argument.
+        await pc.addIceCandidate(msg.candidate ?? undefined);
+      } catch (err) {
+        if (!this.#ignoreOffer) throw err;
+      }
+    }
+  }
+
+  /**
+   * Puts `track` (or nothing, with null) on the sender that carries `kind` for `stream`: a
+   * replaceTrack when we already have one (no renegotiation), else a new addTrack (renegotiates).
+   */
+  async setTrack(kind, track, stream) {
+    const sender = this.#senders.get(`${stream.id}:${kind}`);
+    if (sender && this.pc.getSenders().includes(sender)) {
+      await sender.replaceTrack(track);
+    } else if (track) {
+      this.addTrack(track, stream);
+    }
+  }
+
+  /** Adds `track` in `stream` (renegotiates) and remembers its sender. */
+  addTrack(track, stream) {
+    const sender = this.publishOnly
+      ? this.pc.addTransceiver(track, { direction: "sendonly", streams: [stream] }).sender
+      : this.pc.addTrack(track, stream);
+    this.#senders.set(`${stream.id}:${track.kind}`, sender);
+    return sender;
+  }
+
+  /** Stops sending every track of `stream` (renegotiates), e.g. when a screen share ends. */
+  removeStream(stream) {
+    for (const [key, sender] of this.#senders) {
+      if (!key.startsWith(`${stream.id}:`)) continue;
+      this.#senders.delete(key);
+      // The m-line stays, now `inactive` (sendonly transceivers) or `recvonly`: the other side
+      // sees the track end.
+      if (this.pc.signalingState !== "closed") this.pc.removeTrack(sender);
+    }
+  }
+
+  close() {
+    this.#closed = true;
+    this.pc.onnegotiationneeded = null;
+    this.pc.onicecandidate = null;
+    this.pc.ontrack = null;
+    this.pc.onconnectionstatechange = null;
+    this.pc.close();
+  }
+}

@@ -1,0 +1,213 @@
+// sfu.js — a call through the Switchboard SFU: ONE RTCPeerConnection to the server.
+//
+// We publish our camera/mic (and screen share) on it and receive everybody else's tracks on it.
+// The server offers whenever the set of forwarded tracks changes; we are the polite peer.
+// Each forwarded track arrives in a MediaStream whose id is `{participantId}-{n}`, n being the
+// index of the publisher's stream (0 = camera + mic, 1.. = screen shares).
+//
+// Chat: plain text out on the `chat` data channel; the server relays it to the others as JSON
+// {from, name, text}.
+//
+// Events (same as mesh.js, so app.js does not care which one it drives):
+//   'stream'       {key, participantId, stream, screen}  a remote stream appeared (or came back)
+//   'stream-changed' {key}                                its set of tracks changed
+//   'stream-ended' {key, participantId, screen}           it is gone
+//   'chat'         {from, name, text}
+//   'chat-ready'   boolean                                whether chat can be sent
+//   'state'        connecting | connected | reconnecting | failed
+
+import { Emitter } from "/emitter.js";
+import { PeerLink } from "/peer.js";
+
+/** Splits a forwarded stream id `{participant}-{n}` into its parts. */
+export function parseStreamId(id) {
+  const dash = id.indexOf("-");
+  if (dash < 0) return { participantId: id, index: 0 };
+  const index = Number.parseInt(id.slice(dash + 1), 10);
+  return { participantId: id.slice(0, dash), index: Number.isFinite(index) ? index : 0 };
+}
+
+export class SfuSession extends Emitter {
+  mode = "sfu";
+  #signaling;
+  #media;
+  #link;
+  #channel = null;
+  #streams = new Map(); // stream id -> MediaStream currently shown
+  #published = new Map(); // track_id -> TrackInfo (from `joined` / `track-published`)
+
+  /**
+   * @param {{signaling: import('./signaling.js').Signaling,
+   *          media: import('./media.js').LocalMedia, tracks: object[]}} opts
+   */
+  constructor({ signaling, media, tracks = [] }) {
+    super();
+    this.#signaling = signaling;
+    this.#media = media;
+    for (const t of tracks) this.#published.set(t.track_id, t);
+
+    this.#link = new PeerLink({
+      polite: true,
+      publishOnly: true,
+      label: "sfu",
+      send: (msg) => this.#signaling.send(msg),
+    });
+    this.#link.on("track", (event) => this.#onTrack(event));
+    this.#link.on("datachannel", (channel) => {
+      if (channel.label === "chat") this.#wireChannel(channel, false);
+    });
+    this.#link.on("state", (state) => this.emit("state", mapState(state)));
+  }
+
+  /** Adds our media and the chat channel; negotiation starts by itself (negotiationneeded). */
+  start() {
+    const media = this.#media;
+    for (const track of media.stream.getTracks()) this.#link.addTrack(track, media.stream);
+    if (media.screen) this.startScreen(media.screen);
+    this.#wireChannel(this.#link.pc.createDataChannel("chat", { ordered: true }), true);
+    this.syncLocalTracks();
+    this.emit("state", "connecting");
+  }
+
+  /** Handles a signaling message meant for the media session. */
+  handle(msg) {
+    switch (msg.type) {
+      case "offer":
+      case "answer":
+      case "candidate":
+        this.#link.handle(msg);
+        break;
+      case "track-published":
+        this.#published.set(msg.track.track_id, msg.track);
+        break;
+      case "track-unpublished":
+        this.#onUnpublished(msg);
+        break;
+    }
+  }
+
+  /** Makes the senders follow LocalMedia: mic muted / camera off means sending nothing. */
+  async syncLocalTracks() {
+    const m = this.#media;
+    await Promise.all([
+      this.#link.setTrack("audio", m.micOn ? m.audioTrack : null, m.stream),
+      this.#link.setTrack("video", m.camOn ? m.videoTrack : null, m.stream),
+    ]).catch((err) => console.warn("[sfu] updating senders failed", err));
+  }
+
+  startScreen(stream) {
+    for (const track of stream.getTracks()) this.#link.addTrack(track, stream);
+  }
+
+  stopScreen(stream) {
+    this.#link.removeStream(stream);
+  }
+
+  /** Sends a chat line; false if the channel is not open. */
+  sendChat(text) {
+    if (this.#channel?.readyState !== "open") return false;
+    this.#channel.send(text);
+    return true;
+  }
+
+  participantLeft(participantId) {
+    for (const [id, stream] of this.#streams) {
+      if (parseStreamId(id).participantId === participantId) this.#ended(id, stream);
+    }
+  }
+
+  /** The peer connections, for stats.js. */
+  peers() {
+    return [{ pc: this.#link.pc, participantId: null }];
+  }
+
+  close() {
+    this.#channel?.close();
+    this.#link.close();
+    this.#streams.clear();
+  }
+
+  // ---- internals --------------------------------------------------------------------------
+
+  #wireChannel(channel, ours) {
+    // Prefer the channel we created; a server-created `chat` channel is used only for receiving
+    // unless ours is missing.
+    if (ours || !this.#channel) this.#channel = channel;
+    channel.onopen = () => this.emit("chat-ready", this.#channel?.readyState === "open");
+    channel.onclose = () => this.emit("chat-ready", this.#channel?.readyState === "open");
+    channel.onmessage = ({ data }) => {
+      let msg;
+      try {
+        msg = JSON.parse(data);
+      } catch {
+        console.warn("[sfu] non-JSON chat frame ignored");
+        return;
+      }
+      if (msg && typeof msg.text === "string") {
+        this.emit("chat", { from: String(msg.from ?? ""), name: String(msg.name ?? "?"), text: msg.text });
+      }
+    };
+  }
+
+  #onTrack({ track, streams }) {
+    let stream = streams[0];
+    let id = stream?.id;
+    if (!stream) {
+      // A track without msid: fall back on what `track-published` told us about it.
+      id = this.#published.get(track.id)?.stream_id ?? `unknown-${track.id}`;
+      stream = this.#streams.get(id) ?? new MediaStream();
+      stream.addTrack(track);
+    }
+    track.addEventListener("ended", () => this.#check(id, stream));
+    if (this.#streams.get(id) !== stream) {
+      this.#streams.set(id, stream);
+      stream.addEventListener("removetrack", () => this.#check(id, stream));
+      stream.addEventListener("addtrack", () => this.emit("stream-changed", { key: id }));
+      const { participantId, index } = parseStreamId(id);
+      this.emit("stream", { key: id, participantId, stream, screen: index > 0 });
+    } else {
+      this.emit("stream-changed", { key: id });
+    }
+  }
+
+  /** A track left `stream`: drop the stream once nothing live is left in it. */
+  #check(id, stream) {
+    if (this.#streams.get(id) !== stream) return;
+    const live = stream.getTracks().filter((t) => t.readyState === "live");
+    if (live.length === 0) this.#ended(id, stream);
+    else this.emit("stream-changed", { key: id });
+  }
+
+  #onUnpublished({ track_id: trackId }) {
+    const info = this.#published.get(trackId);
+    this.#published.delete(trackId);
+    if (!info) return;
+    // The renegotiation that follows removes the track too; this just makes the tile go at once
+    // when the stream has nothing else published.
+    const remaining = [...this.#published.values()].some((t) => t.stream_id === info.stream_id);
+    const stream = this.#streams.get(info.stream_id);
+    if (!remaining && stream) this.#ended(info.stream_id, stream);
+  }
+
+  #ended(id, stream) {
+    if (this.#streams.get(id) !== stream) return;
+    this.#streams.delete(id);
+    const { participantId, index } = parseStreamId(id);
+    this.emit("stream-ended", { key: id, participantId, screen: index > 0 });
+  }
+}
+
+export function mapState(pcState) {
+  switch (pcState) {
+    case "connected":
+      return "connected";
+    case "disconnected":
+      return "reconnecting";
+    case "failed":
+      return "failed";
+    case "closed":
+      return "closed";
+    default:
+      return "connecting";
+  }
+}
