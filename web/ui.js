@@ -177,6 +177,7 @@ export class UI {
     if (video.srcObject !== stream) video.srcObject = stream;
     const hasVideo = camOn && stream.getVideoTracks().length > 0;
     $("preview-placeholder").hidden = hasVideo;
+    $("preview-placeholder").textContent = camOn ? "No camera" : "Camera is off";
     video.hidden = !hasVideo;
     this.#setToggle($("lobby-mic"), micOn, "Microphone on", "Microphone off");
     this.#setToggle($("lobby-cam"), camOn, "Camera on", "Camera off");

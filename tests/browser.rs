@@ -1,0 +1,991 @@
+//! End-to-end tests of the browser client (`web/`) in real Chromium, driven over WebDriver,
+//! against an in-process server.
+//!
+//! Media must stay on loopback (see the testing-network notes): the tests run only inside a
+//! network namespace whose only interface is `lo`. Run them as
+//! `unshare -n sh -c 'ip link set lo up && cargo test --offline --test browser'`; started
+//! anywhere else, each test re-runs itself that way (root, or `unshare -rn` where user
+//! namespaces are allowed), and fails if it cannot.
+//!
+//! Without Chromium/chromedriver the tests are skipped (and pass) unless
+//! `SWITCHBOARD_REQUIRE_BROWSER` is set, as it is in CI. Screenshots and logs go to
+//! `target/browser-artifacts/`. `SWITCHBOARD_CHROMIUM` / `SWITCHBOARD_CHROMEDRIVER` override
+//! the browser and driver paths.
+
+#[path = "browser/webdriver.rs"]
+mod webdriver;
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use serde_json::{Value, json};
+use switchboard::config::Config;
+use switchboard::server::{Server, ServerHandle};
+use webdriver::{Driver, Session, find_executable};
+
+/// Set in the re-executed child that already runs inside its own network namespace.
+const NETNS_CHILD_ENV: &str = "SWITCHBOARD_BROWSER_NETNS_CHILD";
+const REQUIRE_ENV: &str = "SWITCHBOARD_REQUIRE_BROWSER";
+
+/// The browser tests share one machine's CPU; run them one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+// ---- the tests ----------------------------------------------------------------------------------
+
+/// Three pages in an SFU room: video and audio flow everywhere, chat, screen share, leaving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sfu_call_in_chromium() {
+    run_browser_test("sfu_call_in_chromium", sfu_call).await;
+}
+
+/// What the user is told when the room is full and when the server goes away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_are_shown_in_chromium() {
+    run_browser_test_with("errors_are_shown_in_chromium", 1, errors_shown).await;
+}
+
+async fn errors_shown(env: Arc<Env>) -> Result<()> {
+    let room = "e2e-full";
+    let pages = env.open_pages(&["Gus", "Hal"]).await?;
+    pages[0].join(&env.base, room, None).await?;
+
+    step("a full room is explained in the lobby");
+    let hal = &pages[1];
+    hal.session
+        .goto(&format!("{}/room/{room}", env.base))
+        .await?;
+    hal.wait_until("the lobby", Duration::from_secs(20), |s| {
+        s["media"]["ready"] == true
+    })
+    .await?;
+    hal.session.type_into("#name-input", "Hal").await?;
+    hal.session.click_css("#join-button").await?;
+    hal.wait_until("the room-full error", Duration::from_secs(15), |s| {
+        s["phase"] == "lobby" && s["error"]["code"] == "room-full"
+    })
+    .await?;
+    let shown = hal
+        .session
+        .execute(
+            "const e = document.getElementById('lobby-error'); return e.hidden ? '' : e.textContent;",
+            vec![],
+        )
+        .await?;
+    ensure!(
+        shown.as_str().is_some_and(|t| t.contains("full")),
+        "lobby error not shown: {shown}"
+    );
+    env.screenshot(hal, "room-full").await?;
+
+    step("losing the server shows reconnecting, and joining says it is unreachable");
+    env.stop_server().await;
+    pages[0]
+        .wait_until("the page to notice", Duration::from_secs(15), |s| {
+            s["connection"] == "reconnecting" || s["connection"] == "failed"
+        })
+        .await?;
+    env.screenshot(&pages[0], "server-gone").await?;
+    hal.session.click_css("#join-button").await?;
+    hal.wait_until("the unreachable error", Duration::from_secs(20), |s| {
+        s["phase"] == "lobby" && s["error"]["code"] == "unreachable"
+    })
+    .await?;
+    let status = hal
+        .session
+        .execute(
+            "return document.getElementById('status').dataset.state;",
+            vec![],
+        )
+        .await?;
+    ensure!(
+        status == "failed",
+        "status pill shows {status} after an unreachable server"
+    );
+
+    step("the server comes back: the page in the call rejoins by itself");
+    let old_id = pages[0].participant_id().await?;
+    env.restart_server(1).await?;
+    pages[0]
+        .wait_until("rejoining", Duration::from_secs(30), |s| {
+            s["phase"] == "call"
+                && s["connection"] == "connected"
+                && s["participantId"].is_string()
+                && s["participantId"] != old_id.as_str()
+        })
+        .await?;
+    env.finish(pages).await
+}
+
+/// The same three-page call in a mesh room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_call_in_chromium() {
+    run_browser_test("mesh_call_in_chromium", mesh_call).await;
+}
+
+async fn sfu_call(env: Arc<Env>) -> Result<()> {
+    let room = "e2e-sfu";
+    let pages = env.open_pages(&["Alice", "Bob", "Carol"]).await?;
+    for page in &pages {
+        page.join(&env.base, room, None).await?;
+    }
+
+    // 1. Everybody sees the two others, and their video decodes and audio arrives.
+    step("three pages decode each other's media");
+    for page in &pages {
+        page.wait_remote_media(2, Duration::from_secs(60)).await?;
+    }
+    let ids = participant_ids(&pages).await?;
+    for (i, page) in pages.iter().enumerate() {
+        let mut others: Vec<String> = ids
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, id)| id.clone())
+            .collect();
+        others.sort();
+        let mut seen = page.remote_camera_participants().await?;
+        seen.sort();
+        ensure!(
+            seen == others,
+            "{} shows tiles of {seen:?}, expected {others:?}",
+            page.name
+        );
+    }
+    for page in &pages {
+        page.wait_media_rising(2, Duration::from_secs(20)).await?;
+    }
+
+    // 2. Chat typed into the real input reaches the two others.
+    step("chat reaches the others");
+    chat_round(&pages, 0, "Hello from Alice, ça va?").await?;
+
+    // Muting and turning the camera off show at the others (from what stops arriving), and
+    // the video comes back when the camera is turned on again.
+    step("mute and camera-off show at the others");
+    mute_round(&pages, 0, &ids[0]).await?;
+
+    // 3. A screen share adds a tile at the others and stopping it removes it.
+    step("screen share appears and disappears");
+    screen_share_round(&env, &pages, 1, Some("sfu-call")).await?;
+    // Sharing again after stopping works too (a fresh sender, renegotiated).
+    screen_share_round(&env, &pages, 1, None).await?;
+
+    // 4. A page that closes disappears from the others.
+    step("a closed page leaves the others' grid");
+    let mut pages = pages;
+    let carol = pages.pop().expect("three pages");
+    let carol_id = ids[2].clone();
+    let closed_at = Instant::now();
+    carol.session.quit().await?;
+    for page in &pages {
+        page.wait_participant_gone(&carol_id, Duration::from_secs(15))
+            .await?;
+    }
+    eprintln!(
+        "[browser] Carol's tile gone everywhere {:.1} s after her page closed",
+        closed_at.elapsed().as_secs_f64()
+    );
+    // The two remaining still decode each other.
+    for page in &pages {
+        page.wait_media_rising(1, Duration::from_secs(20)).await?;
+    }
+    env.finish(pages).await
+}
+
+async fn mesh_call(env: Arc<Env>) -> Result<()> {
+    let room = "e2e-mesh";
+    let pages = env.open_pages(&["Dana", "Eli", "Fay"]).await?;
+    for page in &pages {
+        page.join(&env.base, room, Some("mesh")).await?;
+        let mode = page.state().await?["mode"].clone();
+        ensure!(
+            mode == "mesh",
+            "{} is in a {mode} room, wanted mesh",
+            page.name
+        );
+    }
+    step("three mesh pages decode each other's media");
+    for page in &pages {
+        page.wait_remote_media(2, Duration::from_secs(60)).await?;
+    }
+    for page in &pages {
+        page.wait_media_rising(2, Duration::from_secs(20)).await?;
+    }
+    step("mesh chat reaches the others");
+    chat_round(&pages, 2, "mesh hello from Fay").await?;
+    step("mesh screen share appears and disappears");
+    screen_share_round(&env, &pages, 0, Some("mesh-call")).await?;
+    env.finish(pages).await
+}
+
+/// Page `who` mutes its mic and stops its camera with the control buttons; the others' tiles
+/// for it show both badges; then both come back and its video decodes again.
+async fn mute_round(pages: &[Page], who: usize, who_id: &str) -> Result<()> {
+    let page = &pages[who];
+    page.session.click_css("#btn-mic").await?;
+    page.session.click_css("#btn-cam").await?;
+    page.wait_until("own mic and camera off", Duration::from_secs(10), |s| {
+        s["micOn"] == false && s["camOn"] == false
+    })
+    .await?;
+    let tile_of = |s: &Value| {
+        remote_cameras(s)
+            .find(|t| t["participantId"] == who_id)
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    for (i, other) in pages.iter().enumerate() {
+        if i == who {
+            continue;
+        }
+        other
+            .wait_until(
+                &format!("{}'s tile to show mic and camera off", page.name),
+                Duration::from_secs(15),
+                |s| {
+                    let t = tile_of(s);
+                    t["micOff"] == true && t["camOff"] == true
+                },
+            )
+            .await?;
+        let badges = other
+            .session
+            .execute(
+                "const t = document.querySelector(`#grid .tile[data-participant-id='${arguments[0]}'][data-kind=camera]`);
+                 return [!t.querySelector('.mic-off').hidden, !t.querySelector('.cam-off').hidden, t.classList.contains('no-video')];",
+                vec![json!(who_id)],
+            )
+            .await?;
+        ensure!(
+            badges == json!([true, true, true]),
+            "{}: badges/avatar for {} not shown in the DOM: {badges}",
+            other.name,
+            page.name
+        );
+    }
+    page.session.click_css("#btn-mic").await?;
+    page.session.click_css("#btn-cam").await?;
+    for (i, other) in pages.iter().enumerate() {
+        if i == who {
+            continue;
+        }
+        let before = tile_of(&other.state().await?)["stats"]["video"]["framesDecoded"]
+            .as_u64()
+            .unwrap_or(0);
+        other
+            .wait_until(
+                &format!("{}'s video and audio to come back", page.name),
+                Duration::from_secs(20),
+                |s| {
+                    let t = tile_of(s);
+                    t["micOff"] == false
+                        && t["camOff"] == false
+                        && t["stats"]["video"]["framesDecoded"].as_u64().unwrap_or(0) > before + 10
+                },
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+/// Page `from` sends `text` with the chat form; the others must show it, attributed to it.
+async fn chat_round(pages: &[Page], from: usize, text: &str) -> Result<()> {
+    let sender = &pages[from];
+    let sender_id = sender.participant_id().await?;
+    sender
+        .wait_until("the chat channel is ready", Duration::from_secs(20), |s| {
+            s["chatReady"] == true
+        })
+        .await?;
+    sender
+        .session
+        .execute(
+            "if (document.getElementById('chat').hidden) document.getElementById('btn-chat').click();",
+            vec![],
+        )
+        .await?;
+    sender.session.type_into("#chat-input", text).await?;
+    sender.session.click_css("#chat-send").await?;
+    for (i, page) in pages.iter().enumerate() {
+        if i == from {
+            continue;
+        }
+        page.wait_until(
+            &format!("chat from {} to arrive", sender.name),
+            Duration::from_secs(15),
+            |s| {
+                s["chat"].as_array().is_some_and(|lines| {
+                    lines.iter().any(|l| {
+                        l["text"] == text
+                            && l["from"] == sender_id.as_str()
+                            && l["name"] == sender.name
+                    })
+                })
+            },
+        )
+        .await?;
+        let shown = page
+            .session
+            .execute(
+                "return document.getElementById('chat-log').textContent;",
+                vec![],
+            )
+            .await?;
+        ensure!(
+            shown.as_str().is_some_and(|t| t.contains(text)),
+            "{}'s chat panel does not show the message: {shown}",
+            page.name
+        );
+    }
+    Ok(())
+}
+
+/// Page `who` shares its screen: the others get a decoding screen tile; then it stops and the
+/// tile goes away. With `shot`, a screenshot of another page is taken while the share is on.
+async fn screen_share_round(
+    env: &Env,
+    pages: &[Page],
+    who: usize,
+    shot: Option<&str>,
+) -> Result<()> {
+    let sharer = &pages[who];
+    let sharer_id = sharer.participant_id().await?;
+    sharer.session.click_css("#btn-screen").await?;
+    sharer
+        .wait_until("the screen share to start", Duration::from_secs(20), |s| {
+            s["sharing"] == true
+        })
+        .await?;
+    let others: Vec<&Page> = pages
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != who)
+        .map(|(_, p)| p)
+        .collect();
+    for page in &others {
+        page.wait_until(
+            &format!("{}'s screen tile to decode", sharer.name),
+            Duration::from_secs(40),
+            |s| {
+                tiles(s).any(|t| {
+                    t["kind"] == "screen"
+                        && t["local"] == false
+                        && t["participantId"] == sharer_id.as_str()
+                        && t["inDom"] == true
+                        && t["stats"]["video"]["framesDecoded"].as_u64().unwrap_or(0) > 0
+                })
+            },
+        )
+        .await?;
+        let dom = page
+            .session
+            .execute(
+                "return document.querySelectorAll('#grid .tile[data-remote][data-kind=screen]').length;",
+                vec![],
+            )
+            .await?;
+        ensure!(dom == 1, "{} has {dom} screen tiles in the DOM", page.name);
+    }
+    if let Some(label) = shot {
+        env.screenshot(others[0], label).await?;
+    }
+
+    sharer.session.click_css("#btn-screen").await?;
+    for page in &others {
+        page.wait_until(
+            &format!("{}'s screen tile to go", sharer.name),
+            Duration::from_secs(20),
+            |s| !tiles(s).any(|t| t["kind"] == "screen"),
+        )
+        .await?;
+        let dom = page
+            .session
+            .execute(
+                "return document.querySelectorAll('#grid .tile[data-kind=screen]').length;",
+                vec![],
+            )
+            .await?;
+        ensure!(
+            dom == 0,
+            "{} still has {dom} screen tiles in the DOM",
+            page.name
+        );
+    }
+    Ok(())
+}
+
+async fn participant_ids(pages: &[Page]) -> Result<Vec<String>> {
+    let mut ids = Vec::new();
+    for page in pages {
+        ids.push(page.participant_id().await?);
+    }
+    Ok(ids)
+}
+
+fn tiles(state: &Value) -> impl Iterator<Item = &Value> {
+    state["tiles"].as_array().into_iter().flatten()
+}
+
+fn remote_cameras(state: &Value) -> impl Iterator<Item = &Value> {
+    tiles(state).filter(|t| t["local"] == false && t["kind"] == "camera")
+}
+
+fn step(what: &str) {
+    eprintln!("[browser] --- {what}");
+}
+
+// ---- pages --------------------------------------------------------------------------------------
+
+/// One Chromium window showing the client.
+struct Page {
+    name: String,
+    session: Session,
+}
+
+impl Page {
+    /// `window.switchboard.state()`, or null before the page's modules ran.
+    async fn state(&self) -> Result<Value> {
+        self.session
+            .execute(
+                "return window.switchboard ? window.switchboard.state() : null;",
+                vec![],
+            )
+            .await
+    }
+
+    async fn participant_id(&self) -> Result<String> {
+        let state = self.state().await?;
+        state["participantId"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| anyhow!("{} has no participant id: {state}", self.name))
+    }
+
+    /// Polls the state until `ok` holds; the error shows the last state seen.
+    async fn wait_until(
+        &self,
+        what: &str,
+        timeout: Duration,
+        ok: impl Fn(&Value) -> bool,
+    ) -> Result<Value> {
+        let start = Instant::now();
+        loop {
+            let last = match self.state().await {
+                Ok(state) if ok(&state) => return Ok(state),
+                Ok(state) => state,
+                Err(e) => json!({ "error": e.to_string() }),
+            };
+            if start.elapsed() > timeout {
+                bail!(
+                    "{}: timed out after {:?} waiting for {what}; last state: {}",
+                    self.name,
+                    timeout,
+                    summarize(&last)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Opens the room page, types the display name and presses Join, like a user.
+    async fn join(&self, base: &str, room: &str, mode: Option<&str>) -> Result<()> {
+        let url = match mode {
+            Some(mode) => format!("{base}/room/{room}?mode={mode}"),
+            None => format!("{base}/room/{room}"),
+        };
+        self.session.goto(&url).await?;
+        self.wait_until("the lobby camera preview", Duration::from_secs(20), |s| {
+            s["phase"] == "lobby" && s["media"]["ready"] == true
+        })
+        .await?;
+        // The preview really shows the (fake) camera.
+        let preview = self
+            .session
+            .execute(
+                "const v = document.getElementById('preview-video');
+                 return v.srcObject ? v.srcObject.getVideoTracks().length : 0;",
+                vec![],
+            )
+            .await?;
+        ensure!(
+            preview == 1,
+            "{}: no camera track in the preview: {}",
+            self.name,
+            summarize(&self.state().await?)
+        );
+        self.session.type_into("#name-input", &self.name).await?;
+        self.session.click_css("#join-button").await?;
+        self.wait_until("joining the call", Duration::from_secs(30), |s| {
+            s["phase"] == "call" && s["participantId"].is_string()
+        })
+        .await?;
+        eprintln!("[browser] {} joined {url}", self.name);
+        Ok(())
+    }
+
+    async fn remote_camera_participants(&self) -> Result<Vec<String>> {
+        let state = self.state().await?;
+        Ok(remote_cameras(&state)
+            .filter_map(|t| t["participantId"].as_str().map(str::to_string))
+            .collect())
+    }
+
+    /// Waits for `n` remote camera tiles, in the DOM, each decoding video and receiving audio,
+    /// with the connection shown as connected.
+    async fn wait_remote_media(&self, n: usize, timeout: Duration) -> Result<()> {
+        self.wait_until(
+            &format!("{n} remote tiles with decoded video and audio"),
+            timeout,
+            |s| {
+                let live = remote_cameras(s)
+                    .filter(|t| {
+                        t["inDom"] == true
+                            && t["stats"]["video"]["framesDecoded"].as_u64().unwrap_or(0) > 0
+                            && t["stats"]["audio"]["packetsReceived"].as_u64().unwrap_or(0) > 0
+                            && t["videoSize"][0].as_u64().unwrap_or(0) > 0
+                    })
+                    .count();
+                live == n && remote_cameras(s).count() == n && s["connection"] == "connected"
+            },
+        )
+        .await?;
+        let dom = self
+            .session
+            .execute(
+                "return [...document.querySelectorAll('#grid .tile[data-remote][data-kind=camera]')]
+                   .filter(t => t.querySelector('video').videoWidth > 0).length;",
+                vec![],
+            )
+            .await?;
+        ensure!(
+            dom == n,
+            "{}: {dom} remote camera tiles with playing video in the DOM, expected {n}",
+            self.name
+        );
+        Ok(())
+    }
+
+    /// Video frames decoded and audio packets received keep growing on all `n` remote tiles.
+    async fn wait_media_rising(&self, n: usize, timeout: Duration) -> Result<()> {
+        let counters = |s: &Value| -> Vec<(String, u64, u64)> {
+            remote_cameras(s)
+                .map(|t| {
+                    (
+                        t["participantId"].as_str().unwrap_or("").to_string(),
+                        t["stats"]["video"]["framesDecoded"].as_u64().unwrap_or(0),
+                        t["stats"]["audio"]["packetsReceived"].as_u64().unwrap_or(0),
+                    )
+                })
+                .collect()
+        };
+        let before = counters(&self.state().await?);
+        ensure!(
+            before.len() == n,
+            "{}: {} remote tiles, expected {n}",
+            self.name,
+            before.len()
+        );
+        self.wait_until(
+            "video frames and audio packets to keep coming",
+            timeout,
+            |s| {
+                let now = counters(s);
+                now.len() == n
+                    && before.iter().all(|(id, frames, packets)| {
+                        now.iter()
+                            .any(|(id2, f2, p2)| id2 == id && f2 > frames && p2 > packets)
+                    })
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn wait_participant_gone(&self, id: &str, timeout: Duration) -> Result<()> {
+        self.wait_until(&format!("{id}'s tiles to go"), timeout, |s| {
+            !tiles(s).any(|t| t["participantId"] == id)
+                && !s["participants"]
+                    .as_array()
+                    .is_some_and(|ps| ps.iter().any(|p| p["id"] == id))
+        })
+        .await?;
+        let dom = self
+            .session
+            .execute(
+                "return document.querySelectorAll(`#grid .tile[data-participant-id='${arguments[0]}']`).length;",
+                vec![json!(id)],
+            )
+            .await?;
+        ensure!(
+            dom == 0,
+            "{}: {id} still has {dom} tiles in the DOM",
+            self.name
+        );
+        Ok(())
+    }
+}
+
+/// The state without the bulky parts, for error messages.
+fn summarize(state: &Value) -> String {
+    let mut s = state.clone();
+    if let Some(chat) = s.get_mut("chat").and_then(Value::as_array_mut) {
+        let n = chat.len();
+        chat.truncate(3);
+        if n > 3 {
+            chat.push(json!(format!("... {n} lines")));
+        }
+    }
+    s.to_string()
+}
+
+// ---- environment: namespace, browser, server --------------------------------------------------------
+
+struct Env {
+    test: String,
+    base: String,
+    driver: Driver,
+    chromium: PathBuf,
+    artifacts: PathBuf,
+    profiles: PathBuf,
+    /// (name, session id) of every page opened, for diagnostics after a failure.
+    opened: Mutex<Vec<(String, String)>>,
+    server: tokio::sync::Mutex<Option<ServerHandle>>,
+}
+
+impl Env {
+    async fn open_pages(&self, names: &[&str]) -> Result<Vec<Page>> {
+        let mut pages = Vec::new();
+        for name in names {
+            let profile = self.profiles.join(name);
+            std::fs::create_dir_all(&profile)?;
+            let session = self
+                .driver
+                .session(chrome_options(&self.chromium, &profile))
+                .await
+                .with_context(|| format!("opening Chromium for {name}"))?;
+            self.opened
+                .lock()
+                .unwrap()
+                .push((name.to_string(), session.id().to_string()));
+            pages.push(Page {
+                name: name.to_string(),
+                session,
+            });
+        }
+        Ok(pages)
+    }
+
+    /// Starts a new server on the address the pages use (after `stop_server`).
+    async fn restart_server(&self, max_participants: usize) -> Result<()> {
+        let mut config = Config::for_tests();
+        config.http = self.base.trim_start_matches("http://").parse()?;
+        if max_participants > 0 {
+            config.limits.max_participants_per_room = max_participants;
+        }
+        let server = Server::start(config).await?;
+        *self.server.lock().await = Some(server);
+        Ok(())
+    }
+
+    /// Shuts the server down (idempotent).
+    async fn stop_server(&self) {
+        if let Some(server) = self.server.lock().await.take() {
+            server.shutdown().await;
+        }
+    }
+
+    async fn screenshot(&self, page: &Page, label: &str) -> Result<()> {
+        let png = page.session.screenshot().await?;
+        let path = self
+            .artifacts
+            .join(format!("{label}-{}.png", page.name.to_lowercase()));
+        std::fs::write(&path, png)?;
+        eprintln!("[browser] screenshot: {}", path.display());
+        Ok(())
+    }
+
+    /// Closes the pages of a passed test (keeping their console output).
+    async fn finish(&self, pages: Vec<Page>) -> Result<()> {
+        for page in pages {
+            self.save_console(&page.name, &page.session).await;
+            page.session.quit().await?;
+        }
+        Ok(())
+    }
+
+    async fn save_console(&self, name: &str, session: &Session) {
+        if let Ok(lines) = session.console_log().await {
+            let path =
+                self.artifacts
+                    .join(format!("{}-{}-console.log", self.test, name.to_lowercase()));
+            let _ = std::fs::write(&path, lines.join("\n") + "\n");
+        }
+    }
+
+    /// After a failure: each still-open page's state, console and a screenshot.
+    async fn diagnostics(&self) {
+        let opened = self.opened.lock().unwrap().clone();
+        for (name, id) in opened {
+            let session = self.driver.attach(&id);
+            let Ok(state) = session
+                .execute(
+                    "return window.switchboard ? window.switchboard.state() : null;",
+                    vec![],
+                )
+                .await
+            else {
+                continue; // closed on purpose
+            };
+            eprintln!("[browser] {name} at failure: {}", summarize(&state));
+            self.save_console(&name, &session).await;
+            if let Ok(sdp) = session
+                .execute(
+                    "return window.switchboard ? window.switchboard.sdp() : null;",
+                    vec![],
+                )
+                .await
+            {
+                let path =
+                    self.artifacts
+                        .join(format!("{}-{}-sdp.txt", self.test, name.to_lowercase()));
+                let mut text = String::new();
+                for pc in sdp.as_array().into_iter().flatten() {
+                    text += &format!(
+                        "### peer {} signaling={} connection={}\n--- local\n{}\n--- remote\n{}\n",
+                        pc["participantId"],
+                        pc["signalingState"],
+                        pc["connectionState"],
+                        pc["local"].as_str().unwrap_or(""),
+                        pc["remote"].as_str().unwrap_or("")
+                    );
+                }
+                let _ = std::fs::write(&path, text);
+            }
+            if let Ok(png) = session.screenshot().await {
+                let path = self.artifacts.join(format!(
+                    "{}-{}-failure.png",
+                    self.test,
+                    name.to_lowercase()
+                ));
+                let _ = std::fs::write(&path, png);
+                eprintln!("[browser] failure screenshot: {}", path.display());
+            }
+        }
+    }
+}
+
+fn chrome_options(chromium: &Path, profile: &Path) -> Value {
+    json!({
+        "binary": chromium,
+        "args": [
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--window-size=1280,800",
+            format!("--user-data-dir={}", profile.display()),
+            "--use-fake-device-for-media-stream",
+            "--use-fake-ui-for-media-stream",
+            "--auto-select-desktop-capture-source=Entire screen",
+            "--allow-loopback-in-peer-connection",
+            "--disable-features=WebRtcHideLocalIpsWithMdns",
+            "--autoplay-policy=no-user-gesture-required",
+            "--disable-background-networking",
+            "--disable-background-timer-throttling",
+            "--disable-backgrounding-occluded-windows",
+            "--disable-renderer-backgrounding",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-default-apps",
+            "--disable-extensions",
+            "--no-first-run",
+            "--no-default-browser-check",
+            "--disable-quic",
+            "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE localhost , EXCLUDE 127.0.0.1",
+        ],
+    })
+}
+
+/// Everything around a browser test: skip or re-exec decisions, the server, chromedriver,
+/// and diagnostics (page states, console logs, screenshots) when it fails.
+async fn run_browser_test<F, Fut>(name: &str, test: F)
+where
+    F: FnOnce(Arc<Env>) -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
+    run_browser_test_with(name, 0, test).await
+}
+
+/// As [`run_browser_test`], with a participant limit per room (0: the default).
+async fn run_browser_test_with<F, Fut>(name: &str, max_participants: usize, test: F)
+where
+    F: FnOnce(Arc<Env>) -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
+    let required = std::env::var_os(REQUIRE_ENV).is_some();
+    let chromium = find_executable(
+        "SWITCHBOARD_CHROMIUM",
+        &["chromium", "chromium-browser", "google-chrome"],
+    );
+    let chromedriver = find_executable("SWITCHBOARD_CHROMEDRIVER", &["chromedriver"]);
+    let (Some(chromium), Some(chromedriver)) = (chromium, chromedriver) else {
+        if required {
+            panic!("{REQUIRE_ENV} is set but chromium and/or chromedriver are not installed");
+        }
+        eprintln!(
+            "SKIPPED {name}: chromium and chromedriver not found (install them, or set \
+             SWITCHBOARD_CHROMIUM / SWITCHBOARD_CHROMEDRIVER; set {REQUIRE_ENV} to make this an error)"
+        );
+        return;
+    };
+
+    if !only_loopback() {
+        rerun_in_private_netns(name);
+        return;
+    }
+
+    let _serial = SERIAL.lock().await;
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(
+                std::env::var("SWITCHBOARD_LOG").unwrap_or_else(|_| "switchboard=info,warn".into()),
+            )
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_test_writer()
+        .try_init();
+
+    let artifacts = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/browser-artifacts");
+    std::fs::create_dir_all(&artifacts).expect("creating target/browser-artifacts");
+    // Leftovers of an earlier run of this test (failure screenshots...) would mislead.
+    for entry in std::fs::read_dir(&artifacts)
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(&format!("{name}-"))
+        {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    let profiles =
+        std::env::temp_dir().join(format!("switchboard-browser-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&profiles);
+    std::fs::create_dir_all(&profiles).expect("creating browser profiles dir");
+
+    let mut config = Config::for_tests();
+    if max_participants > 0 {
+        config.limits.max_participants_per_room = max_participants;
+    }
+    let server = Server::start(config).await.expect("starting the server");
+    let base = format!("http://{}", server.http_addr);
+    eprintln!(
+        "[browser] {name}: server at {base}, chromium {}",
+        chromium.display()
+    );
+    let driver = Driver::start(
+        &chromedriver,
+        &artifacts.join(format!("{name}-chromedriver.log")),
+    )
+    .await
+    .expect("starting chromedriver");
+
+    let env = Arc::new(Env {
+        test: name.to_string(),
+        base: base.clone(),
+        driver,
+        chromium: real_binary(&chromium),
+        artifacts: artifacts.clone(),
+        profiles: profiles.clone(),
+        opened: Mutex::new(Vec::new()),
+        server: tokio::sync::Mutex::new(Some(server)),
+    });
+    let outcome = tokio::time::timeout(Duration::from_secs(240), test(env.clone())).await;
+    if !matches!(outcome, Ok(Ok(()))) {
+        env.diagnostics().await;
+    }
+    env.stop_server().await;
+    drop(env); // closes chromedriver and any browser still open
+    let _ = std::fs::remove_dir_all(&profiles);
+    match outcome {
+        Ok(Ok(())) => eprintln!("[browser] {name}: passed"),
+        Ok(Err(e)) => panic!("{name} failed: {e:#}"),
+        Err(_) => panic!("{name} timed out after 240 s"),
+    }
+}
+
+/// The Debian `/usr/bin/chromium` is a shell wrapper adding flags of its own; use the real
+/// binary next to it when there is one.
+fn real_binary(chromium: &Path) -> PathBuf {
+    let real = Path::new("/usr/lib/chromium/chromium");
+    if chromium == Path::new("/usr/bin/chromium") && real.is_file() {
+        real.to_path_buf()
+    } else {
+        chromium.to_path_buf()
+    }
+}
+
+/// Whether this process's network namespace has no interface but `lo`.
+fn only_loopback() -> bool {
+    let Ok(dev) = std::fs::read_to_string("/proc/self/net/dev") else {
+        return false;
+    };
+    dev.lines()
+        .skip(2)
+        .filter_map(|line| line.split(':').next())
+        .all(|name| name.trim() == "lo")
+}
+
+/// Runs this one test again inside a fresh network namespace with only `lo` up, and fails if
+/// that cannot be done.
+fn rerun_in_private_netns(name: &str) {
+    if std::env::var_os(NETNS_CHILD_ENV).is_some() {
+        panic!("{name}: still not in a loopback-only network namespace after re-exec");
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let script = "ip link set lo up && exec \"$0\" \"$@\"";
+    let flags = if is_root() { "-n" } else { "-rn" };
+    let probe = Command::new("unshare")
+        .args([flags, "true"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !probe {
+        let msg = format!(
+            "{name}: browsers may only use loopback here, and `unshare {flags}` is not available to \
+             make a private network namespace. Run: unshare -n sh -c 'ip link set lo up && cargo test --test browser'"
+        );
+        // Not a skip: the browser is there, it just may not run here.
+        panic!("{msg}");
+    }
+    eprintln!("[browser] {name}: re-running inside a private network namespace (unshare {flags})");
+    let status = Command::new("unshare")
+        .args([flags, "sh", "-c", script])
+        .arg(&exe)
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(NETNS_CHILD_ENV, "1")
+        .status()
+        .expect("running unshare");
+    assert!(
+        status.success(),
+        "{name} failed inside its network namespace ({status})"
+    );
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
+        })
+        .unwrap_or(false)
+}
