@@ -76,6 +76,9 @@ pub struct Limits {
     /// Packets queued per subscriber track before new ones are dropped.
     #[arg(long, env = "SWITCHBOARD_DOWNTRACK_QUEUE", default_value_t = 256)]
     pub downtrack_queue_packets: usize,
+    /// Seconds a client may take to answer the server's offer before its session is ended.
+    #[arg(long, env = "SWITCHBOARD_ANSWER_TIMEOUT_SECS", default_value_t = 15)]
+    pub answer_timeout_secs: u64,
     /// Largest chat message relayed, in bytes.
     #[arg(long, env = "SWITCHBOARD_MAX_CHAT_BYTES", default_value_t = 4096)]
     pub max_chat_bytes: usize,

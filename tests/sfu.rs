@@ -590,3 +590,108 @@ async fn mesh_room_relays_signaling_only() {
     assert_all_clean(&server, "m").await;
     server.shutdown().await;
 }
+
+/// A real SDP offer (one data channel) from a throwaway webrtc-rs connection on loopback, for a
+/// raw-socket client that speaks the protocol but never completes the media side.
+async fn throwaway_offer() -> (Box<dyn webrtc::peer_connection::PeerConnection>, String) {
+    use rtc::ice::mdns::MulticastDnsMode;
+    use webrtc::peer_connection::{
+        MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
+        SettingEngineBuilder,
+    };
+    struct Ignore;
+    impl PeerConnectionEventHandler for Ignore {}
+    let mut media_engine = MediaEngine::default();
+    media_engine
+        .register_default_codecs()
+        .expect("default codecs");
+    let settings = SettingEngineBuilder::new()
+        .with_multicast_dns_mode(MulticastDnsMode::Disabled)
+        .with_include_loopback_candidate(true)
+        .build();
+    let pc = PeerConnectionBuilder::new()
+        .with_media_engine(media_engine)
+        .with_setting_engine(settings)
+        .with_handler(std::sync::Arc::new(Ignore))
+        .with_udp_addrs(vec!["127.0.0.1:0"])
+        .build()
+        .await
+        .expect("a loopback peer connection");
+    pc.create_data_channel("chat", None)
+        .await
+        .expect("data channel");
+    let offer = pc.create_offer(None).await.expect("offer");
+    pc.set_local_description(offer).await.expect("local offer");
+    let sdp = pc.local_description().await.expect("local description").sdp;
+    (Box::new(pc), sdp)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unanswered_server_offer_ends_the_session() {
+    let _serial = serial().await;
+    common::init_tracing();
+    let mut config = switchboard::config::Config::for_tests();
+    config.limits.answer_timeout_secs = 2;
+    let server = switchboard::server::Server::start(config)
+        .await
+        .expect("the server starts");
+
+    // A client that answers nothing the server offers.
+    let (ws, _) = tokio_tungstenite::connect_async(ws_url(&server))
+        .await
+        .expect("websocket");
+    let (mut tx, mut rx) = ws.split();
+    let send = |v: serde_json::Value| Message::Text(v.to_string().into());
+    tx.send(send(
+        serde_json::json!({"type":"join","room":"t6","name":"mute"}),
+    ))
+    .await
+    .expect("send join");
+    let (_pc, sdp) = throwaway_offer().await;
+    tx.send(send(serde_json::json!({"type":"offer","sdp":sdp})))
+        .await
+        .expect("send offer");
+
+    // Someone publishes: the server offers the new tracks to the silent client.
+    let publisher = join(&server, "t6", "pub", ClientOptions::default()).await;
+    let mut saw_offer = false;
+    let mut error_code = None;
+    let mut close_code = None;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while let Ok(Some(frame)) = tokio::time::timeout_at(deadline, rx.next()).await {
+        match frame {
+            Ok(Message::Text(text)) => {
+                let v: serde_json::Value = serde_json::from_str(&text).expect("server JSON");
+                match v["type"].as_str() {
+                    Some("offer") => saw_offer = true,
+                    Some("error") => error_code = v["code"].as_str().map(str::to_owned),
+                    _ => {}
+                }
+            }
+            Ok(Message::Close(frame)) => {
+                close_code = frame.map(|f| u16::from(f.code));
+                break;
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    assert!(saw_offer, "the server offered the new tracks");
+    assert_eq!(error_code.as_deref(), Some("negotiation-timeout"));
+    assert_eq!(close_code, Some(1008));
+
+    // The silent client is gone from the room; the publisher is unaffected.
+    let result = eventually("the silent client is removed", CLEANUP, || async {
+        server
+            .registry
+            .room_snapshot("t6")
+            .is_some_and(|s| s.participants.len() == 1)
+    })
+    .await;
+    if let Err(e) = result {
+        panic!("{e:#}: {:?}", server.registry.room_snapshot("t6"));
+    }
+    close_all(&[&publisher]).await;
+    assert_all_clean(&server, "t6").await;
+    server.shutdown().await;
+}

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::sdp::RTCSessionDescription;
@@ -210,8 +211,8 @@ pub struct Peer {
     pc: Arc<dyn PeerConnection>,
     metrics: Arc<Metrics>,
     downtrack_queue: usize,
-    /// The server sent an offer and waits for the answer.
-    awaiting_answer: bool,
+    /// When the server sent the offer it waits an answer for.
+    awaiting_answer_since: Option<Instant>,
     /// Tracks were added or removed since the last offer.
     negotiation_needed: bool,
     /// The client's first offer was applied: before it, there is nothing to renegotiate.
@@ -245,7 +246,7 @@ impl Peer {
             _gauge: GaugeGuard::new(&metrics, |m| &m.peer_connections),
             metrics,
             downtrack_queue,
-            awaiting_answer: false,
+            awaiting_answer_since: None,
             negotiation_needed: false,
             established: false,
             subscriptions: HashMap::new(),
@@ -261,7 +262,7 @@ impl Peer {
     ) -> Result<RemoteOfferOutcome, RtcError> {
         let offer =
             RTCSessionDescription::offer(sdp).map_err(|e| RtcError::BadSdp(e.to_string()))?;
-        if self.awaiting_answer {
+        if self.awaiting_answer_since.is_some() {
             return Ok(RemoteOfferOutcome::IgnoredForGlare);
         }
         self.pc
@@ -284,7 +285,7 @@ impl Peer {
     /// Applies the client's answer to the server's offer and starts the subscriptions it made
     /// live.
     pub async fn handle_remote_answer(&mut self, sdp: String) -> Result<(), RtcError> {
-        if !self.awaiting_answer {
+        if self.awaiting_answer_since.is_none() {
             return Err(RtcError::BadSdp(
                 "answer without an outstanding offer".into(),
             ));
@@ -295,7 +296,7 @@ impl Peer {
             .set_remote_description(answer)
             .await
             .map_err(|e| RtcError::BadSdp(e.to_string()))?;
-        self.awaiting_answer = false;
+        self.awaiting_answer_since = None;
         self.start_negotiated_subscriptions().await;
         Ok(())
     }
@@ -316,7 +317,7 @@ impl Peer {
 
     /// An offer to send the client, if tracks changed and the connection is ready for one.
     pub async fn offer_if_needed(&mut self) -> Result<Option<String>, RtcError> {
-        if !self.negotiation_needed || self.awaiting_answer || !self.established {
+        if !self.negotiation_needed || self.awaiting_answer_since.is_some() || !self.established {
             return Ok(None);
         }
         let offer = self.pc.create_offer(None).await?;
@@ -328,7 +329,7 @@ impl Peer {
             .map(|d| d.sdp)
             .ok_or_else(|| RtcError::BadSdp("no local description after offer".into()))?;
         self.negotiation_needed = false;
-        self.awaiting_answer = true;
+        self.awaiting_answer_since = Some(Instant::now());
         Ok(Some(sdp))
     }
 
@@ -416,6 +417,12 @@ impl Peer {
             tracing::debug!(%track_id, "remove_track: {e}");
         }
         self.negotiation_needed = true;
+    }
+
+    /// Whether the server's offer has waited longer than `limit` for an answer.
+    pub fn answer_overdue(&self, now: Instant, limit: Duration) -> bool {
+        self.awaiting_answer_since
+            .is_some_and(|since| now.saturating_duration_since(since) > limit)
     }
 
     pub fn subscription_count(&self) -> usize {

@@ -168,6 +168,8 @@ pub enum ErrorCode {
     Internal,
     /// The participant's media connection failed; the session ends.
     ConnectionFailed,
+    /// The client did not answer the server's offer in time; the session ends.
+    NegotiationTimeout,
 }
 
 /// The chat message the server puts on each other participant's `chat` data channel.

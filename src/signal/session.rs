@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, close_code};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -29,6 +29,8 @@ use crate::types::{IceCandidate, ParticipantId, RoomName};
 const CHAT_QUEUE: usize = 64;
 /// Commands queued per forwarder (subscribers coming and going, keyframe requests).
 const FORWARDER_COMMANDS: usize = 64;
+/// How often a session checks its timers.
+const WATCHDOG_PERIOD: Duration = Duration::from_secs(1);
 /// Longest display name, in characters.
 const MAX_NAME_CHARS: usize = 64;
 
@@ -106,6 +108,8 @@ async fn recv_or_pending<T>(rx: Option<&mut mpsc::UnboundedReceiver<T>>) -> Opti
 impl Session {
     async fn run(&mut self) -> Close {
         let mut shutdown = self.ctx.shutdown.clone();
+        let mut watchdog = tokio::time::interval(WATCHDOG_PERIOD);
+        watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let (room_events, peer_events) = match self.joined.as_mut() {
                 Some(m) => (Some(&mut m.events), m.media.as_mut().map(|m| &mut m.events)),
@@ -117,6 +121,7 @@ impl Session {
                 event = recv_or_pending(room_events) => Step::Room(event),
                 event = recv_or_pending(peer_events) => Step::Peer(event),
                 _ = shutdown.wait_for(|stop| *stop) => Step::Shutdown,
+                _ = watchdog.tick() => Step::Watchdog,
             };
             let outcome = match step {
                 Step::Socket(None) => return None,
@@ -131,6 +136,7 @@ impl Session {
                 Step::Shutdown => {
                     return close_frame(close_code::AWAY, "server shutting down");
                 }
+                Step::Watchdog => self.check_negotiation().await,
             };
             if let Err(close) = outcome {
                 return close;
@@ -452,6 +458,26 @@ impl Session {
         Ok(())
     }
 
+    /// A client that leaves the server's offer unanswered would never receive another track:
+    /// end its session so that it can rejoin in a consistent state.
+    async fn check_negotiation(&mut self) -> Result<(), Close> {
+        let limit = Duration::from_secs(self.ctx.limits.answer_timeout_secs);
+        let overdue = self
+            .joined
+            .as_ref()
+            .and_then(|m| m.media.as_ref())
+            .is_some_and(|m| m.peer.answer_overdue(Instant::now(), limit));
+        if !overdue {
+            return Ok(());
+        }
+        self.error(
+            ErrorCode::NegotiationTimeout,
+            format!("no answer to the server's offer within {limit:?}"),
+        )
+        .await?;
+        Err(close_frame(close_code::POLICY, "negotiation timed out"))
+    }
+
     async fn offer_if_needed(&mut self) -> Result<(), Close> {
         let Some(media) = self.joined.as_mut().and_then(|m| m.media.as_mut()) else {
             return Ok(());
@@ -557,6 +583,7 @@ enum Step {
     Room(Option<RoomEvent>),
     Peer(Option<PeerEvent>),
     Shutdown,
+    Watchdog,
 }
 
 /// Adds a room's publication to a subscriber's connection (not the publisher's own).
