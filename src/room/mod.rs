@@ -65,6 +65,21 @@ struct RoomState {
     closed: bool,
 }
 
+impl RoomState {
+    /// The members in join order.
+    fn participants(&self) -> Vec<ParticipantInfo> {
+        self.order
+            .iter()
+            .filter_map(|id| {
+                self.members.get(id).map(|m| ParticipantInfo {
+                    id: id.to_string(),
+                    name: m.name.clone(),
+                })
+            })
+            .collect()
+    }
+}
+
 #[derive(Debug)]
 pub struct Room {
     name: RoomName,
@@ -232,16 +247,7 @@ impl Room {
         RoomSnapshot {
             name: self.name.to_string(),
             mode: self.mode,
-            participants: state
-                .order
-                .iter()
-                .filter_map(|id| {
-                    state.members.get(id).map(|m| ParticipantInfo {
-                        id: id.to_string(),
-                        name: m.name.clone(),
-                    })
-                })
-                .collect(),
+            participants: state.participants(),
             tracks,
         }
     }
@@ -292,16 +298,7 @@ impl Registry {
                 id: participant_id.to_string(),
                 name: name.to_string(),
             };
-            let participants = state
-                .order
-                .iter()
-                .filter_map(|id| {
-                    state.members.get(id).map(|m| ParticipantInfo {
-                        id: id.to_string(),
-                        name: m.name.clone(),
-                    })
-                })
-                .collect();
+            let participants = state.participants();
             let tracks = state.tracks.values().cloned().collect();
             Room::broadcast_except(&state, &participant_id, &RoomEvent::ParticipantJoined(info));
             state.members.insert(

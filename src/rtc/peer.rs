@@ -270,13 +270,7 @@ impl Peer {
             .await
             .map_err(|e| RtcError::BadSdp(e.to_string()))?;
         let answer = self.pc.create_answer(None).await?;
-        self.pc.set_local_description(answer).await?;
-        let sdp = self
-            .pc
-            .local_description()
-            .await
-            .map(|d| d.sdp)
-            .ok_or_else(|| RtcError::BadSdp("no local description after answer".into()))?;
+        let sdp = self.apply_local(answer).await?;
         self.established = true;
         self.stop_publishers_no_longer_received().await;
         Ok(RemoteOfferOutcome::Answer(sdp))
@@ -315,19 +309,24 @@ impl Peer {
             .map_err(|e| RtcError::BadCandidate(e.to_string()))
     }
 
+    /// Sets our offer or answer as the local description and returns its SDP (with the
+    /// library's final touches) to send.
+    async fn apply_local(&self, description: RTCSessionDescription) -> Result<String, RtcError> {
+        self.pc.set_local_description(description).await?;
+        self.pc
+            .local_description()
+            .await
+            .map(|d| d.sdp)
+            .ok_or_else(|| RtcError::BadSdp("no local description after setting it".into()))
+    }
+
     /// An offer to send the client, if tracks changed and the connection is ready for one.
     pub async fn offer_if_needed(&mut self) -> Result<Option<String>, RtcError> {
         if !self.negotiation_needed || self.awaiting_answer_since.is_some() || !self.established {
             return Ok(None);
         }
         let offer = self.pc.create_offer(None).await?;
-        self.pc.set_local_description(offer).await?;
-        let sdp = self
-            .pc
-            .local_description()
-            .await
-            .map(|d| d.sdp)
-            .ok_or_else(|| RtcError::BadSdp("no local description after offer".into()))?;
+        let sdp = self.apply_local(offer).await?;
         self.negotiation_needed = false;
         self.awaiting_answer_since = Some(Instant::now());
         Ok(Some(sdp))
