@@ -1,0 +1,632 @@
+//! Turns the two ends of a measurement window into figures, and prints them.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use switchboard::signal::protocol::RoomMode;
+
+use super::histogram::Percentiles;
+use super::procfs;
+use super::run::{Mark, Participant, Scenario, Totals, join_times};
+use super::server::{Server, ServerSample};
+
+const MB: f64 = 1024.0 * 1024.0;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    pub label: String,
+    pub mode: &'static str,
+    pub machine: String,
+    pub rooms: usize,
+    pub publishers_per_room: usize,
+    pub subscribers_per_room: usize,
+    pub participants_planned: usize,
+    pub participants_joined: usize,
+    pub media: MediaSummary,
+    /// Joining everyone until every stream flowed, seconds.
+    pub ramp_s: f64,
+    pub window_s: f64,
+    pub loadavg_start: [f64; 3],
+    pub loadavg_end: [f64; 3],
+    /// Machine CPU busy over the window, in cores (server + generator + anything else).
+    pub machine_busy_cores: f64,
+    /// `machine_busy_cores` minus the server and the generator.
+    pub other_cores: f64,
+    /// CPU time the hypervisor took from this VM over the window, % of all cores' time.
+    pub steal_pct: f64,
+    pub delivery: Delivery,
+    pub latency_ms: Latency,
+    pub join_ms: JoinTimes,
+    pub per_client: PerClient,
+    pub server: ServerFigures,
+    pub generator: GeneratorFigures,
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MediaSummary {
+    pub audio: bool,
+    pub video: bool,
+    pub video_kbps: f64,
+    pub video_fps: u32,
+    pub video_packets_per_frame: u32,
+    pub video_packet_bytes: usize,
+    pub audio_packets_per_s: u32,
+    pub audio_packet_bytes: usize,
+}
+
+/// What the subscribers received in the window, against what the publishers' sequence numbers
+/// say was sent to them.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Delivery {
+    /// Received streams (one per subscriber per remote track) measured.
+    pub streams: usize,
+    /// Streams that started during the window (counted from their first packet).
+    pub late_streams: usize,
+    pub expected_packets: u64,
+    pub received_packets: u64,
+    pub lost_packets: u64,
+    pub loss_pct: f64,
+    /// Payloads that arrived damaged or from the wrong publisher (must be 0).
+    pub bad_payloads: u64,
+    pub packets_per_s: f64,
+    /// Packets per second the publishers generated (each counted once however many
+    /// connections it went out on), against what the profile asks for: the generator falls
+    /// behind when it is overloaded.
+    pub sent_packets_per_s: f64,
+    pub configured_packets_per_s: f64,
+    /// RTP payload bits per second received, all subscribers together.
+    pub payload_mbps: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Latency {
+    pub all: Percentiles,
+    pub audio: Percentiles,
+    pub video: Percentiles,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct JoinTimes {
+    #[serde(flatten)]
+    pub percentiles: Percentiles,
+    /// Participants that joined a room with media flowing but never received any.
+    pub without_media: usize,
+    pub concurrency: usize,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PerClient {
+    /// Peer connections per participant (1 in SFU rooms, n-1 in mesh rooms).
+    pub connections: f64,
+    /// Copies of each of its streams a publisher uploads (1 SFU, n-1 mesh).
+    pub upload_copies: f64,
+    /// Payload kbit/s a publisher uploads: SFU, what it sent; mesh, what its peers received
+    /// from it.
+    pub upload_kbps: f64,
+    /// Payload kbit/s a participant receives.
+    pub download_kbps: f64,
+    /// Media streams uploaded in the whole room(s): publishers × tracks × copies.
+    pub uploaded_streams: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ServerFigures {
+    pub pid: Option<u32>,
+    pub packets_in_per_s: f64,
+    pub packets_out_per_s: f64,
+    pub packets_dropped: u64,
+    pub keyframe_requests: u64,
+    /// CPU time over wall time (1.0 = one core busy).
+    pub cpu_cores: f64,
+    pub cpu_s_per_million_out: f64,
+    pub rss_baseline_mb: f64,
+    pub rss_mb: f64,
+    pub rss_per_participant_kb: f64,
+    pub rss_after_close_mb: f64,
+    pub participants_after_close: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GeneratorFigures {
+    pub threads: usize,
+    pub cpu_cores: f64,
+    /// Generator CPU time (sending and receiving) per received packet, µs.
+    pub cpu_us_per_received_packet: f64,
+    pub rss_mb: f64,
+    /// The generator used over 90 % of its threads: the figures may show its limit, not the
+    /// server's.
+    pub saturated: bool,
+}
+
+impl Outcome {
+    pub(crate) fn set_after_close(&mut self, after: &ServerSample) {
+        self.server.rss_after_close_mb = after.process.map_or(0.0, |p| p.rss_bytes as f64 / MB);
+        self.server.participants_after_close = after.metric("participants");
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn compute(
+    scenario: &Scenario,
+    server: &Server,
+    baseline: &ServerSample,
+    participants: &[Participant],
+    start: &Mark,
+    end: &Mark,
+    totals: &Totals,
+    ramp: Duration,
+    mut warnings: Vec<String>,
+) -> Outcome {
+    let window = (end.at - start.at).as_secs_f64().max(1e-6);
+    let joined = participants.iter().filter(|p| p.client.is_some()).count();
+
+    let mut delivery = Delivery::default();
+    let mut received_bytes = 0u64;
+    let mut sent_bytes_publishers = 0u64;
+    let mut sent_packets_publishers = 0u64;
+    let mut publishers = 0usize;
+    let mut receivers = 0usize;
+    let mut links = 0usize;
+    let mut publisher_links = 0usize;
+    for (i, p) in participants.iter().enumerate() {
+        let (Some(Some(a)), Some(Some(b))) = (start.clients.get(i), end.clients.get(i)) else {
+            continue;
+        };
+        links += b.links;
+        if p.publisher {
+            publishers += 1;
+            publisher_links += b.links;
+            sent_bytes_publishers += b.sent_bytes.saturating_sub(a.sent_bytes);
+            sent_packets_publishers += b.sent_packets.saturating_sub(a.sent_packets);
+        }
+        if !b.remote.is_empty() {
+            receivers += 1;
+        }
+        for (key, tb) in &b.remote {
+            let Some(max_b) = tb.max_seq else { continue };
+            let (expected, received, bytes, bad) = match a.remote.get(key) {
+                Some(ta) if ta.max_seq.is_some() => (
+                    max_b.saturating_sub(ta.max_seq.unwrap_or(0)),
+                    tb.intact.saturating_sub(ta.intact),
+                    tb.bytes.saturating_sub(ta.bytes),
+                    tb.bad.saturating_sub(ta.bad),
+                ),
+                _ => {
+                    delivery.late_streams += 1;
+                    (
+                        max_b + 1 - tb.first_seq.unwrap_or(0).min(max_b),
+                        tb.intact,
+                        tb.bytes,
+                        tb.bad,
+                    )
+                }
+            };
+            delivery.streams += 1;
+            delivery.expected_packets += expected;
+            // Retransmissions can deliver a packet twice; a stream never counts as gaining.
+            delivery.received_packets += received.min(expected);
+            delivery.bad_payloads += bad;
+            received_bytes += bytes;
+        }
+    }
+    delivery.lost_packets = delivery.expected_packets - delivery.received_packets;
+    delivery.loss_pct = if delivery.expected_packets > 0 {
+        delivery.lost_packets as f64 * 100.0 / delivery.expected_packets as f64
+    } else {
+        0.0
+    };
+    delivery.packets_per_s = delivery.received_packets as f64 / window;
+    delivery.payload_mbps = received_bytes as f64 * 8.0 / window / 1e6;
+    delivery.sent_packets_per_s = sent_packets_publishers as f64 / window;
+    {
+        let m = scenario.media;
+        let per_publisher = if scenario.video {
+            f64::from(m.video_fps * m.video_packets_per_frame)
+        } else {
+            0.0
+        } + if scenario.audio {
+            f64::from(m.audio_packets_per_second)
+        } else {
+            0.0
+        };
+        delivery.configured_packets_per_s = per_publisher * publishers as f64;
+        if delivery.sent_packets_per_s < 0.97 * delivery.configured_packets_per_s {
+            warnings.push(format!(
+                "the publishers sent {:.0} packets/s of the {:.0} configured: the generator fell behind",
+                delivery.sent_packets_per_s, delivery.configured_packets_per_s
+            ));
+        }
+    }
+    if delivery.bad_payloads > 0 {
+        warnings.push(format!(
+            "{} payloads arrived damaged or misattributed",
+            delivery.bad_payloads
+        ));
+    }
+
+    let audio = totals.audio.snapshot();
+    let video = totals.video.snapshot();
+    let mut all = audio.clone();
+    all.merge(&video);
+    let latency_ms = Latency {
+        all: all.percentiles(1000.0),
+        audio: audio.percentiles(1000.0),
+        video: video.percentiles(1000.0),
+    };
+    let (joins, without_media) = join_times(participants);
+    let join_ms = JoinTimes {
+        percentiles: joins.percentiles(1000.0),
+        without_media,
+        concurrency: scenario.join_concurrency,
+    };
+    if without_media > 0 {
+        warnings.push(format!(
+            "{without_media} participants joined but never received media"
+        ));
+    }
+
+    let mesh = scenario.mode == RoomMode::Mesh;
+    let upload_copies = if mesh && publishers > 0 {
+        publisher_links as f64 / publishers as f64
+    } else {
+        1.0
+    };
+    let per_client = PerClient {
+        connections: links as f64 / joined.max(1) as f64,
+        upload_copies,
+        upload_kbps: if publishers == 0 {
+            0.0
+        } else if mesh {
+            received_bytes as f64 * 8.0 / window / 1000.0 / publishers as f64
+        } else {
+            sent_bytes_publishers as f64 * 8.0 / window / 1000.0 / publishers as f64
+        },
+        download_kbps: received_bytes as f64 * 8.0 / window / 1000.0 / receivers.max(1) as f64,
+        uploaded_streams: (publishers as f64
+            * scenario.tracks_per_publisher() as f64
+            * upload_copies)
+            .round() as u64,
+    };
+
+    let server_figures = {
+        let d = |name: &str| end.server.metric(name) - start.server.metric(name);
+        let out = d("packets_out_total");
+        let mut f = ServerFigures {
+            pid: server.pid,
+            packets_in_per_s: d("packets_in_total") / window,
+            packets_out_per_s: out / window,
+            packets_dropped: d("packets_dropped_total").max(0.0) as u64,
+            keyframe_requests: d("keyframe_requests_total").max(0.0) as u64,
+            ..Default::default()
+        };
+        if let (Some(a), Some(b)) = (start.server.process, end.server.process) {
+            let cpu = b.cpu_s - a.cpu_s;
+            f.cpu_cores = cpu / window;
+            if out > 0.0 {
+                f.cpu_s_per_million_out = cpu / (out / 1e6);
+            }
+            f.rss_mb = b.rss_bytes as f64 / MB;
+        }
+        if let (Some(base), Some(b)) = (baseline.process, end.server.process) {
+            f.rss_baseline_mb = base.rss_bytes as f64 / MB;
+            f.rss_per_participant_kb =
+                (b.rss_bytes as f64 - base.rss_bytes as f64) / 1024.0 / joined.max(1) as f64;
+        }
+        if f.packets_dropped > 0 {
+            warnings.push(format!(
+                "the server dropped {} packets at full subscriber queues",
+                f.packets_dropped
+            ));
+        }
+        f
+    };
+
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let generator = {
+        let cpu = end.generator.cpu_s - start.generator.cpu_s;
+        let cores = cpu / window;
+        GeneratorFigures {
+            threads: super::worker_threads().unwrap_or(threads),
+            cpu_cores: cores,
+            cpu_us_per_received_packet: if delivery.received_packets > 0 {
+                cpu * 1e6 / delivery.received_packets as f64
+            } else {
+                0.0
+            },
+            rss_mb: end.generator.rss_bytes as f64 / MB,
+            saturated: cores > 0.9 * super::worker_threads().unwrap_or(threads) as f64,
+        }
+    };
+    if generator.saturated {
+        warnings.push(format!(
+            "the generator used {:.0}% of its {} thread(s): it may be the bottleneck",
+            generator.cpu_cores * 100.0,
+            generator.threads
+        ));
+    }
+    let machine_busy_cores = (end.cpu.busy_s - start.cpu.busy_s) / window;
+    let other_cores = machine_busy_cores - generator.cpu_cores - server_figures.cpu_cores;
+    if server.pid.is_some() && other_cores > 0.15 {
+        warnings.push(format!(
+            "other processes used {other_cores:.2} cores during the window: the machine was not quiet"
+        ));
+    }
+
+    let m = scenario.media;
+    let bytes_per_s =
+        f64::from(m.video_fps * m.video_packets_per_frame) * m.video_packet_size as f64;
+    Outcome {
+        label: scenario.label.clone(),
+        mode: if mesh { "mesh" } else { "sfu" },
+        machine: procfs::machine(),
+        rooms: scenario.rooms,
+        publishers_per_room: scenario.publishers,
+        subscribers_per_room: scenario.subscribers,
+        participants_planned: scenario.participants(),
+        participants_joined: joined,
+        media: MediaSummary {
+            audio: scenario.audio,
+            video: scenario.video,
+            video_kbps: bytes_per_s * 8.0 / 1000.0,
+            video_fps: m.video_fps,
+            video_packets_per_frame: m.video_packets_per_frame,
+            video_packet_bytes: m.video_packet_size,
+            audio_packets_per_s: m.audio_packets_per_second,
+            audio_packet_bytes: m.audio_packet_size,
+        },
+        ramp_s: ramp.as_secs_f64(),
+        window_s: window,
+        loadavg_start: start.loadavg,
+        loadavg_end: end.loadavg,
+        machine_busy_cores,
+        other_cores,
+        steal_pct: (end.cpu.steal_s - start.cpu.steal_s) * 100.0
+            / (end.cpu.total_s - start.cpu.total_s).max(1e-6),
+        delivery,
+        latency_ms,
+        join_ms,
+        per_client,
+        server: server_figures,
+        generator,
+        warnings,
+    }
+}
+
+fn thousands(v: f64) -> String {
+    let n = v.round() as u64;
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn pct(p: &Percentiles) -> String {
+    if p.count == 0 {
+        return "-".into();
+    }
+    format!(
+        "p50 {:.2}  p95 {:.2}  p99 {:.2}  max {:.2}",
+        p.p50, p.p95, p.p99, p.max
+    )
+}
+
+/// The readable report of one run.
+pub fn print(o: &Outcome) {
+    let shape = if o.subscribers_per_room == 0 {
+        format!("{} publishing", o.publishers_per_room)
+    } else {
+        format!(
+            "{} publishing + {} subscribing",
+            o.publishers_per_room, o.subscribers_per_room
+        )
+    };
+    println!(
+        "== {} ({}): {} room(s) × {shape} = {} participants ({} joined)",
+        o.label, o.mode, o.rooms, o.participants_planned, o.participants_joined
+    );
+    let rows: Vec<(&str, String)> = vec![
+        ("machine", o.machine.clone()),
+        (
+            "media",
+            format!(
+                "video {:.0} kbit/s ({} fps × {} packets of {} B), audio {} packets/s of {} B",
+                o.media.video_kbps,
+                o.media.video_fps,
+                o.media.video_packets_per_frame,
+                o.media.video_packet_bytes,
+                o.media.audio_packets_per_s,
+                o.media.audio_packet_bytes
+            ),
+        ),
+        (
+            "window",
+            format!(
+                "{:.1} s after a {:.1} s ramp; load average {:.2} → {:.2}; machine busy {:.2} cores ({:.2} neither server nor generator), steal {:.1} %",
+                o.window_s,
+                o.ramp_s,
+                o.loadavg_start[0],
+                o.loadavg_end[0],
+                o.machine_busy_cores,
+                o.other_cores,
+                o.steal_pct
+            ),
+        ),
+        (
+            "received",
+            format!(
+                "{} packets/s, {:.1} Mbit/s payload, {} streams",
+                thousands(o.delivery.packets_per_s),
+                o.delivery.payload_mbps,
+                o.delivery.streams
+            ),
+        ),
+        (
+            "sent",
+            format!(
+                "{} packets/s by the publishers ({} configured)",
+                thousands(o.delivery.sent_packets_per_s),
+                thousands(o.delivery.configured_packets_per_s)
+            ),
+        ),
+        (
+            "loss",
+            format!(
+                "{:.3} % ({} of {} packets)",
+                o.delivery.loss_pct,
+                thousands(o.delivery.lost_packets as f64),
+                thousands(o.delivery.expected_packets as f64)
+            ),
+        ),
+        ("latency ms", pct(&o.latency_ms.all)),
+        ("  audio", pct(&o.latency_ms.audio)),
+        ("  video", pct(&o.latency_ms.video)),
+        (
+            "join ms",
+            format!(
+                "{}  ({} joins, {} at a time; socket open → first media packet)",
+                pct(&o.join_ms.percentiles),
+                o.join_ms.percentiles.count,
+                o.join_ms.concurrency
+            ),
+        ),
+        (
+            "per client",
+            format!(
+                "{:.1} connection(s), uploads {:.0} kbit/s ({:.1} copies), downloads {:.0} kbit/s",
+                o.per_client.connections,
+                o.per_client.upload_kbps,
+                o.per_client.upload_copies,
+                o.per_client.download_kbps
+            ),
+        ),
+        (
+            "server",
+            match o.server.pid {
+                Some(pid) => format!(
+                    "pid {pid}: {} packets/s out, {} in, {} dropped; CPU {:.2} cores = {:.2} CPU-s per million packets out",
+                    thousands(o.server.packets_out_per_s),
+                    thousands(o.server.packets_in_per_s),
+                    o.server.packets_dropped,
+                    o.server.cpu_cores,
+                    o.server.cpu_s_per_million_out
+                ),
+                None => format!(
+                    "{} packets/s out, {} in (process unknown)",
+                    thousands(o.server.packets_out_per_s),
+                    thousands(o.server.packets_in_per_s)
+                ),
+            },
+        ),
+        (
+            "server RSS",
+            format!(
+                "{:.1} MB idle → {:.1} MB = {:.0} KB per participant; {:.1} MB after everyone left",
+                o.server.rss_baseline_mb,
+                o.server.rss_mb,
+                o.server.rss_per_participant_kb,
+                o.server.rss_after_close_mb
+            ),
+        ),
+        (
+            "generator",
+            format!(
+                "CPU {:.2} cores of {} thread(s), {:.1} µs per received packet, RSS {:.0} MB{}",
+                o.generator.cpu_cores,
+                o.generator.threads,
+                o.generator.cpu_us_per_received_packet,
+                o.generator.rss_mb,
+                if o.generator.saturated {
+                    "  (SATURATED)"
+                } else {
+                    ""
+                }
+            ),
+        ),
+    ];
+    for (k, v) in rows {
+        println!("  {k:<11} {v}");
+    }
+    for w in &o.warnings {
+        println!("  warning     {w}");
+    }
+    println!();
+}
+
+/// The SFU-versus-mesh table: one row per room size.
+pub fn print_mesh_table(rows: &[(usize, Outcome, Outcome)]) {
+    println!(
+        "SFU vs mesh, one all-to-all room of n (payload kbit/s per participant; loss %; latency p50 ms)"
+    );
+    println!(
+        "{:>2} | {:>5} {:>8} {:>8} {:>7} {:>6} {:>6} | {:>5} {:>8} {:>8} {:>7} {:>6} {:>6} | {:>8} {:>8}",
+        "n",
+        "conns",
+        "up",
+        "down",
+        "streams",
+        "loss",
+        "p50",
+        "conns",
+        "up",
+        "down",
+        "streams",
+        "loss",
+        "p50",
+        "srv CPU",
+        "gen CPU"
+    );
+    println!(
+        "{:>2} | {:^44} | {:^44} | {:^17}",
+        "", "SFU", "mesh", "SFU / mesh"
+    );
+    for (n, sfu, mesh) in rows {
+        let side = |o: &Outcome| {
+            format!(
+                "{:>5.0} {:>8.0} {:>8.0} {:>7} {:>6.2} {:>6.2}",
+                o.per_client.connections,
+                o.per_client.upload_kbps,
+                o.per_client.download_kbps,
+                o.per_client.uploaded_streams,
+                o.delivery.loss_pct,
+                o.latency_ms.all.p50
+            )
+        };
+        println!(
+            "{n:>2} | {} | {} | {:>3.0}%/{:>3.0}% {:>3.0}%/{:>3.0}%",
+            side(sfu),
+            side(mesh),
+            sfu.server.cpu_cores * 100.0,
+            mesh.server.cpu_cores * 100.0,
+            sfu.generator.cpu_cores * 100.0,
+            mesh.generator.cpu_cores * 100.0
+        );
+    }
+    println!(
+        "conns: peer connections each participant holds; streams: media streams uploaded by the whole room (n × 2 for SFU, n·(n-1) × 2 for mesh)"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::load::histogram::HistogramSnapshot;
+
+    #[test]
+    fn thousands_separators() {
+        assert_eq!(thousands(0.0), "0");
+        assert_eq!(thousands(999.4), "999");
+        assert_eq!(thousands(1000.0), "1,000");
+        assert_eq!(thousands(1_234_567.0), "1,234,567");
+    }
+
+    #[test]
+    fn empty_percentiles_print_a_dash() {
+        assert_eq!(pct(&HistogramSnapshot::default().percentiles(1.0)), "-");
+    }
+}

@@ -1,0 +1,299 @@
+//! `switchboard-load`: a load generator for a running Switchboard server, on loopback only.
+//!
+//! ```text
+//! switchboard-load --server ws://127.0.0.1:8080/ws --rooms 1 --publishers 1 --subscribers 200 --duration 20s
+//! switchboard-load --rooms 1 --publishers 10 --all-to-all
+//! switchboard-load --rooms 20 --publishers 4 --all-to-all --json
+//! switchboard-load --mesh-table
+//! ```
+//! See `--help` and the README's "Measured figures".
+
+mod load;
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use switchboard::signal::protocol::RoomMode;
+
+use load::report::{self, Outcome};
+use load::run::{self, Scenario};
+use load::server::Server;
+
+/// Synthetic WebRTC participants (real signaling, ICE, DTLS, SRTP) against a running
+/// Switchboard server on this machine, measured from both ends.
+#[derive(Debug, Parser)]
+#[command(name = "switchboard-load", version)]
+struct Args {
+    /// The server's signaling WebSocket (must resolve to a loopback address).
+    #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
+    server: String,
+    /// The server's process id, for its CPU time and RSS. Default: the process listening on the
+    /// URL's port (found through /proc/net/tcp and /proc/*/fd).
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Rooms, all alike.
+    #[arg(long, default_value_t = 1)]
+    rooms: usize,
+    /// Publishers per room: each sends one video and one audio track (and receives the others).
+    #[arg(long, default_value_t = 1)]
+    publishers: usize,
+    /// Receive-only participants per room.
+    #[arg(long, default_value_t = 10)]
+    subscribers: usize,
+    /// Every participant publishes and receives everyone else: the room size is --publishers
+    /// (plus --subscribers, which are turned into publishers).
+    #[arg(long)]
+    all_to_all: bool,
+    /// Mesh rooms: participants connect to each other and the server relays signaling only.
+    #[arg(long)]
+    mesh: bool,
+    /// Runs an all-to-all room of n in SFU mode and then in mesh mode for every n from
+    /// --mesh-min to --mesh-max, each for --duration (default 5 s here), and prints a table.
+    #[arg(long)]
+    mesh_table: bool,
+    #[arg(long, default_value_t = 2)]
+    mesh_min: usize,
+    #[arg(long, default_value_t = 8)]
+    mesh_max: usize,
+    /// Length of the measurement window (20s, 500ms, 2m). Default 20 s, or 5 s per run of
+    /// --mesh-table.
+    #[arg(long, value_parser = load::parse_duration)]
+    duration: Option<Duration>,
+    /// Time between everyone receiving and the window's start.
+    #[arg(long, value_parser = load::parse_duration, default_value = "2s")]
+    warmup: Duration,
+    /// Video bitrate per publisher (RTP payload).
+    #[arg(long, default_value_t = 1200)]
+    video_kbps: u32,
+    #[arg(long, default_value_t = 30)]
+    fps: u32,
+    /// Largest video payload: each frame is cut into the fewest equal packets of at most this.
+    #[arg(long, default_value_t = 1100)]
+    packet_size: usize,
+    #[arg(long, default_value_t = 50)]
+    audio_pps: u32,
+    #[arg(long, default_value_t = 100)]
+    audio_size: usize,
+    #[arg(long)]
+    no_audio: bool,
+    #[arg(long)]
+    no_video: bool,
+    /// Joins in progress at once.
+    #[arg(long, default_value_t = 16)]
+    join_concurrency: usize,
+    /// Limit for everyone to join and receive every stream. Default: 30 s + 100 ms per
+    /// participant.
+    #[arg(long, value_parser = load::parse_duration)]
+    ready_timeout: Option<Duration>,
+    /// Runtime worker threads. Default: the CPUs this process may run on (so `taskset -c 1`
+    /// gives one).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print the results as JSON on stdout (the progress line stays on stderr).
+    #[arg(long)]
+    json: bool,
+    /// Also write the JSON results to this file (the table still goes to the terminal).
+    #[arg(long)]
+    json_out: Option<std::path::PathBuf>,
+    /// No progress line.
+    #[arg(long)]
+    quiet: bool,
+    /// A name for this run in the report.
+    #[arg(long)]
+    label: Option<String>,
+    /// Room-name prefix (default `load-<pid>`); rooms are `<prefix>-<run>-r<i>`.
+    #[arg(long)]
+    room_prefix: Option<String>,
+    /// `tracing` filter for the generator's own logs (webrtc-rs warns about STUN checks that
+    /// arrive before the answer and about the DTLS server name; harmless, so hidden by
+    /// default).
+    #[arg(
+        long,
+        default_value = "warn,rtc_ice::agent=error,rtc::peer_connection::handler=error,rtc_dtls::config=error"
+    )]
+    log: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&args.log))
+        .with_writer(std::io::stderr)
+        .init();
+    let threads = args.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    load::set_worker_threads(threads);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .context("building the runtime")?;
+    runtime.block_on(run_main(args))
+}
+
+async fn run_main(args: Args) -> anyhow::Result<()> {
+    let server = Server::new(&args.server, args.server_pid)?;
+    let media = load::video_profile(
+        args.video_kbps,
+        args.fps,
+        args.packet_size,
+        args.audio_pps,
+        args.audio_size,
+    );
+    let prefix = args
+        .room_prefix
+        .clone()
+        .unwrap_or_else(|| format!("load-{}", std::process::id()));
+    let base = Scenario {
+        label: String::new(),
+        ws_url: args.server.clone(),
+        rooms: args.rooms,
+        publishers: args.publishers,
+        subscribers: args.subscribers,
+        mode: if args.mesh {
+            RoomMode::Mesh
+        } else {
+            RoomMode::Sfu
+        },
+        media,
+        audio: !args.no_audio,
+        video: !args.no_video,
+        warmup: args.warmup,
+        duration: args.duration.unwrap_or(Duration::from_secs(20)),
+        join_concurrency: args.join_concurrency,
+        ready_timeout: Duration::ZERO,
+        room_prefix: String::new(),
+        progress: !args.quiet,
+    };
+    let ready_timeout = |s: &Scenario| {
+        args.ready_timeout.unwrap_or(
+            Duration::from_secs(30) + Duration::from_millis(100) * s.participants() as u32,
+        )
+    };
+    check_open_files(&base);
+
+    if args.mesh_table {
+        anyhow::ensure!(
+            args.mesh_min >= 2 && args.mesh_min <= args.mesh_max,
+            "--mesh-min must be at least 2 and at most --mesh-max"
+        );
+        let mut rows = Vec::new();
+        let mut run_index = 0;
+        for n in args.mesh_min..=args.mesh_max {
+            let mut pair = Vec::new();
+            for mode in [RoomMode::Sfu, RoomMode::Mesh] {
+                run_index += 1;
+                let mut s = base.clone();
+                s.rooms = 1;
+                s.publishers = n;
+                s.subscribers = 0;
+                s.mode = mode;
+                s.duration = args.duration.unwrap_or(Duration::from_secs(5));
+                s.warmup = args.warmup.min(Duration::from_secs(1));
+                s.label = format!(
+                    "{} n={n}",
+                    if mode == RoomMode::Mesh {
+                        "mesh"
+                    } else {
+                        "sfu"
+                    }
+                );
+                s.room_prefix = format!("{prefix}-{run_index}");
+                s.ready_timeout = ready_timeout(&s);
+                if s.progress {
+                    eprintln!("-- {}", s.label);
+                }
+                let outcome = run::run(&s, &server).await?;
+                if !args.json {
+                    report::print(&outcome);
+                }
+                pair.push(outcome);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            let mesh = pair.pop().expect("two runs");
+            let sfu = pair.pop().expect("two runs");
+            rows.push((n, sfu, mesh));
+        }
+        if args.json {
+            #[derive(serde::Serialize)]
+            struct Row<'a> {
+                n: usize,
+                sfu: &'a Outcome,
+                mesh: &'a Outcome,
+            }
+            let rows: Vec<Row> = rows
+                .iter()
+                .map(|(n, sfu, mesh)| Row { n: *n, sfu, mesh })
+                .collect();
+            let json = serde_json::json!({ "mesh_table": rows });
+            write_json(&args, &json)?;
+            println!("{}", serde_json::to_string_pretty(&json)?);
+        } else {
+            let json: Vec<_> = rows
+                .iter()
+                .map(|(n, sfu, mesh)| serde_json::json!({ "n": n, "sfu": sfu, "mesh": mesh }))
+                .collect();
+            write_json(&args, &serde_json::json!({ "mesh_table": json }))?;
+            report::print_mesh_table(&rows);
+        }
+        return Ok(());
+    }
+
+    let mut s = base;
+    if args.all_to_all {
+        s.publishers += s.subscribers;
+        s.subscribers = 0;
+    }
+    s.room_prefix = format!("{prefix}-1");
+    s.ready_timeout = ready_timeout(&s);
+    s.label = args.label.clone().unwrap_or_else(|| {
+        if s.subscribers == 0 {
+            format!("{} room(s) of {} all-to-all", s.rooms, s.publishers)
+        } else {
+            format!(
+                "{} room(s) of {} publisher(s) → {} subscribers",
+                s.rooms, s.publishers, s.subscribers
+            )
+        }
+    });
+    let outcome = run::run(&s, &server).await?;
+    write_json(&args, &serde_json::to_value(&outcome)?)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&outcome)?);
+    } else {
+        report::print(&outcome);
+    }
+    Ok(())
+}
+
+fn write_json(args: &Args, value: &serde_json::Value) -> anyhow::Result<()> {
+    if let Some(path) = &args.json_out {
+        std::fs::write(path, serde_json::to_string_pretty(value)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Warns when the open-file limit is likely too low for the run (each participant holds a
+/// WebSocket and one UDP socket per peer connection, and its connections hold more).
+fn check_open_files(s: &Scenario) {
+    let per_room = s.publishers + s.subscribers;
+    let links = if s.mode == RoomMode::Mesh {
+        per_room.saturating_sub(1).max(1)
+    } else {
+        1
+    };
+    let needed = (s.participants() * (2 + 2 * links) + 64) as u64;
+    if let Some(limit) = load::procfs::open_files_limit()
+        && limit < needed
+    {
+        eprintln!(
+            "warning: the open-file limit is {limit}, this run may need about {needed}: raise it with `ulimit -n {}`",
+            needed * 2
+        );
+    }
+}
