@@ -76,12 +76,35 @@ pub struct Limits {
     /// Packets queued per subscriber track before new ones are dropped.
     #[arg(long, env = "SWITCHBOARD_DOWNTRACK_QUEUE", default_value_t = 256)]
     pub downtrack_queue_packets: usize,
+    /// Admission control: joins to SFU rooms are refused with `server-full` while the server
+    /// forwards more than this many packets per second. Unset: 90,000 per CPU core, below
+    /// the load where webrtc-rs's unbounded write queues start to grow (see README figures).
+    /// 0: no limit.
+    #[arg(long, env = "SWITCHBOARD_MAX_FORWARD_PPS")]
+    pub max_forward_pps: Option<u64>,
     /// Seconds a client may take to answer the server's offer before its session is ended.
     #[arg(long, env = "SWITCHBOARD_ANSWER_TIMEOUT_SECS", default_value_t = 15)]
     pub answer_timeout_secs: u64,
     /// Largest chat message relayed, in bytes.
     #[arg(long, env = "SWITCHBOARD_MAX_CHAT_BYTES", default_value_t = 4096)]
     pub max_chat_bytes: usize,
+}
+
+impl Limits {
+    /// Packets per second forwarded per core that the server admits joins up to by default.
+    pub const DEFAULT_FORWARD_PPS_PER_CORE: u64 = 90_000;
+
+    /// The admission limit in force (`None`: no limit).
+    pub fn forward_pps_limit(&self) -> Option<u64> {
+        match self.max_forward_pps {
+            Some(0) => None,
+            Some(limit) => Some(limit),
+            None => {
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+                Some(Self::DEFAULT_FORWARD_PPS_PER_CORE * cores)
+            }
+        }
+    }
 }
 
 impl Default for Limits {

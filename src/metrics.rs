@@ -59,6 +59,7 @@ metrics! {
         peer_connections: "Server-side peer connections alive.",
         forwarders: "Published tracks being read and forwarded (one task each).",
         downtracks: "Subscriber tracks being written (one task each).",
+        forward_rate: "RTP packets per second queued to subscribers, over the last second.",
     }
     counters {
         packets_in: "RTP packets received from publishers.",
@@ -67,6 +68,7 @@ metrics! {
         keyframe_requests: "Keyframe requests (PLI) sent to publishers.",
         signaling_errors: "Error messages sent to clients.",
         chat_messages: "Chat messages relayed (counted once per sender message).",
+        joins_refused_at_capacity: "Joins refused because the forwarding rate was at the admission limit.",
     }
 }
 

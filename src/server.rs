@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -12,8 +13,8 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::room::Registry;
 use crate::rtc::RtcEngine;
+use crate::signal::ServerContext;
 use crate::signal::session::DRAIN_TIMEOUT;
-use crate::signal::{ServerContext, run_session};
 
 pub struct Server;
 
@@ -53,8 +54,7 @@ impl Server {
                 tracing::error!("http server: {e}");
             }
         });
-        // Keep the session entry point referenced from here for readers following the flow.
-        let _ = run_session;
+        tokio::spawn(sample_forward_rate(metrics.clone(), shutdown.subscribe()));
         Ok(ServerHandle {
             http_addr,
             registry,
@@ -62,6 +62,24 @@ impl Server {
             shutdown,
             task,
         })
+    }
+}
+
+/// Keeps `metrics.forward_rate` at the packets forwarded over the last second, for admission
+/// control and `/metrics`.
+async fn sample_forward_rate(metrics: Arc<Metrics>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut last = metrics.packets_out.load(Ordering::Relaxed);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let now = metrics.packets_out.load(Ordering::Relaxed);
+        metrics
+            .forward_rate
+            .store(now.saturating_sub(last), Ordering::Relaxed);
+        last = now;
     }
 }
 

@@ -695,3 +695,94 @@ async fn unanswered_server_offer_ends_the_session() {
     assert_all_clean(&server, "t6").await;
     server.shutdown().await;
 }
+
+/// Sends `join` on a raw socket and returns the first reply's `type` and `code`.
+async fn raw_join(server: &ServerHandle, join: serde_json::Value) -> (String, Option<String>) {
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url(server))
+        .await
+        .expect("websocket");
+    ws.send(Message::Text(join.to_string().into()))
+        .await
+        .expect("send join");
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) => {
+                let v: serde_json::Value = serde_json::from_str(&text).expect("server JSON");
+                return (
+                    v["type"].as_str().unwrap_or_default().to_owned(),
+                    v["code"].as_str().map(str::to_owned),
+                );
+            }
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("no reply to join: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joins_are_refused_at_the_forwarding_limit() {
+    let _serial = serial().await;
+    common::init_tracing();
+    let mut config = switchboard::config::Config::for_tests();
+    config.limits.max_forward_pps = Some(50);
+    let server = switchboard::server::Server::start(config)
+        .await
+        .expect("the server starts");
+
+    let publisher = join(&server, "t7", "pub", ClientOptions::default()).await;
+    let viewer = join(&server, "t7", "viewer", ClientOptions::silent()).await;
+    let pub_id = publisher.id().to_owned();
+    wait_all(&[&viewer], "media from the publisher", MEDIA, |_, s| {
+        s.tracks_from(&pub_id, MediaKind::Video)
+            .any(|t| t.intact > 20)
+    })
+    .await;
+    eventually("the forwarding rate passes the limit", CLEANUP, || async {
+        server.metrics.snapshot().forward_rate >= 50
+    })
+    .await
+    .expect("media is forwarded at ~200 packets/s");
+
+    // A new SFU participant is turned away, in this room and in a new one.
+    for room in ["t7", "t7-other"] {
+        let (kind, code) = raw_join(
+            &server,
+            serde_json::json!({"type":"join","room":room,"name":"late"}),
+        )
+        .await;
+        assert_eq!(
+            (kind.as_str(), code.as_deref()),
+            ("error", Some("server-full")),
+            "{room}"
+        );
+    }
+    // Claiming mesh does not get into an existing SFU room...
+    let (kind, code) = raw_join(
+        &server,
+        serde_json::json!({"type":"join","room":"t7","name":"sly","mode":"mesh"}),
+    )
+    .await;
+    assert_eq!(
+        (kind.as_str(), code.as_deref()),
+        ("error", Some("server-full"))
+    );
+    // ...but a mesh room costs the server no forwarding and is admitted.
+    let (kind, _) = raw_join(
+        &server,
+        serde_json::json!({"type":"join","room":"t7-mesh","name":"p2p","mode":"mesh"}),
+    )
+    .await;
+    assert_eq!(kind, "joined");
+    assert_eq!(server.metrics.snapshot().joins_refused_at_capacity, 3);
+
+    // The call already admitted keeps its media.
+    let before = video_intact_from(&viewer, &pub_id);
+    wait_all(&[&viewer], "media keeps flowing", MEDIA, |c, _| {
+        video_intact_from(c, &pub_id) > before + 20
+    })
+    .await;
+
+    close_all(&[&publisher, &viewer]).await;
+    assert_all_clean(&server, "t7").await;
+    server.shutdown().await;
+}

@@ -379,6 +379,11 @@ impl Registry {
         }
     }
 
+    /// The mode of a room, if it exists.
+    pub fn mode_of(&self, name: &RoomName) -> Option<RoomMode> {
+        self.rooms.get(name).map(|room| room.mode())
+    }
+
     pub fn room_names(&self) -> Vec<String> {
         let mut names: Vec<String> = self.rooms.iter().map(|r| r.key().to_string()).collect();
         names.sort();

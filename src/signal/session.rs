@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, close_code};
@@ -237,6 +238,14 @@ impl Session {
                 )
                 .await;
         }
+        let effective_mode = self
+            .ctx
+            .registry
+            .mode_of(&room_name)
+            .unwrap_or(mode.unwrap_or_default());
+        if let Err(message) = self.admit(effective_mode) {
+            return self.error(ErrorCode::ServerFull, message).await;
+        }
         let (events_tx, events) = mpsc::unbounded_channel();
         let (chat_tx, chat_queue) = mpsc::channel(CHAT_QUEUE);
         let channels = MemberChannels {
@@ -308,6 +317,29 @@ impl Session {
             protocol: PROTOCOL_VERSION,
         })
         .await
+    }
+
+    /// Admission control: past the forwarding-rate limit a new SFU participant would push the
+    /// server into overload for everyone already in a call, so it is turned away. Mesh rooms
+    /// carry no media through the server and are always admitted.
+    fn admit(&self, mode: RoomMode) -> Result<(), String> {
+        let Some(limit) = self.ctx.limits.forward_pps_limit() else {
+            return Ok(());
+        };
+        if mode == RoomMode::Mesh {
+            return Ok(());
+        }
+        let rate = self.ctx.metrics.forward_rate.load(Ordering::Relaxed);
+        if rate < limit {
+            return Ok(());
+        }
+        self.ctx
+            .metrics
+            .joins_refused_at_capacity
+            .fetch_add(1, Ordering::Relaxed);
+        Err(format!(
+            "the server is at capacity ({rate} packets/s forwarded, limit {limit}); try again later"
+        ))
     }
 
     /// Removes the participant from its room and ends everything it owned. Idempotent.
