@@ -12,7 +12,9 @@ use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 
 use super::keyframe::is_keyframe_request;
-use crate::forward::{DownTrackReceiver, ForwarderCommand, MediaPacket, TrackForwarder};
+use crate::forward::{
+    DownTrackReceiver, ForwardOutcome, ForwarderCommand, MediaPacket, TrackForwarder,
+};
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::types::{MediaKind, TrackCodec};
 
@@ -74,6 +76,20 @@ pub fn to_rtp_packet(packet: MediaPacket) -> rtc::rtp::Packet {
     }
 }
 
+fn count_forwarded(metrics: &Metrics, outcome: ForwardOutcome) {
+    metrics.packets_in.fetch_add(1, Ordering::Relaxed);
+    if outcome.queued > 0 {
+        metrics
+            .packets_out
+            .fetch_add(u64::from(outcome.queued), Ordering::Relaxed);
+    }
+    if outcome.dropped > 0 {
+        metrics
+            .packets_dropped
+            .fetch_add(u64::from(outcome.dropped), Ordering::Relaxed);
+    }
+}
+
 /// Reads a published track until it ends or `stop` fires, forwarding every packet. Commands (subscribers coming
 /// and going, keyframe requests) are taken between packets, so the forwarder needs no lock.
 pub async fn run_publisher(
@@ -86,6 +102,8 @@ pub async fn run_publisher(
     let _gauge = GaugeGuard::new(&metrics, |m| &m.forwarders);
     let track = published.track;
     let mut commands_open = true;
+    // Kept across loop turns, so a command arriving does not cancel and restart the read.
+    let mut next_event = track.poll();
     loop {
         tokio::select! {
             biased;
@@ -94,19 +112,16 @@ pub async fn run_publisher(
                 Some(command) => forwarder.handle(command),
                 None => commands_open = false,
             },
-            event = track.poll() => match event {
-                Some(TrackRemoteEvent::OnRtpPacket(packet)) => {
-                    let outcome = forwarder.forward(to_media_packet(packet));
-                    metrics.packets_in.fetch_add(1, Ordering::Relaxed);
-                    if outcome.queued > 0 {
-                        metrics.packets_out.fetch_add(u64::from(outcome.queued), Ordering::Relaxed);
+            event = &mut next_event => {
+                next_event = track.poll();
+                match event {
+                    Some(TrackRemoteEvent::OnRtpPacket(packet)) => {
+                        let outcome = forwarder.forward(to_media_packet(packet));
+                        count_forwarded(&metrics, outcome);
                     }
-                    if outcome.dropped > 0 {
-                        metrics.packets_dropped.fetch_add(u64::from(outcome.dropped), Ordering::Relaxed);
-                    }
+                    Some(TrackRemoteEvent::OnEnded) | None => break,
+                    Some(_) => {}
                 }
-                Some(TrackRemoteEvent::OnEnded) | None => break,
-                Some(_) => {}
             },
         }
         if forwarder.wants_keyframe() && forwarder.poll_keyframe_request(Instant::now()) {
@@ -137,6 +152,8 @@ pub(super) async fn run_downtrack(
     let mut rtcp_open = true;
     // Drain what has queued up in one wake-up: under load this saves a task switch per packet.
     let mut batch = Vec::with_capacity(WRITE_BATCH);
+    // The RTCP read is kept across turns rather than re-created (a boxed future) per batch.
+    let mut next_rtcp = local.poll();
     loop {
         tokio::select! {
             received = queue.recv_many(&mut batch, WRITE_BATCH) => {
@@ -150,15 +167,18 @@ pub(super) async fn run_downtrack(
                     }
                 }
             },
-            event = local.poll(), if rtcp_open => match event {
-                Some(TrackLocalEvent::OnRtcpPacket(packets)) => {
-                    if packets.iter().any(|p| is_keyframe_request(p.as_ref())) {
-                        // Full means a request is already on its way.
-                        let _ = forwarder.try_send(ForwarderCommand::RequestKeyframe);
+            event = &mut next_rtcp, if rtcp_open => {
+                next_rtcp = local.poll();
+                match event {
+                    Some(TrackLocalEvent::OnRtcpPacket(packets)) => {
+                        if packets.iter().any(|p| is_keyframe_request(p.as_ref())) {
+                            // Full means a request is already on its way.
+                            let _ = forwarder.try_send(ForwarderCommand::RequestKeyframe);
+                        }
                     }
+                    Some(_) => {}
+                    None => rtcp_open = false,
                 }
-                Some(_) => {}
-                None => rtcp_open = false,
             },
         }
     }
