@@ -786,3 +786,42 @@ async fn joins_are_refused_at_the_forwarding_limit() {
     assert_all_clean(&server, "t7").await;
     server.shutdown().await;
 }
+
+/// Five participants joining at the same moment: track announcements arrive while the
+/// server's offers are outstanding and client offers collide with server offers (glare).
+/// Every renegotiation must still end with everyone receiving everyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simultaneous_joins_converge() {
+    let _serial = serial().await;
+    let server = start_server().await;
+    let names = ["s1", "s2", "s3", "s4", "s5"];
+    // Staggered by less than a negotiation round trip, so that each join lands while the
+    // server's offers for the previous ones are still outstanding.
+    let clients: Vec<Client> =
+        futures_util::future::join_all(names.iter().enumerate().map(|(i, name)| {
+            let server = &server;
+            async move {
+                tokio::time::sleep(Duration::from_millis(40 * i as u64)).await;
+                join(server, "t8", name, ClientOptions::default()).await
+            }
+        }))
+        .await;
+    let refs: Vec<&Client> = clients.iter().collect();
+    wait_all(&refs, "connected", CONNECT, |_, s| s.all_connected()).await;
+    wait_media_between(&refs, 20).await;
+    for client in &refs {
+        let result = eventually("8 remote tracks", CLEANUP, || async {
+            client.remote_track_count().await == 8
+        })
+        .await;
+        if let Err(e) = result {
+            panic!("{}: {e:#}", client.id());
+        }
+        let s = client.snapshot();
+        assert_eq!(s.bad_payloads(), 0, "{}", summary(&s));
+        assert!(s.errors.is_empty(), "{}: {:?}", client.id(), s.errors);
+    }
+    close_all(&refs).await;
+    assert_all_clean(&server, "t8").await;
+    server.shutdown().await;
+}

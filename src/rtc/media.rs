@@ -161,9 +161,10 @@ pub(super) async fn run_downtrack(
                     break;
                 }
                 for packet in batch.drain(..) {
+                    // A failed write loses this packet only; the task ends with its queue
+                    // (the subscriber left or unsubscribed).
                     if let Err(e) = local.write_rtp(to_rtp_packet(packet)).await {
-                        tracing::debug!("downtrack write failed, stopping: {e}");
-                        return;
+                        tracing::debug!("downtrack write failed: {e}");
                     }
                 }
             },

@@ -194,6 +194,9 @@ struct Subscription {
     forwarder: mpsc::Sender<ForwarderCommand>,
     /// The writer task, once negotiation made the subscription live.
     writer: Option<JoinHandle<()>>,
+    /// Part of an offer the server sent: once that offer is answered, the track can go live.
+    /// A subscription added while an offer was outstanding waits for the next one.
+    offered: bool,
 }
 
 /// A track this participant publishes, and the task forwarding it.
@@ -328,6 +331,9 @@ impl Peer {
         let offer = self.pc.create_offer(None).await?;
         let sdp = self.apply_local(offer).await?;
         self.negotiation_needed = false;
+        for sub in self.subscriptions.values_mut() {
+            sub.offered = true;
+        }
         self.awaiting_answer_since = Some(Instant::now());
         Ok(Some(sdp))
     }
@@ -395,6 +401,7 @@ impl Peer {
                 ssrc,
                 forwarder,
                 writer: None,
+                offered: false,
             },
         );
         self.negotiation_needed = true;
@@ -431,7 +438,7 @@ impl Peer {
     /// Starts forwarding to every subscription the last negotiation made live.
     async fn start_negotiated_subscriptions(&mut self) {
         for (track_id, sub) in self.subscriptions.iter_mut() {
-            if sub.writer.is_some() {
+            if sub.writer.is_some() || !sub.offered {
                 continue;
             }
             let payload_type = match sub.sender.get_parameters().await {
