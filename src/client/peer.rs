@@ -334,7 +334,11 @@ async fn build_peer_connection(
     let registry = register_default_interceptors(Registry::new(), &mut media_engine)?;
     let registry = crate::rtc::keyframe::register(registry);
     // Loopback candidates only, and no mDNS (it would multicast off the loopback interface).
+    // The server's first connectivity check often arrives before its trickled candidate, so
+    // the client meets the server as a peer-reflexive candidate first; webrtc-rs then waits
+    // 1 s by default before nominating such a pair. Browsers do not wait.
     let setting_engine = SettingEngineBuilder::new()
+        .with_prflx_acceptance_min_wait(Some(std::time::Duration::ZERO))
         .with_include_loopback_candidate(opts.bind_ip.is_loopback())
         .with_multicast_dns_mode(MulticastDnsMode::Disabled)
         .build();
