@@ -825,3 +825,38 @@ async fn simultaneous_joins_converge() {
     assert_all_clean(&server, "t8").await;
     server.shutdown().await;
 }
+
+/// An H.264 publisher whose payload type (120) differs from the server's own for that profile:
+/// subscribers still receive every packet intact, under the payload type their connection
+/// negotiated, and the track is announced as H.264.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h264_is_forwarded_with_the_payload_type_rewritten() {
+    let _serial = serial().await;
+    let server = start_server().await;
+    let mut opts = ClientOptions {
+        publish_audio: false,
+        ..ClientOptions::default()
+    };
+    opts.media.video_codec = switchboard::client::VideoCodec::H264;
+    let publisher = join(&server, "t9", "h264", opts).await;
+    let a = join(&server, "t9", "a", ClientOptions::silent()).await;
+    let b = join(&server, "t9", "b", ClientOptions::silent()).await;
+    let pub_id = publisher.id().to_owned();
+    wait_all(&[&a, &b], "H.264 media", MEDIA, |_, s| {
+        s.intact_from(&pub_id, MediaKind::Video) >= 60
+    })
+    .await;
+    for client in [&a, &b] {
+        let s = client.snapshot();
+        assert_eq!(s.bad_payloads(), 0, "{}", summary(&s));
+        let announced: Vec<&str> = s
+            .announced_tracks
+            .iter()
+            .map(|t| t.codec.as_str())
+            .collect();
+        assert_eq!(announced, vec!["video/H264"], "{}", client.id());
+    }
+    close_all(&[&publisher, &a, &b]).await;
+    assert_all_clean(&server, "t9").await;
+    server.shutdown().await;
+}

@@ -23,13 +23,25 @@ use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 use webrtc::rtp_transceiver::RtpTransceiver;
 
 use super::payload::{self, PayloadHeader};
-use super::peer::{Link, LinkState, opus_codec, vp8_codec};
+use super::peer::{Link, LinkState, h264_codec, opus_codec, vp8_codec};
 use super::stats::LocalTrackStats;
 use crate::signal::protocol::MediaKind;
+
+/// Which codec the synthetic video claims to be (the payload is synthetic either way; an SFU
+/// does not look inside it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VideoCodec {
+    #[default]
+    Vp8,
+    /// H.264 constrained baseline, packetization-mode 1, under payload type 120 (the server's
+    /// default for it differs, so forwarding must rewrite the payload type).
+    H264,
+}
 
 /// Rates and sizes of the synthetic media.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MediaProfile {
+    pub video_codec: VideoCodec,
     pub video_fps: u32,
     /// RTP packets per video frame; the last carries the marker bit.
     pub video_packets_per_frame: u32,
@@ -43,6 +55,7 @@ pub struct MediaProfile {
 impl Default for MediaProfile {
     fn default() -> Self {
         Self {
+            video_codec: VideoCodec::Vp8,
             video_fps: 30,
             video_packets_per_frame: 3,
             video_packet_size: 1100,
@@ -155,7 +168,10 @@ impl LocalTrack {
         let ssrc: u32 = rand::random();
         let (codec, rtp_kind, mime_type) = match self.kind {
             MediaKind::Audio => (opus_codec(), RtpCodecKind::Audio, "audio/opus"),
-            MediaKind::Video => (vp8_codec(), RtpCodecKind::Video, "video/VP8"),
+            MediaKind::Video => match self.profile.video_codec {
+                VideoCodec::Vp8 => (vp8_codec(), RtpCodecKind::Video, "video/VP8"),
+                VideoCodec::H264 => (h264_codec(), RtpCodecKind::Video, "video/H264"),
+            },
         };
         let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
             self.stream_id.clone(),

@@ -43,7 +43,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 
-pub use media::MediaProfile;
+pub use media::{MediaProfile, VideoCodec};
 pub use peer::{CHAT_LABEL, publisher_of_stream};
 pub use stats::{
     ChatMessage, ClientSnapshot, LinkSnapshot, LocalTrackSnapshot, RemoteTrackSnapshot,

@@ -261,7 +261,7 @@ fn candidate_address(candidate: &str) -> Option<&str> {
     value.split_whitespace().nth(4)
 }
 
-fn codecs() -> [(RTCRtpCodecParameters, RtpCodecKind); 2] {
+fn codecs() -> [(RTCRtpCodecParameters, RtpCodecKind); 3] {
     let video_feedback = vec![
         RTCPFeedback {
             typ: "goog-remb".to_owned(),
@@ -291,10 +291,20 @@ fn codecs() -> [(RTCRtpCodecParameters, RtpCodecKind); 2] {
         (
             RTCRtpCodecParameters {
                 rtp_codec: RTCRtpCodec {
-                    rtcp_feedback: video_feedback,
+                    rtcp_feedback: video_feedback.clone(),
                     ..vp8_codec()
                 },
                 payload_type: 96,
+            },
+            RtpCodecKind::Video,
+        ),
+        (
+            RTCRtpCodecParameters {
+                rtp_codec: RTCRtpCodec {
+                    rtcp_feedback: video_feedback.clone(),
+                    ..h264_codec()
+                },
+                payload_type: 120,
             },
             RtpCodecKind::Video,
         ),
@@ -308,6 +318,18 @@ pub(crate) fn opus_codec() -> RTCRtpCodec {
         clock_rate: 48_000,
         channels: 2,
         sdp_fmtp_line: "minptime=10;useinbandfec=1".to_owned(),
+        rtcp_feedback: vec![],
+    }
+}
+
+/// H.264 90 kHz, constrained baseline, packetization-mode 1, as published.
+pub(crate) fn h264_codec() -> RTCRtpCodec {
+    RTCRtpCodec {
+        mime_type: "video/H264".to_owned(),
+        clock_rate: 90_000,
+        channels: 0,
+        sdp_fmtp_line: "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f"
+            .to_owned(),
         rtcp_feedback: vec![],
     }
 }

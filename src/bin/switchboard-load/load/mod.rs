@@ -63,6 +63,7 @@ pub fn video_profile(
     let packets = frame_bytes.div_ceil(max_packet).max(1);
     let size = frame_bytes.div_ceil(packets);
     MediaProfile {
+        video_codec: Default::default(),
         video_fps: fps,
         video_packets_per_frame: packets as u32,
         video_packet_size: size.max(switchboard::client::payload::PAYLOAD_HEADER_LEN),
