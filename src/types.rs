@@ -54,7 +54,7 @@ pub enum MediaKind {
 }
 
 /// The codec a publisher sends, as subscribers' tracks must declare it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
 pub struct TrackCodec {
     pub mime_type: String,
     pub clock_rate: u32,

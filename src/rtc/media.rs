@@ -31,6 +31,8 @@ pub struct PublishedTrack {
     pub stream_id: String,
     /// The publisher's own track id (msid track id).
     pub remote_track_id: String,
+    /// Payload type of the first packet, when the codec had to be resolved from it.
+    pub(super) first_payload_type: Option<u8>,
     pub ssrc: u32,
 }
 

@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use webrtc::data_channel::{DataChannel, DataChannelEvent};
 use webrtc::media_stream::track_local::TrackLocal;
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
-use webrtc::media_stream::track_remote::TrackRemote;
+use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::peer_connection::{
     PeerConnection, PeerConnectionEventHandler, RTCIceCandidateInit, RTCPeerConnectionIceEvent,
     RTCPeerConnectionState,
@@ -149,31 +149,69 @@ impl PeerConnectionEventHandler for Handler {
         let Some(kind) = codec_kind(track.kind().await) else {
             return;
         };
-        let Some(ssrc) = track.ssrcs().await.first().copied() else {
-            tracing::warn!("remote track without SSRC, not published");
-            return;
-        };
-        let Some(codec) = track.codec(ssrc).await else {
-            tracing::warn!(ssrc, "remote track without codec, not published");
-            return;
-        };
-        let stream_id = track.stream_id().await.to_string();
-        let remote_track_id = track.track_id().await.to_string();
-        let published = PublishedTrack {
-            track,
-            remote_track_id,
-            kind,
-            codec: TrackCodec {
-                mime_type: codec.mime_type,
-                clock_rate: codec.clock_rate,
-                channels: codec.channels,
-                sdp_fmtp_line: codec.sdp_fmtp_line,
-            },
-            stream_id,
-            ssrc,
-        };
-        let _ = self.events.send(PeerEvent::Track(published));
+        // Describing the track may mean waiting for its first packet, which must not hold up
+        // the connection's driver that runs this callback.
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            if let Some(published) = describe_track(track, kind).await {
+                let _ = events.send(PeerEvent::Track(published));
+            }
+        });
     }
+}
+
+/// How long a new remote track may take to send its first packet before it is given up on.
+const FIRST_PACKET_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The SSRC and codec of a new remote track, as far as the track itself knows them.
+/// webrtc-rs sometimes announces a track before it has resolved them (the codec is resolved
+/// from the first packet's payload type, the SSRC comes from that packet when the SDP names
+/// none), and the track object keeps what it knew at that moment. Then wait for the first
+/// packet and leave the codec to [`Peer::complete_track`], which looks its payload type up in
+/// the negotiated parameters. The packet itself is dropped: no subscriber can be attached yet.
+async fn describe_track(track: Arc<dyn TrackRemote>, kind: MediaKind) -> Option<PublishedTrack> {
+    let known = |codec: Option<RTCRtpCodec>| codec.filter(|c| !c.mime_type.is_empty());
+    let mut ssrc = track.ssrcs().await.first().copied();
+    let mut codec = match ssrc {
+        Some(ssrc) => known(track.codec(ssrc).await),
+        None => None,
+    };
+    let mut first_payload_type = None;
+    if codec.is_none() {
+        let first = tokio::time::timeout(FIRST_PACKET_TIMEOUT, async {
+            loop {
+                match track.poll().await {
+                    Some(TrackRemoteEvent::OnRtpPacket(packet)) => return Some(packet.header),
+                    Some(TrackRemoteEvent::OnEnded) | None => return None,
+                    Some(_) => {}
+                }
+            }
+        })
+        .await;
+        let Ok(Some(header)) = first else {
+            tracing::warn!(?kind, "remote track ended or sent nothing, not published");
+            return None;
+        };
+        ssrc = Some(header.ssrc);
+        first_payload_type = Some(header.payload_type);
+        codec = known(track.codec(header.ssrc).await);
+    }
+    let ssrc = ssrc?;
+    let codec = codec.map_or_else(TrackCodec::default, |c| TrackCodec {
+        mime_type: c.mime_type,
+        clock_rate: c.clock_rate,
+        channels: c.channels,
+        sdp_fmtp_line: c.sdp_fmtp_line,
+    });
+    Some(PublishedTrack {
+        stream_id: track.stream_id().await.to_string(),
+        remote_track_id: track.track_id().await.to_string(),
+        track,
+        kind,
+        codec,
+        first_payload_type,
+        ssrc,
+    })
 }
 
 /// What became of a client's offer.
@@ -480,6 +518,38 @@ impl Peer {
                 self.metrics.clone(),
             )));
         }
+    }
+
+    /// Fills in the codec of a remote track announced before webrtc-rs knew it, from the
+    /// payload type of its first packet and the parameters this connection negotiated.
+    /// False if it cannot be found.
+    pub async fn complete_track(&self, track: &mut PublishedTrack) -> bool {
+        if !track.codec.mime_type.is_empty() {
+            return true;
+        }
+        let Some(payload_type) = track.first_payload_type else {
+            return false;
+        };
+        for receiver in self.pc.get_receivers().await {
+            let Ok(params) = receiver.get_parameters().await else {
+                continue;
+            };
+            if let Some(c) = params
+                .rtp_parameters
+                .codecs
+                .iter()
+                .find(|c| c.payload_type == payload_type)
+            {
+                track.codec = TrackCodec {
+                    mime_type: c.rtp_codec.mime_type.clone(),
+                    clock_rate: c.rtp_codec.clock_rate,
+                    channels: c.rtp_codec.channels,
+                    sdp_fmtp_line: c.rtp_codec.sdp_fmtp_line.clone(),
+                };
+                return true;
+            }
+        }
+        false
     }
 
     /// Remembers a publisher task: `stop` ends it when the client stops sending the track,

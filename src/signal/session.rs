@@ -132,8 +132,13 @@ impl Session {
                 }
                 Step::Socket(Some(Ok(message))) => self.on_frame(message).await,
                 Step::Room(Some(event)) => self.on_room_event(event).await,
-                Step::Room(None) | Step::Peer(None) => Ok(()),
                 Step::Peer(Some(event)) => self.on_peer_event(event).await,
+                // A closed channel would be ready forever: treat it as what it means.
+                Step::Peer(None) => self.on_peer_event(PeerEvent::Failed).await,
+                Step::Room(None) => {
+                    tracing::error!("room event channel closed while joined");
+                    return close_frame(close_code::ERROR, "removed from the room");
+                }
                 Step::Shutdown => {
                     return close_frame(close_code::AWAY, "server shutting down");
                 }
@@ -576,8 +581,15 @@ impl Session {
                 })
                 .await
             }
-            PeerEvent::Track(track) => {
-                publish(membership, track, &self.ctx);
+            PeerEvent::Track(mut track) => {
+                let Some(media) = membership.media.as_ref() else {
+                    return Ok(());
+                };
+                if media.peer.complete_track(&mut track).await {
+                    publish(membership, track, &self.ctx);
+                } else {
+                    tracing::warn!(participant = %membership.id, ?track, "remote track with no known codec, not published");
+                }
                 Ok(())
             }
             PeerEvent::Chat(channel) => {
