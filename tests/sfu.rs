@@ -629,12 +629,10 @@ async fn throwaway_offer() -> (Box<dyn webrtc::peer_connection::PeerConnection>,
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unanswered_server_offer_ends_the_session() {
     let _serial = serial().await;
-    common::init_tracing();
-    let mut config = switchboard::config::Config::for_tests();
-    config.limits.answer_timeout_secs = 2;
-    let server = switchboard::server::Server::start(config)
-        .await
-        .expect("the server starts");
+    let server = common::start_server_with(|config| {
+        config.limits.answer_timeout_secs = 2;
+    })
+    .await;
 
     // A client that answers nothing the server offers.
     let (ws, _) = tokio_tungstenite::connect_async(ws_url(&server))
@@ -722,12 +720,10 @@ async fn raw_join(server: &ServerHandle, join: serde_json::Value) -> (String, Op
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn joins_are_refused_at_the_forwarding_limit() {
     let _serial = serial().await;
-    common::init_tracing();
-    let mut config = switchboard::config::Config::for_tests();
-    config.limits.max_forward_pps = Some(50);
-    let server = switchboard::server::Server::start(config)
-        .await
-        .expect("the server starts");
+    let server = common::start_server_with(|config| {
+        config.limits.max_forward_pps = Some(50);
+    })
+    .await;
 
     let publisher = join(&server, "t7", "pub", ClientOptions::default()).await;
     let viewer = join(&server, "t7", "viewer", ClientOptions::silent()).await;

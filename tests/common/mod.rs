@@ -32,10 +32,15 @@ pub fn init_tracing() {
 
 /// A server on 127.0.0.1 with ephemeral ports.
 pub async fn start_server() -> ServerHandle {
+    start_server_with(|_| {}).await
+}
+
+/// A test server with some limits changed.
+pub async fn start_server_with(adjust: impl FnOnce(&mut Config)) -> ServerHandle {
     init_tracing();
-    Server::start(Config::for_tests())
-        .await
-        .expect("the server starts")
+    let mut config = Config::for_tests();
+    adjust(&mut config);
+    Server::start(config).await.expect("the server starts")
 }
 
 /// The signaling URL of `server`.
