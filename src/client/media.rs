@@ -8,14 +8,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use rtc::media_stream::MediaStreamTrack;
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtp;
-use rtc::rtp_transceiver::rtp_sender::{
-    RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
-};
-use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
+use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
 use tokio::sync::watch;
 use tracing::debug;
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
@@ -25,6 +21,7 @@ use webrtc::rtp_transceiver::RtpTransceiver;
 use super::payload::{self, PayloadHeader};
 use super::peer::{Link, LinkState, h264_codec, opus_codec, vp8_codec};
 use super::stats::LocalTrackStats;
+use crate::rtc::add_sendonly_track;
 use crate::signal::protocol::MediaKind;
 
 /// Which codec the synthetic video claims to be (the payload is synthetic either way; an SFU
@@ -173,32 +170,15 @@ impl LocalTrack {
                 VideoCodec::H264 => (h264_codec(), RtpCodecKind::Video, "video/H264"),
             },
         };
-        let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
-            self.stream_id.clone(),
-            self.track_id.clone(),
-            self.track_id.clone(),
+        let (track, transceiver) = add_sendonly_track(
+            link.pc.as_ref(),
+            &self.stream_id,
+            &self.track_id,
             rtp_kind,
-            vec![RTCRtpEncodingParameters {
-                rtp_coding_parameters: RTCRtpCodingParameters {
-                    ssrc: Some(ssrc),
-                    ..Default::default()
-                },
-                active: true,
-                codec,
-                ..Default::default()
-            }],
-        )));
-        let transceiver = link
-            .pc
-            .add_transceiver_from_track(
-                track.clone() as Arc<dyn TrackLocal>,
-                Some(RTCRtpTransceiverInit {
-                    direction: RTCRtpTransceiverDirection::Sendonly,
-                    streams: vec![],
-                    send_encodings: vec![],
-                }),
-            )
-            .await?;
+            codec,
+            ssrc,
+        )
+        .await?;
         let output = Arc::new(Output {
             track: track.clone(),
             transceiver,

@@ -316,16 +316,7 @@ impl Session {
     async fn publish(&mut self, kind: MediaKind) -> anyhow::Result<String> {
         anyhow::ensure!(!self.left, "the client has left the room");
         let track = self.new_track(kind);
-        let peers: Vec<Option<String>> = self.links.keys().cloned().collect();
-        for peer in peers {
-            let Some(link) = self.links.get_mut(&peer) else {
-                continue;
-            };
-            track.attach(link).await?;
-            if let Some(offer) = link.offer().await? {
-                self.send_outgoing(&peer, offer);
-            }
-        }
+        self.change_on_every_link(&track, true).await?;
         Ok(track.track_id.clone())
     }
 
@@ -334,12 +325,25 @@ impl Session {
             anyhow::bail!("no published track `{track_id}`");
         };
         let track = self.tracks.remove(pos);
+        self.change_on_every_link(&track, false).await
+    }
+
+    /// Attaches `track` to (or detaches it from) every connection and renegotiates each.
+    async fn change_on_every_link(
+        &mut self,
+        track: &Arc<LocalTrack>,
+        attach: bool,
+    ) -> anyhow::Result<()> {
         let peers: Vec<Option<String>> = self.links.keys().cloned().collect();
         for peer in peers {
             let Some(link) = self.links.get_mut(&peer) else {
                 continue;
             };
-            track.detach(link).await?;
+            if attach {
+                track.attach(link).await?;
+            } else {
+                track.detach(link).await?;
+            }
             if let Some(offer) = link.offer().await? {
                 self.send_outgoing(&peer, offer);
             }

@@ -5,11 +5,18 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use rtc::media_stream::MediaStreamTrack;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+};
+use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
 use tokio::sync::{mpsc, oneshot};
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
+use webrtc::peer_connection::PeerConnection;
+use webrtc::rtp_transceiver::RtpTransceiver;
 
 use super::keyframe::is_keyframe_request;
 use crate::forward::{
@@ -45,6 +52,45 @@ impl std::fmt::Debug for PublishedTrack {
             .field("ssrc", &self.ssrc)
             .finish()
     }
+}
+
+/// Adds a send-only transceiver carrying a new RTP track with one encoding under `ssrc`.
+/// A fresh transceiver each time: `add_track` may re-use a receiving one, which mixes the
+/// directions of unrelated tracks on one m-line.
+pub async fn add_sendonly_track(
+    pc: &dyn PeerConnection,
+    stream_id: &str,
+    track_id: &str,
+    kind: RtpCodecKind,
+    codec: RTCRtpCodec,
+    ssrc: u32,
+) -> webrtc::error::Result<(Arc<TrackLocalStaticRTP>, Arc<dyn RtpTransceiver>)> {
+    let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+        stream_id.to_string(),
+        track_id.to_string(),
+        track_id.to_string(),
+        kind,
+        vec![RTCRtpEncodingParameters {
+            rtp_coding_parameters: RTCRtpCodingParameters {
+                ssrc: Some(ssrc),
+                ..Default::default()
+            },
+            active: true,
+            codec,
+            ..Default::default()
+        }],
+    )));
+    let transceiver = pc
+        .add_transceiver_from_track(
+            track.clone() as Arc<dyn TrackLocal>,
+            Some(RTCRtpTransceiverInit {
+                direction: RTCRtpTransceiverDirection::Sendonly,
+                streams: vec![stream_id.to_string()],
+                send_encodings: vec![],
+            }),
+        )
+        .await?;
+    Ok((track, transceiver))
 }
 
 /// A webrtc-rs packet as the forwarder sees it (no copy: the payload moves).

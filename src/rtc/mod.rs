@@ -25,7 +25,9 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::types::ParticipantId;
 
-pub use media::{PublishedTrack, run_publisher, to_media_packet, to_rtp_packet};
+pub use media::{
+    PublishedTrack, add_sendonly_track, run_publisher, to_media_packet, to_rtp_packet,
+};
 pub use peer::{ChatChannel, ChatEvent, Peer, PeerEvent, RemoteOfferOutcome};
 pub use ports::{PortLease, PortPool};
 

@@ -8,16 +8,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rtc::media_stream::MediaStreamTrack;
 use rtc::peer_connection::sdp::RTCSessionDescription;
-use rtc::rtp_transceiver::rtp_sender::{
-    RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
-};
-use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
+use rtc::rtp_transceiver::RTCRtpTransceiverDirection;
+use rtc::rtp_transceiver::rtp_sender::{RTCRtpCodec, RtpCodecKind};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use webrtc::data_channel::{DataChannel, DataChannelEvent};
-use webrtc::media_stream::track_local::TrackLocal;
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
 use webrtc::peer_connection::{
@@ -26,7 +22,7 @@ use webrtc::peer_connection::{
 };
 use webrtc::rtp_transceiver::RtpSender;
 
-use super::media::{PublishedTrack, run_downtrack};
+use super::media::{PublishedTrack, add_sendonly_track, run_downtrack};
 use super::{PortLease, RtcError};
 use crate::forward::{DownTrack, ForwarderCommand, Rewriter};
 use crate::metrics::{GaugeGuard, Metrics};
@@ -401,31 +397,15 @@ impl Peer {
             MediaKind::Audio => RtpCodecKind::Audio,
             MediaKind::Video => RtpCodecKind::Video,
         };
-        let local = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
-            stream_id.to_string(),
-            track_id.to_string(),
-            track_id.to_string(),
+        let (local, transceiver) = add_sendonly_track(
+            self.pc.as_ref(),
+            stream_id,
+            track_id.as_str(),
             rtc_kind,
-            vec![RTCRtpEncodingParameters {
-                rtp_coding_parameters: RTCRtpCodingParameters {
-                    ssrc: Some(ssrc),
-                    ..Default::default()
-                },
-                codec: rtc_codec,
-                ..Default::default()
-            }],
-        )));
-        let transceiver = self
-            .pc
-            .add_transceiver_from_track(
-                local.clone() as Arc<dyn TrackLocal>,
-                Some(RTCRtpTransceiverInit {
-                    direction: RTCRtpTransceiverDirection::Sendonly,
-                    streams: vec![stream_id.to_string()],
-                    send_encodings: vec![],
-                }),
-            )
-            .await?;
+            rtc_codec,
+            ssrc,
+        )
+        .await?;
         let sender = transceiver
             .sender()
             .await?
