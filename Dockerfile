@@ -13,5 +13,5 @@ RUN useradd --system --no-create-home switchboard
 COPY --from=build /src/target/release/switchboard /usr/local/bin/switchboard
 USER switchboard
 EXPOSE 8080/tcp
-EXPOSE 50000-50999/udp
+EXPOSE 7882-7885/udp
 ENTRYPOINT ["/usr/local/bin/switchboard"]

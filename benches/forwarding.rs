@@ -1,7 +1,7 @@
 //! The per-packet forwarding path in isolation, and this machine's own limit for comparison.
 //!
 //! `forward_path/fanout/N`: one incoming ~1100-byte RTP packet is parsed, routed by a
-//! `TrackForwarder` to N subscribers (header rewrite, bounded queue), and for each subscriber
+//! `TrackForwarder` to N subscribers (keyframe check, header rewrite), and for each subscriber
 //! marshalled, SRTP-encrypted with that subscriber's own context and sent on a loopback UDP
 //! socket. Throughput is reported per forwarded packet (N per iteration).
 //!
@@ -11,18 +11,15 @@
 //! Everything sends to 127.0.0.1 only.
 
 use std::net::UdpSocket;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use rtc::shared::marshal::{Marshal, MarshalSize, Unmarshal};
 use rtc::srtp::context::Context;
 use rtc::srtp::protection_profile::ProtectionProfile;
-use switchboard::forward::{
-    DownTrack, DownTrackReceiver, ForwarderCommand, Rewriter, TrackForwarder,
-};
-use switchboard::rtc::{to_media_packet, to_rtp_packet};
-use switchboard::types::{MediaKind, ParticipantId};
+use switchboard::forward::{Delivery, KeyframeThrottle, MediaPacket, Rewriter, TrackForwarder};
 
 const PAYLOAD: usize = 1100;
 
@@ -51,7 +48,8 @@ fn incoming_packet(seq: u16) -> Bytes {
             ssrc: 0x1234_5678,
             ..Default::default()
         },
-        payload: Bytes::from(vec![0xAB; PAYLOAD]),
+        // A VP8 payload descriptor and key-frame tag, then filler.
+        payload: Bytes::from([&[0x10u8, 0x50][..], &[0xAB; PAYLOAD - 2]].concat()),
     };
     packet.marshal().expect("marshal").freeze()
 }
@@ -63,8 +61,11 @@ fn sink() -> UdpSocket {
     let rx = UdpSocket::bind("127.0.0.1:0").expect("bind sink");
     let tx = UdpSocket::bind("127.0.0.1:0").expect("bind source");
     tx.connect(rx.local_addr().expect("addr")).expect("connect");
-    switchboard::rtc::runtime::raise_socket_buffers(&rx, 4 << 20);
-    switchboard::rtc::runtime::raise_socket_buffers(&tx, 4 << 20);
+    for s in [&rx, &tx] {
+        let s = socket2::SockRef::from(s);
+        let _ = s.set_recv_buffer_size(4 << 20);
+        let _ = s.set_send_buffer_size(4 << 20);
+    }
     rx.set_read_timeout(Some(Duration::from_secs(2)))
         .expect("timeout");
     std::thread::spawn(move || {
@@ -74,53 +75,70 @@ fn sink() -> UdpSocket {
     tx
 }
 
-struct Subscriber {
-    queue: DownTrackReceiver,
-    srtp: Context,
+/// The forwarder's packet as the publisher's connection would hand it over.
+fn to_media_packet(packet: rtc::rtp::Packet) -> MediaPacket {
+    MediaPacket {
+        seq: u64::from(packet.header.sequence_number),
+        timestamp: packet.header.timestamp,
+        marker: packet.header.marker,
+        keyframe: false,
+        payload: Arc::from(&packet.payload[..]),
+        received_at: Instant::now(),
+    }
+}
+
+/// One delivery as the subscriber's connection would write it.
+fn to_rtp_packet(packet: &MediaPacket, d: &Delivery<usize>, ssrc: u32) -> rtc::rtp::Packet {
+    rtc::rtp::Packet {
+        header: rtc::rtp::header::Header {
+            version: 2,
+            marker: d.marker,
+            payload_type: d.header.payload_type,
+            sequence_number: d.header.seq as u16,
+            timestamp: d.header.timestamp,
+            ssrc,
+            ..Default::default()
+        },
+        payload: Bytes::from_owner(packet.payload.clone()),
+    }
 }
 
 fn forward_path(c: &mut Criterion) {
     let mut group = c.benchmark_group("forward_path");
     group.measurement_time(Duration::from_secs(4));
     for fanout in [1usize, 10, 100] {
-        let mut forwarder = TrackForwarder::new(MediaKind::Video, Duration::from_millis(500));
-        let mut subscribers: Vec<Subscriber> = (0..fanout)
+        let mut forwarder = TrackForwarder::new("video/VP8", KeyframeThrottle::DEFAULT_INTERVAL);
+        let mut srtp: Vec<Context> = (0..fanout)
             .map(|i| {
-                let (downtrack, queue) = DownTrack::new(
-                    ParticipantId::from(format!("p{i}").as_str()),
-                    Rewriter::new(1000 + i as u32, 96, 0, 0),
-                    64,
-                );
-                forwarder.handle(ForwarderCommand::AddDownTrack(downtrack));
-                Subscriber {
-                    queue,
-                    srtp: srtp_context(i as u8),
-                }
+                forwarder.add_downtrack(i, Rewriter::new(96, 0, 0));
+                srtp_context(i as u8)
             })
             .collect();
         let tx = sink();
         let mut seq: u16 = 0;
         let mut out = BytesMut::with_capacity(1500);
+        let mut deliveries = Vec::with_capacity(fanout);
         group.throughput(Throughput::Elements(fanout as u64));
         group.bench_with_input(BenchmarkId::new("fanout", fanout), &fanout, |b, _| {
             b.iter(|| {
                 seq = seq.wrapping_add(1);
                 let raw = incoming_packet(seq);
                 let mut buf = raw.clone();
-                let packet = rtc::rtp::Packet::unmarshal(&mut buf).expect("parse");
-                forwarder.forward(to_media_packet(packet));
-                for sub in &mut subscribers {
-                    while let Ok(p) = sub.queue.try_recv() {
-                        let rtp = to_rtp_packet(p);
-                        out.clear();
-                        out.resize(rtp.marshal_size(), 0);
-                        rtp.marshal_to(&mut out).expect("marshal");
-                        let protected = sub
-                            .srtp
-                            .encrypt_rtp_with_header(&out, &rtp.header)
-                            .expect("encrypt");
-                        let _ = tx.send(&protected);
-                    }
+                let parsed = rtc::rtp::Packet::unmarshal(&mut buf).expect("parse");
+                let mut packet = to_media_packet(parsed);
+                // Every packet reads as a VP8 keyframe start, so no subscriber is held back.
+                if forwarder.ingest(&mut packet) {
+                    forwarder.forward(&packet, &mut deliveries);
+                }
+                for d in &deliveries {
+                    let rtp = to_rtp_packet(&packet, d, 1000 + d.to as u32);
+                    out.clear();
+                    out.resize(rtp.marshal_size(), 0);
+                    rtp.marshal_to(&mut out).expect("marshal");
+                    let protected = srtp[d.to]
+                        .encrypt_rtp_with_header(&out, &rtp.header)
+                        .expect("encrypt");
+                    let _ = tx.send(&protected);
                 }
             });
         });

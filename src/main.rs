@@ -18,7 +18,7 @@ async fn main() -> anyhow::Result<()> {
     };
     tracing::info!(
         http = %server.http_addr,
-        udp_ports = %config.udp_ports,
+        udp = ?server.media_addrs(),
         public_ip = ?config.public_ip,
         "switchboard listening"
     );

@@ -10,9 +10,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
+use crate::media::MediaPlane;
 use crate::metrics::Metrics;
 use crate::room::Registry;
-use crate::rtc::RtcEngine;
 use crate::signal::ServerContext;
 use crate::signal::session::DRAIN_TIMEOUT;
 
@@ -23,6 +23,7 @@ pub struct ServerHandle {
     pub http_addr: SocketAddr,
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
+    media: Arc<MediaPlane>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -33,9 +34,12 @@ impl Server {
         let metrics = Arc::new(Metrics::default());
         let registry = Arc::new(Registry::new(config.limits.clone(), metrics.clone()));
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let media = Arc::new(
+            MediaPlane::start(&config, metrics.clone()).context("starting the media workers")?,
+        );
         let ctx = Arc::new(ServerContext {
             registry: registry.clone(),
-            engine: RtcEngine::new(&config, metrics.clone()),
+            media: media.clone(),
             metrics: metrics.clone(),
             limits: config.limits.clone(),
             shutdown: shutdown_rx.clone(),
@@ -59,6 +63,7 @@ impl Server {
             http_addr,
             registry,
             metrics,
+            media,
             shutdown,
             task,
         })
@@ -84,7 +89,13 @@ async fn sample_forward_rate(metrics: Arc<Metrics>, mut stop: watch::Receiver<bo
 }
 
 impl ServerHandle {
-    /// Stops accepting, tells every session to close, and waits (bounded) for them to go.
+    /// The media addresses each worker announces (worker k: `--udp-port` + k).
+    pub fn media_addrs(&self) -> Vec<Vec<SocketAddr>> {
+        self.media.worker_addrs()
+    }
+
+    /// Stops accepting, tells every session to close, waits (bounded) for them to go, then
+    /// stops the media workers.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         let deadline = Instant::now() + DRAIN_TIMEOUT;
@@ -92,6 +103,8 @@ impl ServerHandle {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, self.task).await;
+        let media = self.media.clone();
+        let _ = tokio::task::spawn_blocking(move || media.shutdown()).await;
     }
 
     /// Runs until `signal` resolves, then shuts down.

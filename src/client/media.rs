@@ -8,20 +8,24 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use rtc::media_stream::MediaStreamTrack;
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtp;
-use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
+use rtc::rtp_transceiver::rtp_sender::{
+    RTCRtpCodec, RTCRtpCodingParameters, RTCRtpEncodingParameters, RtpCodecKind,
+};
+use rtc::rtp_transceiver::{RTCRtpTransceiverDirection, RTCRtpTransceiverInit};
 use tokio::sync::watch;
 use tracing::debug;
 use webrtc::media_stream::track_local::static_rtp::TrackLocalStaticRTP;
 use webrtc::media_stream::track_local::{TrackLocal, TrackLocalEvent};
+use webrtc::peer_connection::PeerConnection;
 use webrtc::rtp_transceiver::RtpTransceiver;
 
 use super::payload::{self, PayloadHeader};
 use super::peer::{Link, LinkState, h264_codec, opus_codec, vp8_codec};
 use super::stats::LocalTrackStats;
-use crate::rtc::add_sendonly_track;
 use crate::signal::protocol::MediaKind;
 
 /// Which codec the synthetic video claims to be (the payload is synthetic either way; an SFU
@@ -47,6 +51,9 @@ pub struct MediaProfile {
     pub audio_packets_per_second: u32,
     /// Payload bytes per audio packet.
     pub audio_packet_size: usize,
+    /// Every n-th video frame is labelled a key frame, and so is the next frame after a
+    /// keyframe request (PLI/FIR). 0: every frame is labelled key.
+    pub keyframe_interval_frames: u32,
 }
 
 impl Default for MediaProfile {
@@ -58,6 +65,7 @@ impl Default for MediaProfile {
             video_packet_size: 1100,
             audio_packets_per_second: 50,
             audio_packet_size: 100,
+            keyframe_interval_frames: 0,
         }
     }
 }
@@ -271,6 +279,8 @@ impl LocalTrack {
         let mut timestamp: u32 = rand::random();
         let mut ready = Vec::new();
         let mut buf = BytesMut::new();
+        let mut frame: u64 = 0;
+        let mut requests_seen = 0;
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
@@ -294,6 +304,13 @@ impl LocalTrack {
             if ready.is_empty() {
                 continue;
             }
+            let interval = u64::from(self.profile.keyframe_interval_frames);
+            let requests =
+                self.stats.pli.load(Ordering::Relaxed) + self.stats.fir.load(Ordering::Relaxed);
+            let key = interval == 0 || frame.is_multiple_of(interval) || requests != requests_seen;
+            requests_seen = requests;
+            frame += 1;
+            let h264 = self.profile.video_codec == VideoCodec::H264;
             for i in 0..packets_per_tick {
                 let header = PayloadHeader {
                     sender: self.sender_hash,
@@ -302,6 +319,14 @@ impl LocalTrack {
                     sent_at_us: payload::now_micros(),
                 };
                 payload::write_payload(&header, size, &mut buf);
+                if self.kind == MediaKind::Video {
+                    if h264 {
+                        buf[0] = payload::H264_IDR_BYTE;
+                    }
+                    if !key {
+                        payload::mark_delta(&mut buf, h264);
+                    }
+                }
                 let payload = buf.split().freeze();
                 let marker = self.kind == MediaKind::Video && i + 1 == packets_per_tick;
                 for output in &ready {
@@ -333,4 +358,43 @@ impl LocalTrack {
             self.stats.frames.fetch_add(1, Ordering::Relaxed);
         }
     }
+}
+
+/// Adds a send-only transceiver carrying a new RTP track with one encoding under `ssrc`.
+/// A fresh transceiver each time: `add_track` may re-use a receiving one, which mixes the
+/// directions of unrelated tracks on one m-line.
+pub(super) async fn add_sendonly_track(
+    pc: &dyn PeerConnection,
+    stream_id: &str,
+    track_id: &str,
+    kind: RtpCodecKind,
+    codec: RTCRtpCodec,
+    ssrc: u32,
+) -> webrtc::error::Result<(Arc<TrackLocalStaticRTP>, Arc<dyn RtpTransceiver>)> {
+    let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+        stream_id.to_string(),
+        track_id.to_string(),
+        track_id.to_string(),
+        kind,
+        vec![RTCRtpEncodingParameters {
+            rtp_coding_parameters: RTCRtpCodingParameters {
+                ssrc: Some(ssrc),
+                ..Default::default()
+            },
+            active: true,
+            codec,
+            ..Default::default()
+        }],
+    )));
+    let transceiver = pc
+        .add_transceiver_from_track(
+            track.clone() as Arc<dyn TrackLocal>,
+            Some(RTCRtpTransceiverInit {
+                direction: RTCRtpTransceiverDirection::Sendonly,
+                streams: vec![stream_id.to_string()],
+                send_encodings: vec![],
+            }),
+        )
+        .await?;
+    Ok((track, transceiver))
 }

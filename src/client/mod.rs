@@ -24,6 +24,7 @@
 //! [`Client::remote_track_count`] reads the transceivers instead: a track counts while its
 //! transceiver's negotiated direction still includes receiving.
 
+mod keyframe;
 mod media;
 pub mod payload;
 mod peer;

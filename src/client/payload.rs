@@ -17,7 +17,8 @@
 //! The magic's first two bytes also read as a VP8 payload descriptor with the start-of-partition
 //! bit set followed by a VP8 frame tag with the key-frame bit set (`0x10`, `0x50`), so a server
 //! that sniffs VP8 key frames before forwarding a video track to a new subscriber sees one in
-//! every packet instead of waiting forever.
+//! every packet instead of waiting forever. H.264-labelled tracks replace the first byte with
+//! [`H264_IDR_BYTE`], an IDR NAL unit header, for the same reason.
 //!
 //! This module is pure (no I/O, no clock except [`now_micros`]) so the load generator reuses it.
 
@@ -27,6 +28,27 @@ use crate::signal::protocol::MediaKind;
 
 /// The first four bytes of every synthetic payload.
 pub const PAYLOAD_MAGIC: [u8; 4] = [0x10, 0x50, 0x53, 0x42];
+
+/// First payload byte of H.264-labelled tracks: a NAL unit header of type 5 (IDR slice).
+pub const H264_IDR_BYTE: u8 = 0x65;
+/// First payload byte of H.264-labelled delta frames: a NAL unit header of type 1.
+pub const H264_DELTA_BYTE: u8 = 0x41;
+/// Second payload byte of VP8-labelled delta frames: a frame tag with the inter-frame bit.
+pub const VP8_DELTA_BYTE: u8 = 0x51;
+
+/// Marks a written payload as a delta (not key) frame of its codec label.
+pub fn mark_delta(payload: &mut [u8], h264: bool) {
+    if h264 {
+        payload[0] = H264_DELTA_BYTE;
+    } else {
+        payload[1] = VP8_DELTA_BYTE;
+    }
+}
+
+/// Whether a synthetic payload is labelled as (part of) a key frame.
+pub fn is_key(payload: &[u8]) -> bool {
+    payload.len() >= 2 && payload[0] != H264_DELTA_BYTE && payload[1] != VP8_DELTA_BYTE
+}
 
 /// Length of the fixed header in front of the padding.
 pub const PAYLOAD_HEADER_LEN: usize = 25;
@@ -90,7 +112,9 @@ pub fn parse_payload(buf: &[u8]) -> Result<PayloadHeader, PayloadError> {
     if buf.len() < PAYLOAD_HEADER_LEN {
         return Err(PayloadError::TooShort);
     }
-    if buf[0..4] != PAYLOAD_MAGIC {
+    let first_ok = [PAYLOAD_MAGIC[0], H264_IDR_BYTE, H264_DELTA_BYTE].contains(&buf[0]);
+    let second_ok = buf[1] == PAYLOAD_MAGIC[1] || buf[1] == VP8_DELTA_BYTE;
+    if !first_ok || !second_ok || buf[2..4] != PAYLOAD_MAGIC[2..] {
         return Err(PayloadError::BadMagic);
     }
     let sender = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]);

@@ -354,7 +354,7 @@ async fn build_peer_connection(
         media_engine.register_codec(codec, kind)?;
     }
     let registry = register_default_interceptors(Registry::new(), &mut media_engine)?;
-    let registry = crate::rtc::keyframe::register(registry);
+    let registry = super::keyframe::register(registry);
     // Loopback candidates only, and no mDNS (it would multicast off the loopback interface).
     // The server's first connectivity check often arrives before its trickled candidate, so
     // the client meets the server as a peer-reflexive candidate first; webrtc-rs then waits

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 
 use rtc::rtp;
 use tokio::sync::Notify;
@@ -38,6 +38,8 @@ pub(crate) struct RemoteTrackStats {
     last_seq: AtomicU64,
     latency_sum_us: AtomicU64,
     latency_max_us: AtomicU64,
+    /// The first intact packet: 0 none yet, 1 labelled key frame, 2 delta frame.
+    first_key: AtomicU8,
     ended: AtomicBool,
 }
 
@@ -70,6 +72,7 @@ impl RemoteTrackStats {
             last_seq: AtomicU64::new(NONE),
             latency_sum_us: AtomicU64::new(0),
             latency_max_us: AtomicU64::new(0),
+            first_key: AtomicU8::new(0),
             ended: AtomicBool::new(false),
         }
     }
@@ -89,7 +92,14 @@ impl RemoteTrackStats {
                     self.mismatched.fetch_add(1, Ordering::Relaxed);
                     return None;
                 }
-                self.intact.fetch_add(1, Ordering::Relaxed);
+                if self.intact.fetch_add(1, Ordering::Relaxed) == 0 {
+                    let label = if payload::is_key(&packet.payload) {
+                        1
+                    } else {
+                        2
+                    };
+                    self.first_key.store(label, Ordering::Relaxed);
+                }
                 let _ = self.first_seq.compare_exchange(
                     NONE,
                     header.seq,
@@ -145,6 +155,10 @@ impl RemoteTrackStats {
                 .checked_div(intact)
                 .unwrap_or(0),
             max_latency_us: self.latency_max_us.load(Ordering::Relaxed),
+            first_packet_key: match self.first_key.load(Ordering::Relaxed) {
+                0 => None,
+                label => Some(label == 1),
+            },
             ended: self.ended.load(Ordering::Relaxed),
         }
     }
@@ -199,6 +213,8 @@ pub struct RemoteTrackSnapshot {
     pub last_seq: Option<u64>,
     pub mean_latency_us: u64,
     pub max_latency_us: u64,
+    /// Whether the first intact packet was labelled a key frame (None before one arrived).
+    pub first_packet_key: Option<bool>,
     /// The track's event stream reported it ended (webrtc-rs 0.21 rarely does; see
     /// [`super::Client::remote_track_count`]).
     pub ended: bool,

@@ -1,59 +1,42 @@
-//! One published track as one subscriber receives it: its rewrite state and its bounded queue.
+//! One published track as one subscriber receives it: its rewrite state, and whether it still
+//! waits for the keyframe it must start with.
 
-use tokio::sync::mpsc::{self, error::TrySendError};
-
-use super::{DownTrackReceiver, MediaPacket, Rewriter};
-use crate::types::ParticipantId;
+use super::{MediaPacket, Rewriter, rewrite::Rewritten};
 
 #[derive(Debug)]
-pub struct DownTrack {
-    subscriber: ParticipantId,
+pub struct DownTrack<K> {
+    subscriber: K,
     rewriter: Rewriter,
-    queue: mpsc::Sender<MediaPacket>,
+    /// Video only: nothing is sent before the first packet of a keyframe.
+    awaiting_keyframe: bool,
 }
 
-/// What became of a packet pushed to a downtrack.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PushOutcome {
-    Queued,
-    /// The subscriber is behind; this packet is lost to it (its NACK or PLI recovers).
-    Dropped,
-    /// The subscriber's writer is gone; the downtrack should be removed.
-    Closed,
-}
-
-impl DownTrack {
-    /// A downtrack and the receiving end of its queue, which the media engine drains.
-    pub fn new(
-        subscriber: ParticipantId,
-        rewriter: Rewriter,
-        queue_len: usize,
-    ) -> (Self, DownTrackReceiver) {
-        let (tx, rx) = mpsc::channel(queue_len.max(1));
-        (
-            DownTrack {
-                subscriber,
-                rewriter,
-                queue: tx,
-            },
-            rx,
-        )
-    }
-
-    pub fn subscriber(&self) -> &ParticipantId {
-        &self.subscriber
-    }
-
-    pub fn is_closed(&self) -> bool {
-        self.queue.is_closed()
-    }
-
-    /// Rewrites and enqueues without waiting: a slow subscriber never stalls the publisher.
-    pub fn push(&mut self, packet: &MediaPacket) -> PushOutcome {
-        match self.queue.try_send(self.rewriter.rewrite(packet)) {
-            Ok(()) => PushOutcome::Queued,
-            Err(TrySendError::Full(_)) => PushOutcome::Dropped,
-            Err(TrySendError::Closed(_)) => PushOutcome::Closed,
+impl<K: Copy + Eq> DownTrack<K> {
+    /// A downtrack for `subscriber` (the engine's key for the subscriber's track).
+    pub fn new(subscriber: K, rewriter: Rewriter, starts_on_keyframe: bool) -> Self {
+        DownTrack {
+            subscriber,
+            rewriter,
+            awaiting_keyframe: starts_on_keyframe,
         }
+    }
+
+    pub fn subscriber(&self) -> K {
+        self.subscriber
+    }
+
+    pub fn awaiting_keyframe(&self) -> bool {
+        self.awaiting_keyframe
+    }
+
+    /// The packet's header for this subscriber, or None while it still waits for a keyframe.
+    pub fn rewrite(&mut self, packet: &MediaPacket) -> Option<Rewritten> {
+        if self.awaiting_keyframe {
+            if !packet.keyframe {
+                return None;
+            }
+            self.awaiting_keyframe = false;
+        }
+        Some(self.rewriter.rewrite(packet))
     }
 }

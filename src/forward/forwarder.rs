@@ -1,248 +1,268 @@
-//! The fan-out of one published track to its subscribers.
+//! The fan-out of one published track on one media worker.
 //!
-//! A `TrackForwarder` is owned by the one task that reads the published track, so the packet
-//! path takes no lock: membership changes arrive as [`ForwarderCommand`]s on a channel that the
-//! same task drains between packets.
+//! Every worker that has subscribers of a track holds a `TrackForwarder` for it. The one on the
+//! publisher's worker is the *source*: it sees the packets first, removes padding, marks
+//! keyframes, throttles keyframe requests to the publisher, and lists the other workers the
+//! packet must be relayed to. A forwarder is owned by its worker's event loop, so nothing here
+//! takes a lock; subscribers come and go by method calls between packets.
 
 use std::time::{Duration, Instant};
 
-use super::{DownTrack, KeyframeThrottle, MediaPacket, PushOutcome};
-use crate::types::{MediaKind, ParticipantId};
+use super::codec::VideoFormat;
+use super::rewrite::Rewritten;
+use super::{DownTrack, KeyframeThrottle, MediaPacket, Rewriter};
 
-/// Changes to a forwarder, sent by the room and by subscribers.
-#[derive(Debug)]
-pub enum ForwarderCommand {
-    /// Start sending to a subscriber (its negotiation is done). Video asks for a keyframe.
-    AddDownTrack(DownTrack),
-    /// Stop sending to a subscriber.
-    RemoveDownTrack(ParticipantId),
-    /// A subscriber lost the picture (PLI/FIR) and wants a keyframe.
-    RequestKeyframe,
-}
-
-/// Tally of one forwarded packet.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ForwardOutcome {
-    pub queued: u32,
-    pub dropped: u32,
+/// One packet for one subscriber: the engine writes `packet.payload` with these header fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivery<K> {
+    pub to: K,
+    pub header: Rewritten,
+    pub marker: bool,
 }
 
 #[derive(Debug)]
-pub struct TrackForwarder {
-    kind: MediaKind,
-    downtracks: Vec<DownTrack>,
+pub struct TrackForwarder<K> {
+    /// Video format whose keyframes are recognised (None: audio, or not recognised).
+    format: Option<VideoFormat>,
+    is_video: bool,
+    downtracks: Vec<DownTrack<K>>,
+    /// Other workers with subscribers of this track (source forwarder only).
+    relays: Vec<usize>,
     keyframes: KeyframeThrottle,
     /// Padding-only packets removed so far: later sequence numbers close the gap.
-    seq_skipped: u16,
-    last_seq: Option<u16>,
+    padding_removed: u64,
+    highest_seq: Option<u64>,
 }
 
-impl TrackForwarder {
-    pub fn new(kind: MediaKind, keyframe_interval: Duration) -> Self {
+impl<K: Copy + Eq> TrackForwarder<K> {
+    /// `mime` is the track's codec (`video/VP8`, `audio/opus`, ...).
+    pub fn new(mime: &str, keyframe_interval: Duration) -> Self {
         TrackForwarder {
-            kind,
+            format: VideoFormat::from_mime(mime),
+            is_video: mime.len() >= 6 && mime[..6].eq_ignore_ascii_case("video/"),
             downtracks: Vec::new(),
+            relays: Vec::new(),
             keyframes: KeyframeThrottle::new(keyframe_interval),
-            seq_skipped: 0,
-            last_seq: None,
+            padding_removed: 0,
+            highest_seq: None,
         }
     }
 
-    pub fn kind(&self) -> MediaKind {
-        self.kind
+    pub fn is_video(&self) -> bool {
+        self.is_video
     }
 
     pub fn subscriber_count(&self) -> usize {
         self.downtracks.len()
     }
 
-    pub fn handle(&mut self, command: ForwarderCommand) {
-        match command {
-            ForwarderCommand::AddDownTrack(downtrack) => {
-                self.downtracks
-                    .retain(|d| d.subscriber() != downtrack.subscriber());
-                self.downtracks.push(downtrack);
-                self.request_keyframe();
-            }
-            ForwarderCommand::RemoveDownTrack(subscriber) => {
-                self.downtracks.retain(|d| *d.subscriber() != subscriber);
-            }
-            ForwarderCommand::RequestKeyframe => self.request_keyframe(),
+    /// Neither local subscribers nor other workers to relay to.
+    pub fn is_idle(&self) -> bool {
+        self.downtracks.is_empty() && self.relays.is_empty()
+    }
+
+    /// Starts sending to a subscriber (its connection can decrypt: negotiation and DTLS are
+    /// done). A video subscriber waits for a keyframe, which is asked for.
+    pub fn add_downtrack(&mut self, to: K, rewriter: Rewriter) {
+        self.downtracks.retain(|d| d.subscriber() != to);
+        let wait = self.format.is_some();
+        self.downtracks.push(DownTrack::new(to, rewriter, wait));
+        self.request_keyframe();
+    }
+
+    /// Stops sending to a subscriber. True if it was there.
+    pub fn remove_downtrack(&mut self, to: K) -> bool {
+        let before = self.downtracks.len();
+        self.downtracks.retain(|d| d.subscriber() != to);
+        self.downtracks.len() != before
+    }
+
+    /// Removes every downtrack `which` selects (a subscriber's connection closed).
+    pub fn remove_downtracks_where(&mut self, mut which: impl FnMut(K) -> bool) -> usize {
+        let before = self.downtracks.len();
+        self.downtracks.retain(|d| !which(d.subscriber()));
+        before - self.downtracks.len()
+    }
+
+    pub fn add_relay(&mut self, worker: usize) {
+        if !self.relays.contains(&worker) {
+            self.relays.push(worker);
         }
     }
 
-    fn request_keyframe(&mut self) {
-        if self.kind == MediaKind::Video {
+    pub fn remove_relay(&mut self, worker: usize) {
+        self.relays.retain(|w| *w != worker);
+    }
+
+    /// The other workers this track's packets go to.
+    pub fn relays(&self) -> &[usize] {
+        &self.relays
+    }
+
+    /// Someone lost the picture (a subscriber's PLI/FIR, a new subscriber).
+    pub fn request_keyframe(&mut self) {
+        if self.is_video {
             self.keyframes.request();
         }
     }
 
-    /// Cheap check for the packet loop: is any keyframe request waiting?
-    pub fn wants_keyframe(&self) -> bool {
-        self.keyframes.is_pending()
-    }
-
-    /// Whether to send the publisher a keyframe request now (throttled).
+    /// Whether to send a keyframe request on now (throttled).
     pub fn poll_keyframe_request(&mut self, now: Instant) -> bool {
         self.keyframes.poll(now)
     }
 
-    /// Sends one incoming packet to every subscriber's queue. Padding-only packets (bandwidth
-    /// probes) carry nothing to forward and are removed; the sequence numbers after them are
-    /// shifted so subscribers see no gap and ask for no retransmission.
-    pub fn forward(&mut self, mut packet: MediaPacket) -> ForwardOutcome {
-        let in_order = self
-            .last_seq
-            .is_none_or(|last| packet.sequence.wrapping_sub(last) == 1);
-        if in_order {
-            self.last_seq = Some(packet.sequence);
+    /// When a deferred keyframe request falls due, for the worker's timer.
+    pub fn keyframe_request_due(&self, now: Instant) -> Option<Instant> {
+        self.keyframes.due(now)
+    }
+
+    /// Source side: takes a packet from the publisher. Padding-only packets (bandwidth probes)
+    /// carry nothing to forward: they return false and later sequence numbers are shifted so
+    /// subscribers see no gap. Otherwise the packet's keyframe flag is set and it is ready to be
+    /// forwarded here and relayed.
+    pub fn ingest(&mut self, packet: &mut MediaPacket) -> bool {
+        let newest = self.highest_seq.is_none_or(|h| packet.seq > h);
+        if newest {
+            self.highest_seq = Some(packet.seq);
         }
         if packet.payload.is_empty() {
-            if in_order {
-                self.seq_skipped = self.seq_skipped.wrapping_add(1);
+            if newest {
+                self.padding_removed += 1;
             }
-            return ForwardOutcome::default();
+            return false;
         }
-        packet.sequence = packet.sequence.wrapping_sub(self.seq_skipped);
+        packet.seq = packet.seq.saturating_sub(self.padding_removed);
+        packet.keyframe = self
+            .format
+            .is_some_and(|f| f.starts_keyframe(&packet.payload));
+        true
+    }
 
-        let mut outcome = ForwardOutcome::default();
-        let mut closed = false;
+    /// Rewrites a packet for every local subscriber into `out` (cleared first). Subscribers
+    /// still waiting for a keyframe get nothing and keep the keyframe request alive.
+    pub fn forward(&mut self, packet: &MediaPacket, out: &mut Vec<Delivery<K>>) {
+        out.clear();
+        let mut waiting = false;
         for downtrack in &mut self.downtracks {
-            match downtrack.push(&packet) {
-                PushOutcome::Queued => outcome.queued += 1,
-                PushOutcome::Dropped => outcome.dropped += 1,
-                PushOutcome::Closed => closed = true,
+            match downtrack.rewrite(packet) {
+                Some(header) => out.push(Delivery {
+                    to: downtrack.subscriber(),
+                    header,
+                    marker: packet.marker,
+                }),
+                None => waiting = true,
             }
         }
-        if closed {
-            self.downtracks.retain(|d| !d.is_closed());
+        if waiting {
+            // Throttled: re-asks every interval until the keyframe arrives (a request may be lost).
+            self.request_keyframe();
         }
-        outcome
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::forward::{DownTrackReceiver, Rewriter};
-    use bytes::Bytes;
+    use std::sync::Arc;
 
-    fn pkt(seq: u16, payload: &'static [u8]) -> MediaPacket {
+    const VP8_KEY: &[u8] = &[0x10, 0x50, 0xaa];
+    const VP8_DELTA: &[u8] = &[0x10, 0x51, 0xaa];
+
+    fn pkt(seq: u64, payload: &[u8]) -> MediaPacket {
         MediaPacket {
+            seq,
+            timestamp: seq as u32 * 3000,
             marker: false,
-            payload_type: 96,
-            sequence: seq,
-            timestamp: u32::from(seq) * 3000,
-            ssrc: 42,
-            payload: Bytes::from_static(payload),
+            keyframe: false,
+            payload: Arc::from(payload),
+            received_at: Instant::now(),
         }
     }
 
-    fn subscriber(name: &str, ssrc: u32, queue: usize) -> (DownTrack, DownTrackReceiver) {
-        DownTrack::new(
-            ParticipantId::from(name),
-            Rewriter::new(ssrc, 100, 0, 0),
-            queue,
-        )
-    }
-
-    fn drain(rx: &mut DownTrackReceiver) -> Vec<MediaPacket> {
+    fn run(f: &mut TrackForwarder<u32>, mut p: MediaPacket) -> Vec<Delivery<u32>> {
         let mut out = Vec::new();
-        while let Ok(p) = rx.try_recv() {
-            out.push(p);
+        if f.ingest(&mut p) {
+            f.forward(&p, &mut out);
         }
         out
     }
 
     #[test]
-    fn fans_out_with_per_subscriber_rewrite() {
-        let mut f = TrackForwarder::new(MediaKind::Video, Duration::from_millis(500));
-        let (a, mut rx_a) = subscriber("a", 1, 16);
-        let (b, mut rx_b) = subscriber("b", 2, 16);
-        f.handle(ForwarderCommand::AddDownTrack(a));
-        f.handle(ForwarderCommand::AddDownTrack(b));
-        let out = f.forward(pkt(10, b"x"));
-        assert_eq!(
-            out,
-            ForwardOutcome {
-                queued: 2,
-                dropped: 0
-            }
+    fn fans_out_with_per_subscriber_payload_type() {
+        let mut f = TrackForwarder::new("audio/opus", KeyframeThrottle::DEFAULT_INTERVAL);
+        f.add_downtrack(1, Rewriter::new(111, 0, 0));
+        f.add_downtrack(2, Rewriter::new(109, 0, 0));
+        let out = run(&mut f, pkt(10, b"x"));
+        assert_eq!(out.len(), 2);
+        assert_eq!((out[0].to, out[0].header.payload_type), (1, 111));
+        assert_eq!((out[1].to, out[1].header.payload_type), (2, 109));
+    }
+
+    #[test]
+    fn video_subscriber_starts_on_a_keyframe_and_asks_for_one() {
+        let t0 = Instant::now();
+        let mut f = TrackForwarder::new("video/VP8", Duration::from_millis(500));
+        f.add_downtrack(1, Rewriter::new(96, 0, 0));
+        assert!(f.poll_keyframe_request(t0), "a new video subscriber asks");
+        assert!(run(&mut f, pkt(1, VP8_DELTA)).is_empty(), "held back");
+        assert!(!f.poll_keyframe_request(t0), "throttled");
+        assert!(
+            f.poll_keyframe_request(t0 + Duration::from_millis(600)),
+            "asked again"
         );
-        let a = drain(&mut rx_a);
-        let b = drain(&mut rx_b);
-        assert_eq!((a[0].ssrc, a[0].payload_type), (1, 100));
-        assert_eq!(b[0].ssrc, 2);
-        assert_eq!(a[0].payload, b[0].payload);
+        let out = run(&mut f, pkt(2, VP8_KEY));
+        assert_eq!(out.len(), 1);
+        assert_eq!(run(&mut f, pkt(3, VP8_DELTA)).len(), 1, "then everything");
+        assert!(!f.poll_keyframe_request(t0 + Duration::from_secs(5)));
+        // Audio never waits and never asks.
+        let mut a = TrackForwarder::new("audio/opus", Duration::from_millis(500));
+        a.add_downtrack(1, Rewriter::new(111, 0, 0));
+        a.request_keyframe();
+        assert!(!a.poll_keyframe_request(t0));
+        assert_eq!(run(&mut a, pkt(1, b"x")).len(), 1);
     }
 
     #[test]
-    fn slow_subscriber_drops_without_blocking_others() {
-        let mut f = TrackForwarder::new(MediaKind::Audio, Duration::from_millis(500));
-        let (slow, _rx_slow) = subscriber("slow", 1, 2);
-        let (fast, mut rx_fast) = subscriber("fast", 2, 64);
-        f.handle(ForwarderCommand::AddDownTrack(slow));
-        f.handle(ForwarderCommand::AddDownTrack(fast));
-        let mut dropped = 0;
-        for seq in 0..10 {
-            dropped += f.forward(pkt(seq, b"x")).dropped;
-        }
-        assert_eq!(dropped, 8, "the slow queue holds 2 of 10");
-        assert_eq!(drain(&mut rx_fast).len(), 10, "the fast one got everything");
-    }
-
-    #[test]
-    fn closed_subscriber_is_removed() {
-        let mut f = TrackForwarder::new(MediaKind::Audio, Duration::from_millis(500));
-        let (gone, rx_gone) = subscriber("gone", 1, 4);
-        f.handle(ForwarderCommand::AddDownTrack(gone));
-        drop(rx_gone);
-        f.forward(pkt(1, b"x"));
-        assert_eq!(f.subscriber_count(), 0);
+    fn unrecognised_video_is_not_held_back() {
+        let mut f = TrackForwarder::new("video/H265", Duration::from_millis(500));
+        f.add_downtrack(1, Rewriter::new(96, 0, 0));
+        assert_eq!(run(&mut f, pkt(1, b"x")).len(), 1);
     }
 
     #[test]
     fn remove_and_readd_replaces() {
-        let mut f = TrackForwarder::new(MediaKind::Audio, Duration::from_millis(500));
-        let (a1, _r1) = subscriber("a", 1, 4);
-        let (a2, _r2) = subscriber("a", 2, 4);
-        f.handle(ForwarderCommand::AddDownTrack(a1));
-        f.handle(ForwarderCommand::AddDownTrack(a2));
+        let mut f = TrackForwarder::new("audio/opus", Duration::from_millis(500));
+        f.add_downtrack(1, Rewriter::new(1, 0, 0));
+        f.add_downtrack(1, Rewriter::new(2, 0, 0));
         assert_eq!(f.subscriber_count(), 1);
-        f.handle(ForwarderCommand::RemoveDownTrack(ParticipantId::from("a")));
-        assert_eq!(f.subscriber_count(), 0);
+        assert!(f.remove_downtrack(1));
+        assert!(!f.remove_downtrack(1));
+        assert!(f.is_idle());
+        f.add_relay(3);
+        f.add_relay(3);
+        assert_eq!(f.relays(), &[3]);
+        assert!(!f.is_idle());
+        f.remove_relay(3);
+        assert!(f.is_idle());
     }
 
     #[test]
     fn padding_only_packets_are_removed_without_a_gap() {
-        let mut f = TrackForwarder::new(MediaKind::Video, Duration::from_millis(500));
-        let (a, mut rx) = subscriber("a", 1, 16);
-        f.handle(ForwarderCommand::AddDownTrack(a));
-        f.forward(pkt(1, b"x"));
-        f.forward(pkt(2, b""));
-        f.forward(pkt(3, b""));
-        f.forward(pkt(4, b"y"));
-        let seqs: Vec<u16> = drain(&mut rx).iter().map(|p| p.sequence).collect();
-        assert_eq!(seqs, vec![0, 1]);
-    }
-
-    #[test]
-    fn new_video_subscriber_asks_for_one_keyframe() {
-        let t0 = Instant::now();
-        let mut f = TrackForwarder::new(MediaKind::Video, Duration::from_millis(500));
-        assert!(!f.poll_keyframe_request(t0));
-        let (a, _ra) = subscriber("a", 1, 4);
-        let (b, _rb) = subscriber("b", 2, 4);
-        f.handle(ForwarderCommand::AddDownTrack(a));
-        f.handle(ForwarderCommand::AddDownTrack(b));
-        assert!(f.poll_keyframe_request(t0));
-        assert!(!f.poll_keyframe_request(t0));
-        f.handle(ForwarderCommand::RequestKeyframe);
-        assert!(!f.poll_keyframe_request(t0 + Duration::from_millis(100)));
-        assert!(f.poll_keyframe_request(t0 + Duration::from_millis(600)));
-        // Audio never asks.
-        let mut audio = TrackForwarder::new(MediaKind::Audio, Duration::from_millis(500));
-        audio.handle(ForwarderCommand::RequestKeyframe);
-        assert!(!audio.poll_keyframe_request(t0));
+        let mut f = TrackForwarder::new("audio/opus", Duration::from_millis(500));
+        f.add_downtrack(1, Rewriter::new(1, 0, 0));
+        let mut seqs = Vec::new();
+        for (seq, payload) in [
+            (1, &b"x"[..]),
+            (2, b""),
+            (3, b""),
+            (4, b"y"),
+            (6, b"z"),
+            (5, b"w"),
+        ] {
+            seqs.extend(run(&mut f, pkt(seq, payload)).iter().map(|d| d.header.seq));
+        }
+        let base = 1 << 15;
+        // 4 follows 1 directly; 6 after a real loss keeps its gap; 5 arrives late, in place.
+        assert_eq!(seqs, vec![base, base + 1, base + 3, base + 2]);
     }
 }

@@ -47,6 +47,17 @@ impl KeyframeThrottle {
     pub fn is_pending(&self) -> bool {
         self.pending
     }
+
+    /// When a pending request may go out (None: nothing pending).
+    pub fn due(&self, now: Instant) -> Option<Instant> {
+        if !self.pending {
+            return None;
+        }
+        Some(
+            self.last_sent
+                .map_or(now, |last| (last + self.min_interval).max(now)),
+        )
+    }
 }
 
 #[cfg(test)]

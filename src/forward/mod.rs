@@ -1,25 +1,28 @@
-//! Engine-independent media routing.
+//! Engine-independent media routing: the packet path.
 //!
 //! Owns: which subscriber gets which packet of a published track ([`TrackForwarder`]), the
-//! per-subscriber header rewrite ([`Rewriter`]: SSRC, payload type, sequence number, timestamp),
-//! keyframe-request throttling ([`KeyframeThrottle`]) and the drop policy (each subscriber has a
-//! bounded queue; a full queue drops the packet and counts it).
+//! per-subscriber header rewrite ([`Rewriter`]: payload type, sequence number, timestamp),
+//! keyframe recognition ([`VideoFormat`]) so a new subscriber starts on a keyframe,
+//! keyframe-request throttling ([`KeyframeThrottle`]), padding removal, and how a track is found
+//! on the packet path ([`TrackRoute`]).
 //!
-//! Must not: know about webrtc-rs, sockets or signaling. The media engine hands packets in as
-//! [`MediaPacket`] and drains each [`DownTrack`]'s queue; the forwarding logic would survive a
-//! swap of the engine unchanged. Time is passed in, never read here.
+//! Must not: know about the media engine, sockets, threads or signaling. The media worker hands
+//! packets in as [`MediaPacket`], gets [`Delivery`]s back and writes them to its connections;
+//! the forwarding logic would survive a swap of the engine unchanged. Time is passed in, never
+//! read here.
 
+mod codec;
 mod downtrack;
 mod forwarder;
 mod keyframe;
 mod packet;
 mod rewrite;
+mod route;
 
-pub use downtrack::{DownTrack, PushOutcome};
-pub use forwarder::{ForwardOutcome, ForwarderCommand, TrackForwarder};
+pub use codec::VideoFormat;
+pub use downtrack::DownTrack;
+pub use forwarder::{Delivery, TrackForwarder};
 pub use keyframe::KeyframeThrottle;
 pub use packet::MediaPacket;
-pub use rewrite::Rewriter;
-
-/// The receiving end of a downtrack's queue, drained by the media engine.
-pub type DownTrackReceiver = tokio::sync::mpsc::Receiver<MediaPacket>;
+pub use rewrite::{Rewriter, Rewritten};
+pub use route::{TrackKey, TrackRoute};

@@ -1,15 +1,19 @@
 //! Our own RTP packet: the header fields forwarding touches, and the payload shared by reference.
 
-use bytes::Bytes;
+use std::sync::Arc;
+use std::time::Instant;
 
-/// One RTP packet on its way through the forwarder. Cloning shares the payload (`Bytes` is
-/// reference-counted); only the few header fields differ per subscriber.
+/// One RTP packet on its way through the forwarder. Cloning shares the payload; only the few
+/// header fields differ per subscriber, and those are computed per [`Delivery`](super::Delivery).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MediaPacket {
-    pub marker: bool,
-    pub payload_type: u8,
-    pub sequence: u16,
+    /// Extended sequence number (no wrap-around), as the publisher's connection received it.
+    pub seq: u64,
     pub timestamp: u32,
-    pub ssrc: u32,
-    pub payload: Bytes,
+    pub marker: bool,
+    /// The payload starts a keyframe (filled in by the publisher's forwarder from the codec).
+    pub keyframe: bool,
+    pub payload: Arc<[u8]>,
+    /// When the datagram carrying it reached the server, to measure time spent inside.
+    pub received_at: Instant,
 }

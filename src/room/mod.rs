@@ -2,7 +2,7 @@
 //! membership events members receive.
 //!
 //! Owns no sockets and no webrtc types. A member is reached only through the channels it
-//! registered; a published track only through its forwarder's command channel. Every method
+//! registered; a published track only through its route on the packet path. Every method
 //! takes the room's lock briefly and never across an `.await`.
 
 use std::collections::HashMap;
@@ -13,7 +13,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::config::Limits;
-use crate::forward::ForwarderCommand;
+use crate::forward::{TrackKey, TrackRoute};
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::signal::protocol::{ParticipantInfo, RoomMode, ServerMessage, TrackInfo};
 use crate::types::{MediaKind, ParticipantId, RoomName, TrackCodec, TrackId};
@@ -25,8 +25,8 @@ pub struct Publication {
     pub publisher: ParticipantId,
     pub track_id: TrackId,
     pub codec: TrackCodec,
-    /// Commands to the task that reads and forwards this track.
-    pub forwarder: mpsc::Sender<ForwarderCommand>,
+    /// Where the track enters the media plane.
+    pub route: TrackRoute,
 }
 
 /// What a member hears from its room.
@@ -155,7 +155,7 @@ impl Room {
         kind: MediaKind,
         stream_index: usize,
         codec: TrackCodec,
-        forwarder: mpsc::Sender<ForwarderCommand>,
+        publisher_worker: usize,
         max_tracks: usize,
     ) -> Result<Arc<Publication>, PublishError> {
         let mut state = self.lock();
@@ -182,7 +182,10 @@ impl Room {
             publisher: publisher.clone(),
             track_id: track_id.clone(),
             codec,
-            forwarder,
+            route: TrackRoute {
+                key: TrackKey::next(),
+                worker: publisher_worker,
+            },
         });
         state.tracks.insert(track_id, publication.clone());
         Self::broadcast_except(
@@ -448,10 +451,9 @@ mod tests {
         assert_eq!(b.room.mode(), RoomMode::Sfu, "the creator's mode wins");
         assert!(matches!(ea.try_recv(), Ok(RoomEvent::ParticipantJoined(p)) if p.name == "bob"));
 
-        let (tx, _rx) = mpsc::channel(1);
         let publication = b
             .room
-            .publish(&b.participant_id, MediaKind::Video, 0, codec(), tx, 8)
+            .publish(&b.participant_id, MediaKind::Video, 0, codec(), 0, 8)
             .unwrap();
         assert_eq!(
             publication.info.stream_id,
@@ -479,20 +481,12 @@ mod tests {
             reg.join(&name, "bob", RoomMode::Sfu, cb),
             Err(JoinError::RoomFull(..))
         ));
-        let (tx, _rx) = mpsc::channel(1);
         a.room
-            .publish(
-                &a.participant_id,
-                MediaKind::Audio,
-                0,
-                codec(),
-                tx.clone(),
-                1,
-            )
+            .publish(&a.participant_id, MediaKind::Audio, 0, codec(), 0, 1)
             .unwrap();
         assert_eq!(
             a.room
-                .publish(&a.participant_id, MediaKind::Audio, 0, codec(), tx, 1)
+                .publish(&a.participant_id, MediaKind::Audio, 0, codec(), 0, 1)
                 .unwrap_err(),
             PublishError::TooManyTracks(1)
         );

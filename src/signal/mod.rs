@@ -1,7 +1,9 @@
 //! Signaling: the wire protocol ([`protocol`]) and one WebSocket session per participant
 //! ([`session`]), the state machine that joins rooms, negotiates media and relays messages.
 
+mod admission;
 pub mod protocol;
 pub mod session;
+mod sfu;
 
 pub use session::{ServerContext, run_session};

@@ -3,33 +3,28 @@
 //! peer connection, forwarding tasks, chat pump) is owned here and torn down in [`Session::leave`],
 //! whatever ended the session: a `leave`, a dropped socket, a failed connection, shutdown.
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, close_code};
-use tokio::sync::{mpsc, oneshot, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::{mpsc, watch};
 
+use super::admission::admit_to_forwarding_cap;
 use super::protocol::{
     ChatRelay, ClientMessage, ErrorCode, PROTOCOL_VERSION, RoomMode, ServerMessage,
     parse_client_message,
 };
+use super::sfu::SfuMedia;
 use crate::config::Limits;
-use crate::forward::{KeyframeThrottle, TrackForwarder};
+use crate::media::{MediaError, MediaEvent, MediaPlane, OfferOutcome};
 use crate::metrics::{GaugeGuard, Metrics};
-use crate::room::{JoinError, MemberChannels, Publication, Registry, Room, RoomEvent};
-use crate::rtc::{
-    ChatChannel, ChatEvent, Peer, PeerEvent, PublishedTrack, RemoteOfferOutcome, RtcEngine,
-    RtcError, run_publisher,
-};
+use crate::room::{JoinError, MemberChannels, Registry, Room, RoomEvent};
 use crate::types::{IceCandidate, ParticipantId, RoomName};
 
 /// Chat lines queued per participant before new ones are dropped.
 const CHAT_QUEUE: usize = 64;
-/// Commands queued per forwarder (subscribers coming and going, keyframe requests).
-const FORWARDER_COMMANDS: usize = 64;
+/// How long a closed media connection waits for the client's `leave`.
+const LEAVE_GRACE: Duration = Duration::from_secs(1);
 /// How often a session checks its timers.
 const WATCHDOG_PERIOD: Duration = Duration::from_secs(1);
 /// Longest display name, in characters.
@@ -39,7 +34,7 @@ const MAX_NAME_CHARS: usize = 64;
 #[derive(Debug)]
 pub struct ServerContext {
     pub registry: Arc<Registry>,
-    pub engine: RtcEngine,
+    pub media: Arc<MediaPlane>,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
     /// Flips to true when the server shuts down.
@@ -55,7 +50,7 @@ pub async fn run_session(socket: WebSocket, ctx: Arc<ServerContext>) {
         joined: None,
     };
     let close = session.run().await;
-    session.leave().await;
+    session.leave();
     if let Some(frame) = close {
         let _ = session.socket.send(Message::Close(Some(frame))).await;
     }
@@ -72,21 +67,10 @@ struct Membership {
     id: ParticipantId,
     name: String,
     events: mpsc::UnboundedReceiver<RoomEvent>,
-    /// Until the `chat` data channel opens; then the chat pump owns it.
-    chat_queue: Option<mpsc::Receiver<Arc<str>>>,
-    media: Option<Media>,
+    /// Chat lines from the room for this participant's `chat` data channel.
+    chat_out: mpsc::Receiver<Arc<str>>,
+    media: Option<SfuMedia>,
     _gauge: GaugeGuard,
-}
-
-/// The SFU side of a membership.
-struct Media {
-    peer: Peer,
-    events: mpsc::UnboundedReceiver<PeerEvent>,
-    /// Publisher stream id (msid) → index in the forwarded stream id `{participant}-{index}`.
-    streams: HashMap<String, usize>,
-    chat_pump: Option<JoinHandle<()>>,
-    /// A client offer was ignored for glare: its candidates may fail and that is expected.
-    ignoring_offer: bool,
 }
 
 /// Why the loop stopped, as the close frame to send (None: the socket is already gone).
@@ -106,21 +90,38 @@ async fn recv_or_pending<T>(rx: Option<&mut mpsc::UnboundedReceiver<T>>) -> Opti
     }
 }
 
+async fn recv_bounded_or_pending<T>(rx: Option<&mut mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 impl Session {
     async fn run(&mut self) -> Close {
         let mut shutdown = self.ctx.shutdown.clone();
         let mut watchdog = tokio::time::interval(WATCHDOG_PERIOD);
         watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let (room_events, peer_events) = match self.joined.as_mut() {
-                Some(m) => (Some(&mut m.events), m.media.as_mut().map(|m| &mut m.events)),
-                None => (None, None),
+            let (room_events, chat_out, media_events, chat_in) = match self.joined.as_mut() {
+                Some(m) => {
+                    let (events, chat_in) = match m.media.as_mut() {
+                        Some(media) => (Some(&mut media.events), Some(&mut media.chat_in)),
+                        None => (None, None),
+                    };
+                    // Mesh members chat peer to peer; only SFU members read the room's lines.
+                    let chat_out = events.is_some().then_some(&mut m.chat_out);
+                    (Some(&mut m.events), chat_out, events, chat_in)
+                }
+                None => (None, None, None, None),
             };
-            // Room and peer events are split borrows of `self.joined`; select on both.
+            // Room and media channels are split borrows of `self.joined`; select on all.
             let step = tokio::select! {
                 frame = self.socket.recv() => Step::Socket(frame),
                 event = recv_or_pending(room_events) => Step::Room(event),
-                event = recv_or_pending(peer_events) => Step::Peer(event),
+                event = recv_or_pending(media_events) => Step::Media(event),
+                line = recv_bounded_or_pending(chat_in) => Step::ChatIn(line),
+                line = recv_bounded_or_pending(chat_out) => Step::ChatOut(line),
                 _ = shutdown.wait_for(|stop| *stop) => Step::Shutdown,
                 _ = watchdog.tick() => Step::Watchdog,
             };
@@ -132,9 +133,24 @@ impl Session {
                 }
                 Step::Socket(Some(Ok(message))) => self.on_frame(message).await,
                 Step::Room(Some(event)) => self.on_room_event(event).await,
-                Step::Peer(Some(event)) => self.on_peer_event(event).await,
+                Step::Media(Some(event)) => self.on_media_event(event).await,
                 // A closed channel would be ready forever: treat it as what it means.
-                Step::Peer(None) => self.on_peer_event(PeerEvent::Failed).await,
+                Step::Media(None) => {
+                    self.on_media_event(MediaEvent::Failed("media worker gone".into()))
+                        .await
+                }
+                Step::ChatIn(Some(text)) => {
+                    self.on_chat_in(text);
+                    Ok(())
+                }
+                Step::ChatOut(Some(line)) => {
+                    if let Some(media) = self.joined.as_ref().and_then(|m| m.media.as_ref()) {
+                        let _ = media.handle.send_chat(line);
+                    }
+                    Ok(())
+                }
+                // The media connection closes the chat channel only as it goes away.
+                Step::ChatIn(None) | Step::ChatOut(None) => Ok(()),
                 Step::Room(None) => {
                     tracing::error!("room event channel closed while joined");
                     return close_frame(close_code::ERROR, "removed from the room");
@@ -208,7 +224,7 @@ impl Session {
                         .error(ErrorCode::NotJoined, "`leave` before `join`")
                         .await;
                 }
-                self.leave().await;
+                self.leave();
                 self.send(&ServerMessage::Left).await
             }
             ClientMessage::Offer { sdp, to } => self.on_sdp(true, sdp, to).await,
@@ -248,11 +264,11 @@ impl Session {
             .registry
             .mode_of(&room_name)
             .unwrap_or(mode.unwrap_or_default());
-        if let Err(message) = self.admit(effective_mode) {
+        if let Err(message) = admit_to_forwarding_cap(&self.ctx, effective_mode) {
             return self.error(ErrorCode::ServerFull, message).await;
         }
         let (events_tx, events) = mpsc::unbounded_channel();
-        let (chat_tx, chat_queue) = mpsc::channel(CHAT_QUEUE);
+        let (chat_tx, chat_out) = mpsc::channel(CHAT_QUEUE);
         let channels = MemberChannels {
             events: events_tx,
             chat: chat_tx,
@@ -280,35 +296,29 @@ impl Session {
             id: id.clone(),
             name: name.to_string(),
             events,
-            chat_queue: Some(chat_queue),
+            chat_out,
             media: None,
             _gauge: GaugeGuard::new(&self.ctx.metrics, |m| &m.participants),
         };
         if room.mode() == RoomMode::Sfu {
-            let (peer_tx, peer_events) = mpsc::unbounded_channel();
-            let peer = match self.ctx.engine.new_peer(id.clone(), peer_tx).await {
-                Ok(peer) => peer,
+            let (media_tx, media_events) = mpsc::unbounded_channel();
+            let (handle, chat_in) = match self.ctx.media.open(id.clone(), media_tx) {
+                Ok(opened) => opened,
                 Err(e) => {
                     self.ctx.registry.leave(&room, &id);
                     let code = match e {
-                        RtcError::NoPort => ErrorCode::ServerFull,
+                        MediaError::Overloaded => ErrorCode::ServerFull,
                         _ => ErrorCode::Internal,
                     };
-                    tracing::error!("peer connection for {id}: {e}");
+                    tracing::warn!("media connection for {id}: {e}");
                     return self
                         .error(code, format!("cannot open a media connection: {e}"))
                         .await;
                 }
             };
-            let mut media = Media {
-                peer,
-                events: peer_events,
-                streams: HashMap::new(),
-                chat_pump: None,
-                ignoring_offer: false,
-            };
+            let media = SfuMedia::new(handle, media_events, chat_in);
             for publication in &joined.tracks {
-                subscribe(&mut media.peer, publication).await;
+                media.subscribe(publication);
             }
             membership.media = Some(media);
         }
@@ -324,41 +334,14 @@ impl Session {
         .await
     }
 
-    /// Admission control: past the forwarding-rate limit a new SFU participant would push the
-    /// server into overload for everyone already in a call, so it is turned away. Mesh rooms
-    /// carry no media through the server and are always admitted.
-    fn admit(&self, mode: RoomMode) -> Result<(), String> {
-        let Some(limit) = self.ctx.limits.forward_pps_limit() else {
-            return Ok(());
-        };
-        if mode == RoomMode::Mesh {
-            return Ok(());
-        }
-        let rate = self.ctx.metrics.forward_rate.load(Ordering::Relaxed);
-        if rate < limit {
-            return Ok(());
-        }
-        self.ctx
-            .metrics
-            .joins_refused_at_capacity
-            .fetch_add(1, Ordering::Relaxed);
-        Err(format!(
-            "the server is at capacity ({rate} packets/s forwarded, limit {limit}); try again later"
-        ))
-    }
-
     /// Removes the participant from its room and ends everything it owned. Idempotent.
-    async fn leave(&mut self) {
+    fn leave(&mut self) {
         let Some(membership) = self.joined.take() else {
             return;
         };
         self.ctx.registry.leave(&membership.room, &membership.id);
-        if let Some(media) = membership.media {
-            if let Some(pump) = media.chat_pump {
-                pump.abort();
-            }
-            media.peer.close().await;
-        }
+        // Dropping the media handle closes the connection on its worker.
+        drop(membership.media);
         tracing::info!(room = %membership.room.name(), participant = %membership.id, "left");
     }
 
@@ -403,12 +386,12 @@ impl Session {
             return Ok(());
         };
         let result = if is_offer {
-            match media.peer.handle_remote_offer(sdp).await {
-                Ok(RemoteOfferOutcome::Answer(answer)) => {
+            match media.handle.remote_offer(sdp).await {
+                Ok(OfferOutcome::Answer(answer)) => {
                     media.ignoring_offer = false;
                     Ok(Some(answer))
                 }
-                Ok(RemoteOfferOutcome::IgnoredForGlare) => {
+                Ok(OfferOutcome::IgnoredForGlare) => {
                     tracing::debug!("client offer ignored for glare");
                     media.ignoring_offer = true;
                     Ok(None)
@@ -417,7 +400,11 @@ impl Session {
             }
         } else {
             media.ignoring_offer = false;
-            media.peer.handle_remote_answer(sdp).await.map(|()| None)
+            let applied = media.handle.remote_answer(sdp).await;
+            if applied.is_ok() {
+                media.awaiting_answer_since = None;
+            }
+            applied.map(|()| None)
         };
         match result {
             Ok(Some(answer)) => {
@@ -429,7 +416,7 @@ impl Session {
                 self.offer_if_needed().await
             }
             Ok(None) => self.offer_if_needed().await,
-            Err(RtcError::BadSdp(e)) => {
+            Err(MediaError::BadSdp(e)) => {
                 self.error(ErrorCode::BadSdp, format!("bad {what}: {e}"))
                     .await
             }
@@ -463,7 +450,7 @@ impl Session {
         let (Some(media), Some(candidate)) = (membership.media.as_mut(), candidate) else {
             return Ok(()); // end of candidates: nothing to do
         };
-        match media.peer.add_remote_candidate(candidate).await {
+        match media.handle.remote_candidate(candidate).await {
             Ok(()) => Ok(()),
             Err(_) if media.ignoring_offer => Ok(()),
             Err(e) => self.error(ErrorCode::BadCandidate, e.to_string()).await,
@@ -498,12 +485,28 @@ impl Session {
     /// A client that leaves the server's offer unanswered would never receive another track:
     /// end its session so that it can rejoin in a consistent state.
     async fn check_negotiation(&mut self) -> Result<(), Close> {
+        let closed = self
+            .joined
+            .as_ref()
+            .and_then(|m| m.media.as_ref())
+            .and_then(|m| m.closed_by_peer_at)
+            .is_some_and(|at| at.elapsed() >= LEAVE_GRACE);
+        if closed {
+            tracing::info!("client closed its media connection without leaving");
+            self.error(
+                ErrorCode::ConnectionFailed,
+                "the media connection was closed",
+            )
+            .await?;
+            return Err(close_frame(close_code::NORMAL, "media connection closed"));
+        }
         let limit = Duration::from_secs(self.ctx.limits.answer_timeout_secs);
         let overdue = self
             .joined
             .as_ref()
             .and_then(|m| m.media.as_ref())
-            .is_some_and(|m| m.peer.answer_overdue(Instant::now(), limit));
+            .and_then(|m| m.awaiting_answer_since)
+            .is_some_and(|since| since.elapsed() > limit);
         if !overdue {
             return Ok(());
         }
@@ -519,8 +522,11 @@ impl Session {
         let Some(media) = self.joined.as_mut().and_then(|m| m.media.as_mut()) else {
             return Ok(());
         };
-        match media.peer.offer_if_needed().await {
-            Ok(Some(sdp)) => self.send(&ServerMessage::Offer { sdp, from: None }).await,
+        match media.handle.offer_if_needed().await {
+            Ok(Some(sdp)) => {
+                media.awaiting_answer_since = Some(Instant::now());
+                self.send(&ServerMessage::Offer { sdp, from: None }).await
+            }
             Ok(None) => Ok(()),
             Err(e) => {
                 tracing::error!("creating offer: {e}");
@@ -545,8 +551,8 @@ impl Session {
                 .await
             }
             RoomEvent::TrackPublished(publication) => {
-                if let Some(media) = membership.media.as_mut() {
-                    subscribe(&mut media.peer, &publication).await;
+                if let Some(media) = membership.media.as_ref() {
+                    media.subscribe(&publication);
                 }
                 self.send(&ServerMessage::TrackPublished {
                     track: publication.info.clone(),
@@ -555,8 +561,8 @@ impl Session {
                 self.offer_if_needed().await
             }
             RoomEvent::TrackUnpublished(publication) => {
-                if let Some(media) = membership.media.as_mut() {
-                    media.peer.unsubscribe(&publication.track_id).await;
+                if let Some(media) = membership.media.as_ref() {
+                    media.unsubscribe(&publication);
                 }
                 self.send(&ServerMessage::TrackUnpublished {
                     track_id: publication.track_id.to_string(),
@@ -569,55 +575,71 @@ impl Session {
         }
     }
 
-    async fn on_peer_event(&mut self, event: PeerEvent) -> Result<(), Close> {
+    async fn on_media_event(&mut self, event: MediaEvent) -> Result<(), Close> {
         let Some(membership) = self.joined.as_mut() else {
             return Ok(());
         };
+        let Some(media) = membership.media.as_mut() else {
+            return Ok(());
+        };
         match event {
-            PeerEvent::LocalCandidate(candidate) => {
-                self.send(&ServerMessage::Candidate {
-                    candidate: Some(candidate),
-                    from: None,
-                })
-                .await
-            }
-            PeerEvent::Track(mut track) => {
-                let Some(media) = membership.media.as_ref() else {
-                    return Ok(());
-                };
-                if media.peer.complete_track(&mut track).await {
-                    publish(membership, track, &self.ctx);
-                } else {
-                    tracing::warn!(participant = %membership.id, ?track, "remote track with no known codec, not published");
-                }
+            MediaEvent::TrackAdded(track) => {
+                media.publish(
+                    &membership.room,
+                    &membership.id,
+                    track,
+                    self.ctx.limits.max_tracks_per_participant,
+                );
                 Ok(())
             }
-            PeerEvent::Chat(channel) => {
-                let (Some(media), Some(queue)) =
-                    (membership.media.as_mut(), membership.chat_queue.take())
-                else {
-                    return Ok(());
-                };
-                media.chat_pump = Some(tokio::spawn(run_chat_pump(
-                    channel,
-                    queue,
-                    membership.room.clone(),
-                    membership.id.clone(),
-                    membership.name.clone(),
-                    self.ctx.clone(),
-                )));
+            MediaEvent::TrackEnded(track) => {
+                tracing::info!(participant = %membership.id, "client stopped sending a track");
+                media.unpublish(&membership.room, track);
                 Ok(())
             }
-            PeerEvent::Connected => {
+            MediaEvent::Connected => {
                 tracing::info!(participant = %membership.id, "media connected");
                 Ok(())
             }
-            PeerEvent::Failed => {
-                tracing::warn!(participant = %membership.id, "media connection failed or closed");
+            MediaEvent::ClosedByPeer => {
+                // A leaving client closes its connection and sends `leave`, in either order:
+                // the watchdog ends the session if no `leave` follows soon.
+                media.closed_by_peer_at = Some(Instant::now());
+                Ok(())
+            }
+            MediaEvent::Failed(why) => {
+                tracing::warn!(participant = %membership.id, why, "media connection failed or closed");
                 self.error(ErrorCode::ConnectionFailed, "the media connection failed")
                     .await?;
                 Err(close_frame(close_code::NORMAL, "media connection failed"))
             }
+        }
+    }
+
+    /// A chat line the participant sent: relayed to everyone else in the room.
+    fn on_chat_in(&mut self, text: String) {
+        let Some(membership) = self.joined.as_ref() else {
+            return;
+        };
+        if text.len() > self.ctx.limits.max_chat_bytes {
+            tracing::info!(participant = %membership.id, bytes = text.len(), "chat message over the limit, dropped");
+            return;
+        }
+        let relay = ChatRelay {
+            from: membership.id.to_string(),
+            name: membership.name.clone(),
+            text,
+        };
+        let Ok(line) = serde_json::to_string(&relay) else {
+            return;
+        };
+        self.ctx
+            .metrics
+            .chat_messages
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dropped = membership.room.chat(&membership.id, line.into());
+        if dropped > 0 {
+            tracing::debug!(dropped, "chat line dropped for slow participants");
         }
     }
 }
@@ -625,105 +647,11 @@ impl Session {
 enum Step {
     Socket(Option<Result<Message, axum::Error>>),
     Room(Option<RoomEvent>),
-    Peer(Option<PeerEvent>),
+    Media(Option<MediaEvent>),
+    ChatIn(Option<String>),
+    ChatOut(Option<Arc<str>>),
     Shutdown,
     Watchdog,
-}
-
-/// Adds a room's publication to a subscriber's connection (not the publisher's own).
-async fn subscribe(peer: &mut Peer, publication: &Publication) {
-    if let Err(e) = peer
-        .subscribe(
-            &publication.track_id,
-            &publication.info.stream_id,
-            publication.info.kind,
-            &publication.codec,
-            publication.forwarder.clone(),
-        )
-        .await
-    {
-        tracing::warn!(track = %publication.track_id, "subscribe failed: {e}");
-    }
-}
-
-/// Publishes a participant's new track in its room and starts the task that forwards it.
-fn publish(membership: &mut Membership, track: PublishedTrack, ctx: &Arc<ServerContext>) {
-    let Some(media) = membership.media.as_mut() else {
-        return;
-    };
-    let next_index = media.streams.len();
-    let stream_index = *media
-        .streams
-        .entry(track.stream_id.clone())
-        .or_insert(next_index);
-    let (commands_tx, commands) = mpsc::channel(FORWARDER_COMMANDS);
-    let publication = match membership.room.publish(
-        &membership.id,
-        track.kind,
-        stream_index,
-        track.codec.clone(),
-        commands_tx,
-        ctx.limits.max_tracks_per_participant,
-    ) {
-        Ok(publication) => publication,
-        Err(e) => {
-            tracing::warn!(participant = %membership.id, "track not published: {e}");
-            return;
-        }
-    };
-    tracing::info!(participant = %membership.id, track = %publication.track_id, kind = ?track.kind, codec = %track.codec.mime_type, "track published");
-    let forwarder = TrackForwarder::new(track.kind, KeyframeThrottle::DEFAULT_INTERVAL);
-    let room = membership.room.clone();
-    let metrics = ctx.metrics.clone();
-    let track_id = publication.track_id.clone();
-    let (stop_tx, stop) = oneshot::channel();
-    let adopted = track.clone();
-    let task = tokio::spawn(async move {
-        run_publisher(track, forwarder, commands, stop, metrics).await;
-        // The publisher stopped sending this track (e.g. ended a screen share).
-        room.unpublish(&track_id);
-    });
-    media.peer.adopt_publisher(&adopted, stop_tx, task);
-}
-
-/// Moves chat between a participant's `chat` data channel and its room.
-async fn run_chat_pump(
-    channel: ChatChannel,
-    mut queue: mpsc::Receiver<Arc<str>>,
-    room: Arc<Room>,
-    id: ParticipantId,
-    name: String,
-    ctx: Arc<ServerContext>,
-) {
-    loop {
-        tokio::select! {
-            event = channel.recv() => match event {
-                ChatEvent::Text(text) => {
-                    if text.len() > ctx.limits.max_chat_bytes {
-                        tracing::info!(participant = %id, bytes = text.len(), "chat message over the limit, dropped");
-                        continue;
-                    }
-                    let relay = ChatRelay { from: id.to_string(), name: name.clone(), text };
-                    let Ok(line) = serde_json::to_string(&relay) else { continue };
-                    ctx.metrics.chat_messages.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let dropped = room.chat(&id, line.into());
-                    if dropped > 0 {
-                        tracing::debug!(dropped, "chat line dropped for slow participants");
-                    }
-                }
-                ChatEvent::Other => tracing::debug!(participant = %id, "non-text chat message ignored"),
-                ChatEvent::Closed => break,
-            },
-            line = queue.recv() => match line {
-                Some(line) => {
-                    if !channel.try_send(&line).await {
-                        tracing::debug!(participant = %id, "chat line dropped: data channel full");
-                    }
-                }
-                None => break,
-            },
-        }
-    }
 }
 
 /// How long shutdown waits for sessions to close.

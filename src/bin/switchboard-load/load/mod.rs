@@ -69,6 +69,8 @@ pub fn video_profile(
         video_packet_size: size.max(switchboard::client::payload::PAYLOAD_HEADER_LEN),
         audio_packets_per_second: audio_pps.max(1),
         audio_packet_size: audio_bytes,
+        // Like a real encoder: a key frame every 2 s, and one at once when asked (PLI/FIR).
+        keyframe_interval_frames: fps * 2,
     }
 }
 

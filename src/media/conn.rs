@@ -1,0 +1,239 @@
+//! One participant's connection on its worker: the str0m `Rtc`, the negotiation (the server is
+//! the impolite peer of perfect negotiation), what the participant publishes (by m-line) and
+//! what it is subscribed to (one send-only m-line per subscribed track, recycled when freed).
+//!
+//! Owned by the worker's event loop; nothing here touches sockets or other connections.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use str0m::Rtc;
+use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::channel::ChannelId;
+use str0m::media::{Direction, Mid};
+use tokio::sync::mpsc;
+
+use super::codec::str0m_kind;
+use super::{MediaError, MediaEvent, OfferOutcome, Subscription};
+use crate::forward::TrackKey;
+use crate::metrics::GaugeGuard;
+use crate::types::{MediaKind, ParticipantId, TrackCodec};
+
+/// A track the participant sends, by the m-line it arrives on.
+#[derive(Debug)]
+pub enum Inbound {
+    /// Negotiated; its codec is known from the first packet.
+    AwaitingFirstPacket(MediaKind),
+    /// Announced to the session, which has not published it yet.
+    Announced(TrackCodec),
+    /// Published: packets go to the forwarder of this key.
+    Published(TrackKey),
+}
+
+/// Where a subscribed track's m-line is in the offer/answer cycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutState {
+    /// Waiting for the next server offer.
+    ToOpen,
+    /// In the outstanding server offer.
+    Negotiating(Mid),
+    /// Negotiated: packets may flow once the connection is up.
+    Open(Mid),
+    /// Unsubscribed: the next offer stops the m-line.
+    ToStop(Mid),
+    /// Stopped in the outstanding offer; gone once it is answered.
+    NegotiatingStop(Mid),
+}
+
+#[derive(Debug)]
+pub struct Outbound {
+    pub sub: Subscription,
+    pub state: OutState,
+    /// Set while a downtrack forwards to this m-line.
+    pub live: Option<GaugeGuard>,
+}
+
+pub struct Conn {
+    pub participant: ParticipantId,
+    pub rtc: Rtc,
+    pub events: mpsc::UnboundedSender<MediaEvent>,
+    pub chat_in: mpsc::Sender<String>,
+    /// ICE and DTLS are up: SRTP can be sent.
+    pub connected: bool,
+    /// A failure was reported; the session will close the connection.
+    pub failed: bool,
+    /// The engine's next requested wake-up, and the one in the worker's timer heap.
+    pub timeout: Option<Instant>,
+    pub scheduled: Option<Instant>,
+    /// Written to in this loop turn: poll it before sending.
+    pub dirty: bool,
+    pub chat: Option<ChannelId>,
+    pub inbound: HashMap<Mid, Inbound>,
+    pub outbound: Vec<Outbound>,
+    pending_offer: Option<SdpPendingOffer>,
+    /// The client's first offer was applied: before it there is nothing to renegotiate.
+    established: bool,
+    _gauge: GaugeGuard,
+}
+
+impl Conn {
+    pub fn new(
+        participant: ParticipantId,
+        rtc: Rtc,
+        events: mpsc::UnboundedSender<MediaEvent>,
+        chat_in: mpsc::Sender<String>,
+        gauge: GaugeGuard,
+    ) -> Self {
+        Conn {
+            participant,
+            rtc,
+            events,
+            chat_in,
+            connected: false,
+            failed: false,
+            timeout: None,
+            scheduled: None,
+            dirty: false,
+            chat: None,
+            inbound: HashMap::new(),
+            outbound: Vec::new(),
+            pending_offer: None,
+            established: false,
+            _gauge: gauge,
+        }
+    }
+
+    /// Applies a client offer and answers it, unless it collides with the server's own offer.
+    pub fn remote_offer(&mut self, sdp: &str) -> Result<OfferOutcome, MediaError> {
+        let offer =
+            SdpOffer::from_sdp_string(sdp).map_err(|e| MediaError::BadSdp(e.to_string()))?;
+        if self.pending_offer.is_some() {
+            return Ok(OfferOutcome::IgnoredForGlare);
+        }
+        let answer = self
+            .rtc
+            .sdp_api()
+            .accept_offer(offer)
+            .map_err(|e| MediaError::BadSdp(e.to_string()))?;
+        self.established = true;
+        Ok(OfferOutcome::Answer(answer.to_sdp_string()))
+    }
+
+    /// Applies the client's answer to the server's offer. Returns true if m-lines opened.
+    pub fn remote_answer(&mut self, sdp: &str) -> Result<bool, MediaError> {
+        let Some(pending) = self.pending_offer.take() else {
+            return Err(MediaError::BadSdp(
+                "answer without an outstanding offer".into(),
+            ));
+        };
+        let accepted = SdpAnswer::from_sdp_string(sdp)
+            .map_err(|e| MediaError::BadSdp(e.to_string()))
+            .and_then(|answer| {
+                self.rtc
+                    .sdp_api()
+                    .accept_answer(pending, answer)
+                    .map_err(|e| MediaError::BadSdp(e.to_string()))
+            });
+        let mut opened = false;
+        for out in &mut self.outbound {
+            out.state = match (out.state, accepted.is_ok()) {
+                (OutState::Negotiating(mid), true) => {
+                    opened = true;
+                    OutState::Open(mid)
+                }
+                // The offer is void: offer again what it carried.
+                (OutState::Negotiating(_), false) => OutState::ToOpen,
+                (OutState::NegotiatingStop(mid), false) => OutState::ToStop(mid),
+                (state, _) => state,
+            };
+        }
+        if accepted.is_ok() {
+            self.outbound
+                .retain(|o| !matches!(o.state, OutState::NegotiatingStop(_)));
+        }
+        accepted.map(|()| opened)
+    }
+
+    /// An offer for the client when subscriptions changed and nothing else is outstanding.
+    pub fn offer_if_needed(&mut self) -> Option<String> {
+        if !self.established || self.pending_offer.is_some() {
+            return None;
+        }
+        let mut api = self.rtc.sdp_api();
+        let mut touched = Vec::new();
+        for (i, out) in self.outbound.iter().enumerate() {
+            match out.state {
+                OutState::ToOpen => {
+                    let mid = api.add_media(
+                        str0m_kind(out.sub.kind),
+                        Direction::SendOnly,
+                        Some(out.sub.stream_id.clone()),
+                        Some(out.sub.track_id.to_string()),
+                        None,
+                    );
+                    touched.push((i, OutState::Negotiating(mid)));
+                }
+                OutState::ToStop(mid) => {
+                    api.stop_media(mid);
+                    touched.push((i, OutState::NegotiatingStop(mid)));
+                }
+                _ => {}
+            }
+        }
+        if !api.has_changes() {
+            return None;
+        }
+        let (offer, pending) = api.apply()?;
+        for (i, state) in touched {
+            self.outbound[i].state = state;
+        }
+        self.pending_offer = Some(pending);
+        Some(offer.to_sdp_string())
+    }
+
+    /// Adds a subscription; the next offer carries it.
+    pub fn subscribe(&mut self, sub: Subscription) {
+        if self
+            .outbound
+            .iter()
+            .any(|o| o.sub.route.key == sub.route.key)
+        {
+            return;
+        }
+        self.outbound.push(Outbound {
+            sub,
+            state: OutState::ToOpen,
+            live: None,
+        });
+    }
+
+    /// Ends a subscription; returns its m-line if a downtrack was forwarding to it.
+    pub fn unsubscribe(&mut self, key: TrackKey) -> Option<Mid> {
+        let i = self.outbound.iter().position(|o| o.sub.route.key == key)?;
+        let out = &mut self.outbound[i];
+        let was_live = out.live.take().is_some();
+        match out.state {
+            OutState::ToOpen => {
+                self.outbound.remove(i);
+                None
+            }
+            OutState::Negotiating(mid) | OutState::Open(mid) => {
+                out.state = OutState::ToStop(mid);
+                was_live.then_some(mid)
+            }
+            OutState::ToStop(_) | OutState::NegotiatingStop(_) => None,
+        }
+    }
+
+    /// The subscription sending on `mid`, if it is open.
+    pub fn outbound_on(&self, mid: Mid) -> Option<&Outbound> {
+        self.outbound
+            .iter()
+            .find(|o| o.state == OutState::Open(mid))
+    }
+
+    pub fn emit(&self, event: MediaEvent) {
+        // The session is gone only while it closes this connection: nothing left to tell.
+        let _ = self.events.send(event);
+    }
+}

@@ -1,0 +1,374 @@
+//! The media plane: WebRTC (ICE, DTLS, SRTP, RTCP, SCTP) on the sans-IO engine str0m, driven by
+//! our own event loops.
+//!
+//! Owns: the media workers (one thread each, by default one per core), each with one UDP socket
+//! on its own port (`--udp-port` + worker index) that serves every participant living on that
+//! worker; the demultiplexing of datagrams to connections; every participant's connection and its
+//! negotiation; the forwarders of the tracks published or subscribed on each worker; and the
+//! bounded hand-off of packets between workers. Packets go from the publisher's connection
+//! through [`crate::forward`] to the subscribers' connections without leaving the worker that
+//! received them, except as one relayed copy per other worker that has subscribers.
+//!
+//! Must not: know rooms or signaling messages. A session talks to its connection through a
+//! [`MediaHandle`] (commands, some answered) and hears back through [`MediaEvent`]s.
+
+mod codec;
+mod conn;
+mod demux;
+mod udp;
+mod worker;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+
+use str0m::media::Mid;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::Config;
+use crate::forward::{TrackKey, TrackRoute};
+use crate::metrics::Metrics;
+use crate::types::{IceCandidate, MediaKind, ParticipantId, TrackCodec, TrackId};
+
+pub use demux::ConnId;
+use worker::{Command, WorkerShared};
+
+/// Chat lines from one participant queued for its session before new ones are dropped.
+const CHAT_IN_QUEUE: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MediaError {
+    #[error("every media worker is at capacity")]
+    Overloaded,
+    #[error("bad SDP: {0}")]
+    BadSdp(String),
+    #[error("bad ICE candidate: {0}")]
+    BadCandidate(String),
+    #[error("the media connection is closed")]
+    Closed,
+    #[error("media socket: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A track a participant started sending, as its m-line names it (opaque to the session).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IncomingTrackId(Mid);
+
+/// A track a participant started sending.
+#[derive(Debug, Clone)]
+pub struct IncomingTrack {
+    pub id: IncomingTrackId,
+    pub kind: MediaKind,
+    pub codec: TrackCodec,
+    /// The publisher's own `MediaStream` id (msid), to group its tracks into streams.
+    pub stream_id: String,
+}
+
+/// What a connection tells its session.
+#[derive(Debug)]
+pub enum MediaEvent {
+    /// The participant sends a new track; the session publishes it with [`MediaHandle::publish`].
+    TrackAdded(IncomingTrack),
+    /// The participant stopped sending a published track (e.g. ended a screen share).
+    TrackEnded(IncomingTrackId),
+    /// ICE and DTLS are up.
+    Connected,
+    /// The client closed the connection (DTLS close): it is leaving, or its media is gone.
+    ClosedByPeer,
+    /// The connection failed: its media is gone.
+    Failed(String),
+}
+
+/// What became of a client's offer.
+#[derive(Debug)]
+pub enum OfferOutcome {
+    /// Applied; send this answer.
+    Answer(String),
+    /// Collided with the server's own outstanding offer; the server (impolite) ignores it and
+    /// the client rolls back.
+    IgnoredForGlare,
+}
+
+/// A published track to send to a subscriber.
+#[derive(Debug, Clone)]
+pub struct Subscription {
+    pub route: TrackRoute,
+    pub kind: MediaKind,
+    pub codec: TrackCodec,
+    /// The stream the subscriber sees the track in (`{publisher}-{n}`).
+    pub stream_id: String,
+    pub track_id: TrackId,
+}
+
+/// The running media workers.
+#[derive(Debug)]
+pub struct MediaPlane {
+    workers: Arc<[WorkerShared]>,
+    threads: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
+    next_conn: AtomicU32,
+    /// Worker load (busy share of the last second, in per mille) above which joins are refused.
+    max_load_permille: u32,
+    metrics: Arc<Metrics>,
+}
+
+impl MediaPlane {
+    /// Binds one socket per worker and starts the worker threads.
+    pub fn start(config: &Config, metrics: Arc<Metrics>) -> Result<Self, MediaError> {
+        let count = config.media_workers();
+        // A loopback public address means "local only" (tests, a laptop demo): bind media to
+        // it. Anything else: bind every interface and announce the public address (1:1 NAT) or,
+        // without one, each interface's own address.
+        let bind_ip = match config.public_ip {
+            Some(ip) if ip.is_loopback() => ip,
+            _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        };
+        let mut sockets = Vec::with_capacity(count);
+        for k in 0..count {
+            let port = match config.udp_port {
+                0 => 0,
+                base => base.checked_add(k as u16).ok_or_else(|| {
+                    std::io::Error::other(format!("no port {base} + {k} for worker {k}"))
+                })?,
+            };
+            sockets.push(udp::bind(
+                SocketAddr::new(bind_ip, port),
+                config.socket_buffer_bytes,
+            )?);
+        }
+        let announce_ips = announced_ips(config.public_ip, bind_ip);
+        let dtls_cert = worker::dtls_certificate()?;
+        let mut shared = Vec::with_capacity(count);
+        let mut inboxes = Vec::with_capacity(count);
+        for socket in &sockets {
+            let (commands, commands_rx) = mpsc::unbounded_channel();
+            let (relay, relay_rx) = mpsc::channel(worker::RELAY_QUEUE_BATCHES);
+            let port = socket.local_addr()?.port();
+            shared.push(WorkerShared {
+                commands,
+                relay,
+                load_permille: AtomicU32::new(0),
+                connections: AtomicUsize::new(0),
+                addrs: announce_ips
+                    .iter()
+                    .map(|ip| SocketAddr::new(*ip, port))
+                    .collect(),
+            });
+            inboxes.push((commands_rx, relay_rx));
+        }
+        let workers: Arc<[WorkerShared]> = shared.into();
+        let mut threads = Vec::with_capacity(count);
+        for (index, (socket, (commands, relay))) in sockets.into_iter().zip(inboxes).enumerate() {
+            let worker = worker::Worker::new(
+                index,
+                socket,
+                workers.clone(),
+                commands,
+                relay,
+                dtls_cert.clone(),
+                config,
+                metrics.clone(),
+            )?;
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("media-{index}"))
+                    .spawn(move || worker.run())?,
+            );
+        }
+        metrics.media_workers.store(count as u64, Ordering::Relaxed);
+        Ok(MediaPlane {
+            workers,
+            threads: std::sync::Mutex::new(threads),
+            next_conn: AtomicU32::new(1),
+            max_load_permille: config.limits.worker_load_permille(),
+            metrics,
+        })
+    }
+
+    /// The addresses each worker announces, worker by worker.
+    pub fn worker_addrs(&self) -> Vec<Vec<SocketAddr>> {
+        self.workers.iter().map(|w| w.addrs.clone()).collect()
+    }
+
+    /// Picks the least-loaded worker for a new participant, or refuses when every worker is
+    /// past the load limit (its busy share over the last second).
+    fn pick_worker(&self) -> Result<usize, MediaError> {
+        let (index, load) = self
+            .workers
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                let load = w.load_permille.load(Ordering::Relaxed);
+                (i, load, w.connections.load(Ordering::Relaxed))
+            })
+            .min_by_key(|(_, load, conns)| (*load / 50, *conns))
+            .map(|(i, load, _)| (i, load))
+            .ok_or(MediaError::Overloaded)?;
+        if self.max_load_permille > 0 && load >= self.max_load_permille {
+            self.metrics
+                .joins_refused_at_capacity
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(MediaError::Overloaded);
+        }
+        Ok(index)
+    }
+
+    /// A new connection for `participant` on the least-loaded worker. Chat lines the
+    /// participant sends arrive on the returned receiver.
+    pub fn open(
+        &self,
+        participant: ParticipantId,
+        events: mpsc::UnboundedSender<MediaEvent>,
+    ) -> Result<(MediaHandle, mpsc::Receiver<String>), MediaError> {
+        let worker = self.pick_worker()?;
+        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let (chat_tx, chat_rx) = mpsc::channel(CHAT_IN_QUEUE);
+        let shared = &self.workers[worker];
+        shared
+            .commands
+            .send(Command::Open {
+                conn,
+                participant,
+                events,
+                chat_in: chat_tx,
+            })
+            .map_err(|_| MediaError::Closed)?;
+        Ok((
+            MediaHandle {
+                worker,
+                conn,
+                commands: shared.commands.clone(),
+            },
+            chat_rx,
+        ))
+    }
+
+    /// Stops the workers (after every session closed its connection).
+    pub fn shutdown(&self) {
+        for w in self.workers.iter() {
+            let _ = w.commands.send(Command::Shutdown);
+        }
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The addresses put in ICE candidates: the public one, the loopback one media is bound to, or
+/// every non-loopback interface address (loopback if there is none).
+fn announced_ips(public: Option<IpAddr>, bind: IpAddr) -> Vec<IpAddr> {
+    if let Some(ip) = public {
+        return vec![ip];
+    }
+    if !bind.is_unspecified() {
+        return vec![bind];
+    }
+    let mut ips: Vec<IpAddr> = if_addrs::get_if_addrs()
+        .map(|ifs| {
+            ifs.into_iter()
+                .map(|i| i.ip())
+                .filter(|ip| ip.is_ipv4() && !ip.is_loopback())
+                .collect()
+        })
+        .unwrap_or_default();
+    if ips.is_empty() {
+        ips.push(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    }
+    ips
+}
+
+/// A session's hold on its connection. Dropping it closes the connection.
+#[derive(Debug)]
+pub struct MediaHandle {
+    worker: usize,
+    conn: ConnId,
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+impl MediaHandle {
+    pub fn worker(&self) -> usize {
+        self.worker
+    }
+
+    fn send(&self, command: Command) -> Result<(), MediaError> {
+        self.commands.send(command).map_err(|_| MediaError::Closed)
+    }
+
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, MediaError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(make(tx))?;
+        rx.await.map_err(|_| MediaError::Closed)
+    }
+
+    pub async fn remote_offer(&self, sdp: String) -> Result<OfferOutcome, MediaError> {
+        let conn = self.conn;
+        self.ask(|reply| Command::RemoteOffer { conn, sdp, reply })
+            .await?
+    }
+
+    /// Applies the client's answer to the server's outstanding offer.
+    pub async fn remote_answer(&self, sdp: String) -> Result<(), MediaError> {
+        let conn = self.conn;
+        self.ask(|reply| Command::RemoteAnswer { conn, sdp, reply })
+            .await?
+    }
+
+    pub async fn remote_candidate(&self, candidate: IceCandidate) -> Result<(), MediaError> {
+        let conn = self.conn;
+        self.ask(|reply| Command::RemoteCandidate {
+            conn,
+            candidate: candidate.candidate,
+            reply,
+        })
+        .await?
+    }
+
+    /// An offer to send the client, if subscriptions changed and no offer is outstanding.
+    pub async fn offer_if_needed(&self) -> Result<Option<String>, MediaError> {
+        let conn = self.conn;
+        self.ask(|reply| Command::OfferIfNeeded { conn, reply })
+            .await
+    }
+
+    /// Sends another participant's track to this one, from the next offer on.
+    pub fn subscribe(&self, sub: Subscription) -> Result<(), MediaError> {
+        self.send(Command::Subscribe {
+            conn: self.conn,
+            sub,
+        })
+    }
+
+    pub fn unsubscribe(&self, key: TrackKey) -> Result<(), MediaError> {
+        self.send(Command::Unsubscribe {
+            conn: self.conn,
+            key,
+        })
+    }
+
+    /// Starts forwarding an incoming track under the key the room gave it. Its route's worker
+    /// is this connection's.
+    pub fn publish(&self, track: IncomingTrackId, key: TrackKey) -> Result<(), MediaError> {
+        self.send(Command::Publish {
+            conn: self.conn,
+            mid: track.0,
+            key,
+        })
+    }
+
+    /// Sends a chat line on the participant's `chat` data channel (dropped if it is backed up).
+    pub fn send_chat(&self, line: Arc<str>) -> Result<(), MediaError> {
+        self.send(Command::Chat {
+            conn: self.conn,
+            line,
+        })
+    }
+}
+
+impl Drop for MediaHandle {
+    fn drop(&mut self) {
+        let _ = self.commands.send(Command::Close { conn: self.conn });
+    }
+}

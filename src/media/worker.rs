@@ -1,0 +1,1012 @@
+//! One media worker: a thread with its own UDP socket and event loop.
+//!
+//! Owns every connection that lives on it, the demux map to them, and the forwarders of the
+//! tracks published or subscribed here. One loop turn: wait for a datagram batch, a command, a
+//! relayed batch or a timer; handle what came (each datagram goes to its connection, whose
+//! outputs are drained at once: media to `forward`, events to sessions); drive the connections
+//! written to; then send everything with `sendmmsg` and hand relayed packets to other workers in
+//! one bounded batch each. No locks and no awaits on the packet path; every queue is bounded and
+//! counts what it drops.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use str0m::config::DtlsCert;
+use str0m::media::{KeyframeRequestKind, Mid};
+use str0m::net::{Protocol, Receive};
+use str0m::rtp::{RtpPacket, RtpWrite};
+use str0m::{Candidate, Event, IceConnectionState, IceCreds, Input, Output, Rtc, RtcConfig};
+use tokio::sync::{mpsc, oneshot};
+
+use super::codec::{kind_of, payload_type_for, track_codec};
+use super::conn::{Conn, Inbound, OutState};
+use super::demux::{ConnId, Demux, is_stun};
+use super::udp;
+use super::{IncomingTrack, IncomingTrackId, MediaError, MediaEvent, OfferOutcome, Subscription};
+use crate::config::Config;
+use crate::forward::{Delivery, KeyframeThrottle, MediaPacket, Rewriter, TrackForwarder, TrackKey};
+use crate::metrics::{GaugeGuard, Metrics};
+use crate::types::ParticipantId;
+
+/// Relayed batches queued per worker before new ones are dropped.
+pub const RELAY_QUEUE_BATCHES: usize = 256;
+/// Packets in one relayed batch; a full batch is sent at once.
+const RELAY_BATCH: usize = 256;
+/// Socket batches read per loop turn before the turn's output is sent.
+const RECV_BATCHES_PER_TURN: usize = 4;
+/// Bytes a participant's chat data channel may hold unsent before lines are dropped.
+const CHAT_BUFFER_LIMIT: usize = 256 * 1024;
+/// RTP packets kept per outgoing video stream to answer NACKs (about 2 s of 1.2 Mbit/s video).
+const RTX_CACHE_VIDEO: usize = 300;
+/// How often the load figure is refreshed.
+const LOAD_WINDOW: Duration = Duration::from_secs(1);
+
+type SubKey = (ConnId, Mid);
+type RelayBatch = Vec<(TrackKey, MediaPacket)>;
+
+/// What a worker shares with the plane and with the other workers.
+#[derive(Debug)]
+pub struct WorkerShared {
+    pub commands: mpsc::UnboundedSender<Command>,
+    pub relay: mpsc::Sender<RelayBatch>,
+    /// Busy share of the last second, per mille.
+    pub load_permille: AtomicU32,
+    pub connections: AtomicUsize,
+    /// Addresses announced in this worker's ICE candidates.
+    pub addrs: Vec<SocketAddr>,
+}
+
+#[derive(Debug)]
+pub enum Command {
+    Open {
+        conn: ConnId,
+        participant: ParticipantId,
+        events: mpsc::UnboundedSender<MediaEvent>,
+        chat_in: mpsc::Sender<String>,
+    },
+    RemoteOffer {
+        conn: ConnId,
+        sdp: String,
+        reply: oneshot::Sender<Result<OfferOutcome, MediaError>>,
+    },
+    RemoteAnswer {
+        conn: ConnId,
+        sdp: String,
+        reply: oneshot::Sender<Result<(), MediaError>>,
+    },
+    RemoteCandidate {
+        conn: ConnId,
+        candidate: String,
+        reply: oneshot::Sender<Result<(), MediaError>>,
+    },
+    OfferIfNeeded {
+        conn: ConnId,
+        reply: oneshot::Sender<Option<String>>,
+    },
+    Subscribe {
+        conn: ConnId,
+        sub: Subscription,
+    },
+    Unsubscribe {
+        conn: ConnId,
+        key: TrackKey,
+    },
+    Publish {
+        conn: ConnId,
+        mid: Mid,
+        key: TrackKey,
+    },
+    Chat {
+        conn: ConnId,
+        line: Arc<str>,
+    },
+    Close {
+        conn: ConnId,
+    },
+    /// From another worker: it has subscribers of this track now / no longer.
+    AttachRelay {
+        key: TrackKey,
+        worker: usize,
+    },
+    DetachRelay {
+        key: TrackKey,
+        worker: usize,
+    },
+    /// From another worker: a subscriber there wants a keyframe of this track.
+    KeyframeRequest {
+        key: TrackKey,
+    },
+    Shutdown,
+}
+
+/// One DTLS certificate for every connection: generating a key pair per connection would cost
+/// milliseconds of each join.
+pub fn dtls_certificate() -> Result<DtlsCert, MediaError> {
+    str0m::crypto::from_feature_flags()
+        .dtls_provider
+        .generate_certificate()
+        .ok_or_else(|| MediaError::Io(std::io::Error::other("cannot generate a DTLS certificate")))
+}
+
+/// A track's fan-out on this worker, and where its packets come from.
+struct Forwarder {
+    fwd: TrackForwarder<SubKey>,
+    source: Source,
+}
+
+enum Source {
+    /// Published by a connection on this worker.
+    Local {
+        conn: ConnId,
+        mid: Mid,
+        _gauge: GaugeGuard,
+    },
+    /// Relayed from the publisher's worker.
+    Relayed { worker: usize },
+}
+
+/// Counters kept per loop turn and added to the shared metrics once per turn.
+#[derive(Default)]
+struct Tally {
+    packets_in: u64,
+    packets_out: u64,
+    packets_dropped: u64,
+    unroutable: u64,
+    keyframe_requests: u64,
+}
+
+pub struct Worker {
+    index: usize,
+    socket: std::net::UdpSocket,
+    /// Taken out while its datagrams are handled.
+    receiver: Option<udp::Receiver>,
+    sender: udp::Sender,
+    /// The address str0m is told datagrams arrive at, when it is not the bound one (NAT).
+    announced: Vec<SocketAddr>,
+    rtc_config: RtcConfig,
+    conns: HashMap<ConnId, Conn>,
+    demux: Demux,
+    forwarders: HashMap<TrackKey, Forwarder>,
+    workers: Arc<[WorkerShared]>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    relay_in: mpsc::Receiver<RelayBatch>,
+    relay_out: Vec<RelayBatch>,
+    timers: BinaryHeap<Reverse<(Instant, ConnId)>>,
+    dirty: Vec<ConnId>,
+    deliveries: Vec<Delivery<SubKey>>,
+    /// Receive times of the packets forwarded this turn, for the in-server latency histogram.
+    forwarded_at: Vec<Instant>,
+    metrics: Arc<Metrics>,
+    tally: Tally,
+    busy: Duration,
+    window_start: Instant,
+    stop: bool,
+}
+
+impl Worker {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        index: usize,
+        socket: std::net::UdpSocket,
+        workers: Arc<[WorkerShared]>,
+        commands: mpsc::UnboundedReceiver<Command>,
+        relay_in: mpsc::Receiver<RelayBatch>,
+        dtls_cert: DtlsCert,
+        _config: &Config,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, MediaError> {
+        let rtc_config = Rtc::builder()
+            .set_ice_lite(true)
+            .set_rtp_mode(true)
+            .set_dtls_cert(dtls_cert)
+            .set_send_buffer_video(RTX_CACHE_VIDEO);
+        let announced = workers[index].addrs.clone();
+        let count = workers.len();
+        Ok(Worker {
+            index,
+            receiver: Some(udp::Receiver::new(&socket)?),
+            socket,
+            sender: udp::Sender::default(),
+            announced,
+            rtc_config,
+            conns: HashMap::new(),
+            demux: Demux::default(),
+            forwarders: HashMap::new(),
+            workers,
+            commands,
+            relay_in,
+            relay_out: (0..count).map(|_| Vec::new()).collect(),
+            timers: BinaryHeap::new(),
+            dirty: Vec::new(),
+            deliveries: Vec::new(),
+            forwarded_at: Vec::new(),
+            metrics,
+            tally: Tally::default(),
+            busy: Duration::ZERO,
+            window_start: Instant::now(),
+            stop: false,
+        })
+    }
+
+    /// Runs the event loop until shutdown.
+    pub fn run(self) {
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!(
+                    worker = self.index,
+                    "cannot start the worker's runtime: {e}"
+                );
+                return;
+            }
+        };
+        runtime.block_on(self.event_loop());
+    }
+
+    async fn event_loop(mut self) {
+        let socket = match self
+            .socket
+            .try_clone()
+            .and_then(tokio::net::UdpSocket::from_std)
+        {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(worker = self.index, "cannot register the media socket: {e}");
+                return;
+            }
+        };
+        while !self.stop {
+            let deadline = self.next_deadline();
+            tokio::select! {
+                biased;
+                command = self.commands.recv() => match command {
+                    Some(command) => self.on_command(command),
+                    None => break,
+                },
+                batch = self.relay_in.recv() => {
+                    if let Some(batch) = batch {
+                        let woke = Instant::now();
+                        for (key, packet) in batch {
+                            self.deliver(key, &packet);
+                        }
+                        self.finish_turn(woke);
+                        continue;
+                    }
+                }
+                ready = socket.readable() => {
+                    if let Err(e) = ready {
+                        tracing::error!(worker = self.index, "media socket: {e}");
+                        break;
+                    }
+                    let woke = Instant::now();
+                    self.read_socket(&socket, woke);
+                    self.finish_turn(woke);
+                    continue;
+                }
+                _ = tokio::time::sleep_until(deadline.into()) => {}
+            }
+            let woke = Instant::now();
+            self.finish_turn(woke);
+        }
+        // Closing: every session has gone; let connections go quietly.
+        self.conns.clear();
+    }
+
+    fn next_deadline(&self) -> Instant {
+        let now = Instant::now();
+        let mut deadline = self.window_start + LOAD_WINDOW;
+        if let Some(Reverse((t, _))) = self.timers.peek() {
+            deadline = deadline.min(*t);
+        }
+        for f in self.forwarders.values() {
+            if let Some(due) = f.fwd.keyframe_request_due(now) {
+                deadline = deadline.min(due);
+            }
+        }
+        deadline
+    }
+
+    /// Reads up to a few batches of datagrams, handing each to its connection.
+    fn read_socket(&mut self, socket: &tokio::net::UdpSocket, now: Instant) {
+        let Some(mut receiver) = self.receiver.take() else {
+            return;
+        };
+        for _ in 0..RECV_BATCHES_PER_TURN {
+            match socket.try_io(tokio::io::Interest::READABLE, || {
+                receiver.recv(&self.socket)
+            }) {
+                Ok(n) => {
+                    for (from, dst, datagram) in receiver.datagrams(n) {
+                        self.on_datagram(from, dst, datagram, now);
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    tracing::debug!(worker = self.index, "recv: {e}");
+                    break;
+                }
+            }
+        }
+        self.receiver = Some(receiver);
+    }
+
+    fn on_datagram(
+        &mut self,
+        from: SocketAddr,
+        dst: Option<std::net::IpAddr>,
+        datagram: &[u8],
+        now: Instant,
+    ) {
+        let Some(id) = self.demux.route(from, datagram) else {
+            self.tally.unroutable += 1;
+            return;
+        };
+        // str0m matches the destination against the candidates it announced: with 1:1 NAT
+        // that is the public address, not the one the datagram really reached.
+        let port = self.announced.first().map_or(0, |a| a.port());
+        let destination = match dst {
+            Some(ip) if self.announced.iter().any(|a| a.ip() == ip) => SocketAddr::new(ip, port),
+            _ => self.announced.first().copied().unwrap_or(from),
+        };
+        let Some(conn) = self.conns.get_mut(&id) else {
+            self.tally.unroutable += 1;
+            return;
+        };
+        let receive = match Receive::new(Protocol::Udp, from, destination, datagram) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::trace!(conn = id, "unparseable datagram: {e}");
+                self.tally.unroutable += 1;
+                return;
+            }
+        };
+        if let Err(e) = conn.rtc.handle_input(Input::Receive(now, receive)) {
+            tracing::debug!(participant = %conn.participant, "input refused: {e}");
+        }
+        // Drain at once: in RTP mode str0m holds one received packet at a time.
+        self.drive(id, now);
+    }
+
+    /// Polls a connection until it has nothing more to say, acting on what it says.
+    fn drive(&mut self, id: ConnId, now: Instant) {
+        loop {
+            let Some(conn) = self.conns.get_mut(&id) else {
+                return;
+            };
+            conn.dirty = false;
+            if !conn.rtc.is_alive() {
+                self.fail(id, "the connection closed");
+                return;
+            }
+            match conn.rtc.poll_output() {
+                Ok(Output::Transmit(t)) => {
+                    if is_stun(&t.contents) {
+                        self.demux.bind_addr(t.destination, id);
+                    }
+                    self.sender.push(t.destination, t.contents.into());
+                    if self.sender.len() >= udp::SEND_BATCH {
+                        self.flush_socket();
+                    }
+                }
+                Ok(Output::Timeout(t)) => {
+                    conn.timeout = Some(t);
+                    if conn.scheduled.is_none_or(|s| t < s) {
+                        conn.scheduled = Some(t);
+                        self.timers.push(Reverse((t, id)));
+                    }
+                    return;
+                }
+                Ok(Output::Event(event)) => self.on_event(id, event, now),
+                Err(e) => {
+                    tracing::info!(conn = id, "connection error: {e}");
+                    self.fail(id, &e.to_string());
+                    return;
+                }
+            }
+        }
+    }
+
+    fn fail(&mut self, id: ConnId, why: &str) {
+        if let Some(conn) = self.conns.get_mut(&id)
+            && !conn.failed
+        {
+            conn.failed = true;
+            conn.rtc.disconnect();
+            conn.emit(MediaEvent::Failed(why.to_string()));
+        }
+    }
+
+    fn on_event(&mut self, id: ConnId, event: Event, now: Instant) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        match event {
+            Event::Connected => {
+                conn.connected = true;
+                conn.emit(MediaEvent::Connected);
+                self.start_subscriptions(id);
+            }
+            Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
+                self.fail(id, "ICE disconnected");
+            }
+            Event::Closed if !conn.failed => {
+                conn.failed = true;
+                conn.emit(MediaEvent::ClosedByPeer);
+            }
+            Event::MediaAdded(added) if added.direction.is_receiving() => {
+                conn.inbound
+                    .insert(added.mid, Inbound::AwaitingFirstPacket(kind_of(added.kind)));
+            }
+            Event::MediaChanged(changed) => {
+                let known = conn.inbound.contains_key(&changed.mid);
+                if changed.direction.is_receiving() && !known {
+                    // A client track put on an m-line the server sends on (a plain addTrack).
+                    if let Some(media) = conn.rtc.media(changed.mid) {
+                        let kind = kind_of(media.kind());
+                        conn.inbound
+                            .insert(changed.mid, Inbound::AwaitingFirstPacket(kind));
+                    }
+                } else if !changed.direction.is_receiving() && known {
+                    self.end_inbound(id, changed.mid);
+                }
+            }
+            Event::RtpPacket(packet) => self.on_rtp(id, packet, now),
+            Event::KeyframeRequest(request) => {
+                if let Some(out) = conn.outbound_on(request.mid) {
+                    let route = out.sub.route;
+                    self.request_keyframe(route.key, route.worker);
+                }
+            }
+            Event::ChannelOpen(channel, label) => {
+                if label == "chat" {
+                    conn.chat = Some(channel);
+                } else {
+                    tracing::debug!(label, "ignoring data channel");
+                }
+            }
+            Event::ChannelData(data) => {
+                if Some(data.id) != conn.chat || data.binary {
+                    return;
+                }
+                match String::from_utf8(data.data) {
+                    Ok(text) => {
+                        if conn.chat_in.try_send(text).is_err() {
+                            tracing::debug!(participant = %conn.participant, "chat line dropped: session behind");
+                        }
+                    }
+                    Err(_) => {
+                        tracing::debug!(participant = %conn.participant, "non-UTF-8 chat ignored")
+                    }
+                }
+            }
+            Event::ChannelClose(channel) if conn.chat == Some(channel) => {
+                conn.chat = None;
+            }
+            _ => {}
+        }
+    }
+
+    fn on_rtp(&mut self, id: ConnId, packet: RtpPacket, now: Instant) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let Some(mid) = conn
+            .rtc
+            .direct_api()
+            .stream_rx(&packet.header.ssrc)
+            .map(|s| s.mid())
+        else {
+            return;
+        };
+        let key = match conn.inbound.get_mut(&mid) {
+            Some(Inbound::Published(key)) => *key,
+            Some(Inbound::AwaitingFirstPacket(kind)) => {
+                // The codec is whatever the first packet's payload type names.
+                let kind = *kind;
+                let pt = packet.header.payload_type;
+                let Some(params) = conn.rtc.codec_config().find(|p| p.pt() == pt).copied() else {
+                    return;
+                };
+                let codec = track_codec(kind, &params);
+                let stream_id = conn
+                    .rtc
+                    .media(mid)
+                    .map_or_else(String::new, |m| m.stream_id().to_string());
+                conn.emit(MediaEvent::TrackAdded(IncomingTrack {
+                    id: IncomingTrackId(mid),
+                    kind,
+                    codec: codec.clone(),
+                    stream_id,
+                }));
+                conn.inbound.insert(mid, Inbound::Announced(codec));
+                return;
+            }
+            Some(Inbound::Announced(_)) | None => return,
+        };
+        let mut media = MediaPacket {
+            seq: *packet.seq_no,
+            timestamp: packet.header.timestamp,
+            marker: packet.header.marker,
+            keyframe: false,
+            payload: packet.payload,
+            received_at: now,
+        };
+        let Some(f) = self.forwarders.get_mut(&key) else {
+            return;
+        };
+        self.tally.packets_in += 1;
+        if !f.fwd.ingest(&mut media) {
+            return;
+        }
+        for &w in f.fwd.relays() {
+            let batch = &mut self.relay_out[w];
+            if batch.len() >= RELAY_BATCH {
+                send_relay(&self.workers[w], batch, &mut self.tally);
+            }
+            batch.push((key, media.clone()));
+        }
+        self.deliver(key, &media);
+    }
+
+    /// Writes a packet to every local subscriber of its track.
+    fn deliver(&mut self, key: TrackKey, packet: &MediaPacket) {
+        let Some(f) = self.forwarders.get_mut(&key) else {
+            return;
+        };
+        f.fwd.forward(packet, &mut self.deliveries);
+        if self.deliveries.is_empty() {
+            return;
+        }
+        let nackable = f.fwd.is_video();
+        self.forwarded_at.push(packet.received_at);
+        for d in &self.deliveries {
+            let (conn_id, mid) = d.to;
+            let Some(conn) = self.conns.get_mut(&conn_id) else {
+                continue;
+            };
+            let mut api = conn.rtc.direct_api();
+            let Some(stream) = api.stream_tx_by_mid(mid, None) else {
+                self.tally.packets_dropped += 1;
+                continue;
+            };
+            stream.write_rtp(
+                RtpWrite::new(
+                    d.header.payload_type.into(),
+                    d.header.seq.into(),
+                    d.header.timestamp,
+                    packet.received_at,
+                    packet.payload.clone(),
+                )
+                .marker(d.marker)
+                .nackable(nackable),
+            );
+            self.tally.packets_out += 1;
+            if !conn.dirty {
+                conn.dirty = true;
+                self.dirty.push(conn_id);
+            }
+        }
+    }
+
+    /// Asks for a keyframe of a track: at its source forwarder here, or at the publisher's
+    /// worker.
+    fn request_keyframe(&mut self, key: TrackKey, publisher_worker: usize) {
+        if publisher_worker == self.index {
+            if let Some(f) = self.forwarders.get_mut(&key) {
+                f.fwd.request_keyframe();
+            }
+        } else {
+            let _ = self.workers[publisher_worker]
+                .commands
+                .send(Command::KeyframeRequest { key });
+        }
+    }
+
+    /// Sends the keyframe requests that are due: to local publishers as PLI, to other workers
+    /// as a command (their source forwarder throttles again).
+    fn send_keyframe_requests(&mut self, now: Instant) {
+        let mut to_poll = Vec::new();
+        for (key, f) in &mut self.forwarders {
+            if !f.fwd.poll_keyframe_request(now) {
+                continue;
+            }
+            match &f.source {
+                Source::Local { conn, mid, .. } => {
+                    let Some(c) = self.conns.get_mut(conn) else {
+                        continue;
+                    };
+                    let mut api = c.rtc.direct_api();
+                    if let Some(rx) = api.stream_rx_by_mid(*mid, None) {
+                        rx.request_keyframe(KeyframeRequestKind::Pli);
+                        self.tally.keyframe_requests += 1;
+                        to_poll.push(*conn);
+                    }
+                }
+                Source::Relayed { worker } => {
+                    let _ = self.workers[*worker]
+                        .commands
+                        .send(Command::KeyframeRequest { key: *key });
+                }
+            }
+        }
+        for id in to_poll {
+            self.drive(id, now);
+        }
+    }
+
+    /// Starts forwarding to every open subscription of a connected connection.
+    fn start_subscriptions(&mut self, id: ConnId) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        if !conn.connected {
+            return;
+        }
+        let mut started = Vec::new();
+        for out in &mut conn.outbound {
+            let OutState::Open(mid) = out.state else {
+                continue;
+            };
+            if out.live.is_some() {
+                continue;
+            }
+            let Some(pt) = payload_type_for(&conn.rtc, mid, out.sub.kind, &out.sub.codec) else {
+                tracing::warn!(participant = %conn.participant, codec = %out.sub.codec.mime_type, "subscriber did not accept the codec");
+                continue;
+            };
+            out.live = Some(GaugeGuard::new(&self.metrics, |m| &m.downtracks));
+            started.push((mid, pt, out.sub.route, out.sub.codec.mime_type.clone()));
+        }
+        for (mid, pt, route, mime) in started {
+            let rewriter = Rewriter::new(pt, rand::random::<u16>() >> 1, rand::random());
+            let forwarder = match self.forwarders.entry(route.key) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    if route.worker == self.index {
+                        // The publisher left already; its unpublish will reach the session.
+                        continue;
+                    }
+                    let _ = self.workers[route.worker]
+                        .commands
+                        .send(Command::AttachRelay {
+                            key: route.key,
+                            worker: self.index,
+                        });
+                    e.insert(Forwarder {
+                        fwd: TrackForwarder::new(&mime, KeyframeThrottle::DEFAULT_INTERVAL),
+                        source: Source::Relayed {
+                            worker: route.worker,
+                        },
+                    })
+                }
+            };
+            forwarder.fwd.add_downtrack((id, mid), rewriter);
+            // A relay-fed forwarder asks the source on its next poll.
+        }
+    }
+
+    /// Removes one downtrack, and a relay-fed forwarder left with none.
+    fn stop_downtrack(&mut self, key: TrackKey, to: SubKey) {
+        let Some(f) = self.forwarders.get_mut(&key) else {
+            return;
+        };
+        f.fwd.remove_downtrack(to);
+        self.drop_if_idle(key);
+    }
+
+    fn drop_if_idle(&mut self, key: TrackKey) {
+        let idle_relay = self.forwarders.get(&key).and_then(|f| match f.source {
+            Source::Relayed { worker } if f.fwd.is_idle() => Some(worker),
+            _ => None,
+        });
+        if let Some(worker) = idle_relay {
+            self.forwarders.remove(&key);
+            let _ = self.workers[worker].commands.send(Command::DetachRelay {
+                key,
+                worker: self.index,
+            });
+        }
+    }
+
+    /// A published track stopped arriving: its forwarder goes, and the session unpublishes it.
+    fn end_inbound(&mut self, id: ConnId, mid: Mid) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        if let Some(Inbound::Published(key)) = conn.inbound.remove(&mid) {
+            conn.emit(MediaEvent::TrackEnded(IncomingTrackId(mid)));
+            self.forwarders.remove(&key);
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
+        let now = Instant::now();
+        match command {
+            Command::Open {
+                conn,
+                participant,
+                events,
+                chat_in,
+            } => self.open(conn, participant, events, chat_in),
+            Command::RemoteOffer { conn, sdp, reply } => {
+                let result = match self.conns.get_mut(&conn) {
+                    Some(c) => c.remote_offer(&sdp),
+                    None => Err(MediaError::Closed),
+                };
+                let _ = reply.send(result);
+                self.drive(conn, now);
+            }
+            Command::RemoteAnswer { conn, sdp, reply } => {
+                let result = match self.conns.get_mut(&conn) {
+                    Some(c) => c.remote_answer(&sdp),
+                    None => Err(MediaError::Closed),
+                };
+                let opened = matches!(result, Ok(true));
+                let _ = reply.send(result.map(|_| ()));
+                self.drive(conn, now);
+                if opened {
+                    self.start_subscriptions(conn);
+                }
+            }
+            Command::RemoteCandidate {
+                conn,
+                candidate,
+                reply,
+            } => {
+                let result = match self.conns.get_mut(&conn) {
+                    Some(c) => match Candidate::from_sdp_string(&candidate) {
+                        Ok(candidate) => {
+                            c.rtc.add_remote_candidate(candidate);
+                            Ok(())
+                        }
+                        Err(e) => Err(MediaError::BadCandidate(e.to_string())),
+                    },
+                    None => Err(MediaError::Closed),
+                };
+                let _ = reply.send(result);
+                self.drive(conn, now);
+            }
+            Command::OfferIfNeeded { conn, reply } => {
+                let offer = self.conns.get_mut(&conn).and_then(Conn::offer_if_needed);
+                let _ = reply.send(offer);
+                self.drive(conn, now);
+            }
+            Command::Subscribe { conn, sub } => {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.subscribe(sub);
+                }
+            }
+            Command::Unsubscribe { conn, key } => {
+                let stopped = self.conns.get_mut(&conn).and_then(|c| c.unsubscribe(key));
+                if let Some(mid) = stopped {
+                    self.stop_downtrack(key, (conn, mid));
+                }
+            }
+            Command::Publish { conn, mid, key } => self.publish(conn, mid, key),
+            Command::Chat { conn, line } => {
+                if let Some(c) = self.conns.get_mut(&conn)
+                    && let Some(id) = c.chat
+                    && let Some(mut channel) = c.rtc.channel(id)
+                {
+                    if channel.buffered_amount() > CHAT_BUFFER_LIMIT {
+                        tracing::debug!(participant = %c.participant, "chat line dropped: data channel backed up");
+                    } else if let Err(e) = channel.write(false, line.as_bytes()) {
+                        tracing::debug!(participant = %c.participant, "chat write: {e}");
+                    }
+                    self.drive(conn, now);
+                }
+            }
+            Command::Close { conn } => self.close(conn),
+            Command::AttachRelay { key, worker } => {
+                if let Some(f) = self.forwarders.get_mut(&key) {
+                    f.fwd.add_relay(worker);
+                    f.fwd.request_keyframe();
+                } else {
+                    // The track is gone here: let the other worker drop its relay-fed copy.
+                    let _ = self.workers[worker].commands.send(Command::DetachRelay {
+                        key,
+                        worker: self.index,
+                    });
+                }
+            }
+            Command::DetachRelay { key, worker } => {
+                if let Some(f) = self.forwarders.get_mut(&key) {
+                    f.fwd.remove_relay(worker);
+                }
+            }
+            Command::KeyframeRequest { key } => {
+                if let Some(f) = self.forwarders.get_mut(&key) {
+                    f.fwd.request_keyframe();
+                }
+            }
+            Command::Shutdown => self.stop = true,
+        }
+    }
+
+    fn open(
+        &mut self,
+        id: ConnId,
+        participant: ParticipantId,
+        events: mpsc::UnboundedSender<MediaEvent>,
+        chat_in: mpsc::Sender<String>,
+    ) {
+        let ufrag = random_token(16);
+        let creds = IceCreds {
+            ufrag: ufrag.clone(),
+            pass: random_token(24),
+        };
+        let mut rtc = self
+            .rtc_config
+            .clone()
+            .set_local_ice_credentials(creds)
+            .build(Instant::now());
+        for addr in &self.announced {
+            match Candidate::host(*addr, "udp") {
+                Ok(c) => {
+                    rtc.add_local_candidate(c);
+                }
+                Err(e) => tracing::warn!(%addr, "host candidate: {e}"),
+            }
+        }
+        self.demux.add_ufrag(ufrag, id);
+        let gauge = GaugeGuard::new(&self.metrics, |m| &m.peer_connections);
+        self.conns
+            .insert(id, Conn::new(participant, rtc, events, chat_in, gauge));
+        self.workers[self.index]
+            .connections
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn publish(&mut self, id: ConnId, mid: Mid, key: TrackKey) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let Some(Inbound::Announced(codec)) = conn.inbound.get(&mid) else {
+            return;
+        };
+        let fwd = TrackForwarder::new(&codec.mime_type, KeyframeThrottle::DEFAULT_INTERVAL);
+        conn.inbound.insert(mid, Inbound::Published(key));
+        self.forwarders.insert(
+            key,
+            Forwarder {
+                fwd,
+                source: Source::Local {
+                    conn: id,
+                    mid,
+                    _gauge: GaugeGuard::new(&self.metrics, |m| &m.forwarders),
+                },
+            },
+        );
+    }
+
+    /// Ends a connection and everything it had on this worker.
+    fn close(&mut self, id: ConnId) {
+        let Some(mut conn) = self.conns.remove(&id) else {
+            return;
+        };
+        self.workers[self.index]
+            .connections
+            .fetch_sub(1, Ordering::Relaxed);
+        self.demux.remove(id);
+        for inbound in conn.inbound.values() {
+            if let Inbound::Published(key) = inbound {
+                self.forwarders.remove(key);
+            }
+        }
+        for out in conn.outbound.drain(..) {
+            let mid = match out.state {
+                OutState::Open(mid) | OutState::ToStop(mid) | OutState::Negotiating(mid) => mid,
+                _ => continue,
+            };
+            if out.live.is_some() {
+                self.stop_downtrack(out.sub.route.key, (id, mid));
+            }
+        }
+        conn.rtc.disconnect();
+    }
+
+    /// End of a loop turn: due timers, connections written to, keyframe requests, then one
+    /// send of everything and the relayed batches.
+    fn finish_turn(&mut self, woke: Instant) {
+        let now = Instant::now();
+        while let Some(Reverse((t, id))) = self.timers.peek().copied() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(conn) = self.conns.get_mut(&id) else {
+                continue;
+            };
+            if conn.scheduled != Some(t) {
+                continue; // superseded by an earlier entry
+            }
+            conn.scheduled = None;
+            if let Err(e) = conn.rtc.handle_input(Input::Timeout(now)) {
+                tracing::debug!(conn = id, "timeout: {e}");
+            }
+            self.drive(id, now);
+        }
+        self.send_keyframe_requests(now);
+        while let Some(id) = self.dirty.pop() {
+            // str0m sends written RTP only once time has moved on: one timeout per connection
+            // per turn releases everything written to it in the turn.
+            if let Some(conn) = self.conns.get_mut(&id)
+                && let Err(e) = conn.rtc.handle_input(Input::Timeout(now))
+            {
+                tracing::debug!(conn = id, "timeout: {e}");
+            }
+            self.drive(id, now);
+        }
+        self.flush_socket();
+        for w in 0..self.relay_out.len() {
+            if !self.relay_out[w].is_empty() {
+                send_relay(&self.workers[w], &mut self.relay_out[w], &mut self.tally);
+            }
+        }
+        self.publish_tally();
+        let done = Instant::now();
+        self.busy += done.saturating_duration_since(woke);
+        let window = done.saturating_duration_since(self.window_start);
+        if window >= LOAD_WINDOW {
+            let permille = (self.busy.as_secs_f64() / window.as_secs_f64() * 1000.0) as u32;
+            self.workers[self.index]
+                .load_permille
+                .store(permille.min(1000), Ordering::Relaxed);
+            self.busy = Duration::ZERO;
+            self.window_start = done;
+        }
+    }
+
+    fn flush_socket(&mut self) {
+        if self.sender.is_empty() {
+            return;
+        }
+        let flushed = self.sender.flush(&self.socket);
+        self.tally.packets_dropped += flushed.dropped as u64;
+        let now = Instant::now();
+        for at in self.forwarded_at.drain(..) {
+            self.metrics
+                .forward_latency
+                .observe(now.saturating_duration_since(at));
+        }
+    }
+
+    fn publish_tally(&mut self) {
+        let t = std::mem::take(&mut self.tally);
+        let m = &self.metrics;
+        for (counter, n) in [
+            (&m.packets_in, t.packets_in),
+            (&m.packets_out, t.packets_out),
+            (&m.packets_dropped, t.packets_dropped),
+            (&m.datagrams_unroutable, t.unroutable),
+            (&m.keyframe_requests, t.keyframe_requests),
+        ] {
+            if n > 0 {
+                counter.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Hands a batch to another worker; drops it whole when that worker is behind.
+fn send_relay(to: &WorkerShared, batch: &mut RelayBatch, tally: &mut Tally) {
+    let full = std::mem::replace(batch, Vec::with_capacity(RELAY_BATCH.min(32)));
+    let n = full.len() as u64;
+    if to.relay.try_send(full).is_err() {
+        tally.packets_dropped += n;
+    }
+}
+
+fn random_token(len: usize) -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    (0..len)
+        .map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char)
+        .collect()
+}

@@ -1,0 +1,111 @@
+//! The SFU side of a session: the participant's media connection, the tracks it publishes
+//! into its room, and the room's tracks it subscribes to.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use crate::media::{IncomingTrack, IncomingTrackId, MediaEvent, MediaHandle, Subscription};
+use crate::room::{Publication, Room};
+use crate::types::{ParticipantId, TrackId};
+
+pub struct SfuMedia {
+    pub handle: MediaHandle,
+    pub events: mpsc::UnboundedReceiver<MediaEvent>,
+    /// Chat lines the participant sent on its `chat` data channel.
+    pub chat_in: mpsc::Receiver<String>,
+    /// Publisher stream id (msid) → index in the forwarded stream id `{participant}-{index}`.
+    streams: HashMap<String, usize>,
+    /// What the participant publishes, by the connection's id for it.
+    published: Vec<(IncomingTrackId, TrackId)>,
+    /// When the server sent the offer it waits an answer for.
+    pub awaiting_answer_since: Option<Instant>,
+    /// A client offer was ignored for glare: its candidates may fail and that is expected.
+    pub ignoring_offer: bool,
+    /// When the client closed its connection; a `leave` may be on its way.
+    pub closed_by_peer_at: Option<Instant>,
+}
+
+impl SfuMedia {
+    pub fn new(
+        handle: MediaHandle,
+        events: mpsc::UnboundedReceiver<MediaEvent>,
+        chat_in: mpsc::Receiver<String>,
+    ) -> Self {
+        SfuMedia {
+            handle,
+            events,
+            chat_in,
+            streams: HashMap::new(),
+            published: Vec::new(),
+            awaiting_answer_since: None,
+            ignoring_offer: false,
+            closed_by_peer_at: None,
+        }
+    }
+
+    /// Adds a room's publication to this participant's connection (never its own).
+    pub fn subscribe(&self, publication: &Publication) {
+        let sub = Subscription {
+            route: publication.route,
+            kind: publication.info.kind,
+            codec: publication.codec.clone(),
+            stream_id: publication.info.stream_id.clone(),
+            track_id: publication.track_id.clone(),
+        };
+        if let Err(e) = self.handle.subscribe(sub) {
+            tracing::warn!(track = %publication.track_id, "subscribe failed: {e}");
+        }
+    }
+
+    pub fn unsubscribe(&self, publication: &Publication) {
+        let _ = self.handle.unsubscribe(publication.route.key);
+    }
+
+    /// Publishes a new incoming track in the room and starts forwarding it.
+    pub fn publish(
+        &mut self,
+        room: &Room,
+        publisher: &ParticipantId,
+        track: IncomingTrack,
+        max_tracks: usize,
+    ) {
+        let next_index = self.streams.len();
+        let stream_index = *self.streams.entry(track.stream_id).or_insert(next_index);
+        let kind = track.kind;
+        let publication = match room.publish(
+            publisher,
+            kind,
+            stream_index,
+            track.codec,
+            self.handle.worker(),
+            max_tracks,
+        ) {
+            Ok(publication) => publication,
+            Err(e) => {
+                tracing::warn!(participant = %publisher, "track not published: {e}");
+                return;
+            }
+        };
+        tracing::info!(participant = %publisher, track = %publication.track_id, ?kind, codec = %publication.codec.mime_type, "track published");
+        if self
+            .handle
+            .publish(track.id, publication.route.key)
+            .is_err()
+        {
+            room.unpublish(&publication.track_id);
+            return;
+        }
+        self.published
+            .push((track.id, publication.track_id.clone()));
+    }
+
+    /// The participant stopped sending a track: unpublish it.
+    pub fn unpublish(&mut self, room: &Room, id: IncomingTrackId) {
+        if let Some(i) = self.published.iter().position(|(p, _)| *p == id) {
+            let (_, track_id) = self.published.swap_remove(i);
+            room.unpublish(&track_id);
+        }
+    }
+}
