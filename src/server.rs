@@ -94,6 +94,11 @@ impl ServerHandle {
         self.media.worker_addrs()
     }
 
+    /// How many participants' connections live on each media worker.
+    pub fn media_worker_connections(&self) -> Vec<usize> {
+        self.media.worker_connections()
+    }
+
     /// Stops accepting, tells every session to close, waits (bounded) for them to go, then
     /// stops the media workers.
     pub async fn shutdown(self) {

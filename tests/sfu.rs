@@ -10,7 +10,10 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::{eventually, join, serial, start_server, summary, wait_all, ws_url};
+use common::{
+    CLEANUP, assert_all_clean, close_all, eventually, join, serial, start_server, summary,
+    wait_all, ws_url,
+};
 use futures_util::{SinkExt, StreamExt};
 use switchboard::client::{Client, ClientOptions, ClientSnapshot};
 use switchboard::server::ServerHandle;
@@ -19,7 +22,6 @@ use tokio_tungstenite::tungstenite::Message;
 
 const CONNECT: Duration = Duration::from_secs(20);
 const MEDIA: Duration = Duration::from_secs(20);
-const CLEANUP: Duration = Duration::from_secs(10);
 const KINDS: [MediaKind; 2] = [MediaKind::Audio, MediaKind::Video];
 
 /// Every client receives intact audio and video from every other client of `clients`.
@@ -105,32 +107,6 @@ async fn delivery_window(clients: &[&Client], window: Duration) -> Result<(), St
         }
     }
     Ok(())
-}
-
-async fn close_all(clients: &[&Client]) {
-    for client in clients {
-        client.close().await;
-    }
-}
-
-/// The room is gone and every live gauge is back to zero.
-async fn assert_all_clean(server: &ServerHandle, room: &str) {
-    let result = eventually("room gone and live gauges at zero", CLEANUP, || async {
-        let m = server.metrics.snapshot();
-        !server.registry.room_names().iter().any(|r| r == room)
-            && m.participants == 0
-            && m.peer_connections == 0
-            && m.forwarders == 0
-            && m.downtracks == 0
-    })
-    .await;
-    if let Err(e) = result {
-        panic!(
-            "{e:#}: rooms {:?}, metrics {:?}",
-            server.registry.room_names(),
-            server.metrics.snapshot()
-        );
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

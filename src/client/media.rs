@@ -54,6 +54,10 @@ pub struct MediaProfile {
     /// Every n-th video frame is labelled a key frame, and so is the next frame after a
     /// keyframe request (PLI/FIR). 0: every frame is labelled key.
     pub keyframe_interval_frames: u32,
+    /// Publish with a plain `addTrack`, as many browser apps do: the track may land on a
+    /// transceiver the server created to send to this client. Otherwise each track gets a
+    /// send-only transceiver of its own.
+    pub plain_add_track: bool,
 }
 
 impl Default for MediaProfile {
@@ -66,6 +70,7 @@ impl Default for MediaProfile {
             audio_packets_per_second: 50,
             audio_packet_size: 100,
             keyframe_interval_frames: 0,
+            plain_add_track: false,
         }
     }
 }
@@ -178,15 +183,12 @@ impl LocalTrack {
                 VideoCodec::H264 => (h264_codec(), RtpCodecKind::Video, "video/H264"),
             },
         };
-        let (track, transceiver) = add_sendonly_track(
-            link.pc.as_ref(),
-            &self.stream_id,
-            &self.track_id,
-            rtp_kind,
-            codec,
-            ssrc,
-        )
-        .await?;
+        let track = new_rtp_track(&self.stream_id, &self.track_id, rtp_kind, codec, ssrc);
+        let transceiver = if self.profile.plain_add_track {
+            add_track_plainly(link.pc.as_ref(), &track).await?
+        } else {
+            add_sendonly_track(link.pc.as_ref(), &self.stream_id, &track).await?
+        };
         let output = Arc::new(Output {
             track: track.clone(),
             transceiver,
@@ -363,15 +365,15 @@ impl LocalTrack {
 /// Adds a send-only transceiver carrying a new RTP track with one encoding under `ssrc`.
 /// A fresh transceiver each time: `add_track` may re-use a receiving one, which mixes the
 /// directions of unrelated tracks on one m-line.
-pub(super) async fn add_sendonly_track(
-    pc: &dyn PeerConnection,
+/// A new RTP track with one encoding under `ssrc`.
+fn new_rtp_track(
     stream_id: &str,
     track_id: &str,
     kind: RtpCodecKind,
     codec: RTCRtpCodec,
     ssrc: u32,
-) -> webrtc::error::Result<(Arc<TrackLocalStaticRTP>, Arc<dyn RtpTransceiver>)> {
-    let track = Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
+) -> Arc<TrackLocalStaticRTP> {
+    Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
         stream_id.to_string(),
         track_id.to_string(),
         track_id.to_string(),
@@ -385,8 +387,17 @@ pub(super) async fn add_sendonly_track(
             codec,
             ..Default::default()
         }],
-    )));
-    let transceiver = pc
+    )))
+}
+
+/// Adds a send-only transceiver carrying `track`. A fresh transceiver each time: `add_track`
+/// may re-use a receiving one, which mixes the directions of unrelated tracks on one m-line.
+async fn add_sendonly_track(
+    pc: &dyn PeerConnection,
+    stream_id: &str,
+    track: &Arc<TrackLocalStaticRTP>,
+) -> anyhow::Result<Arc<dyn RtpTransceiver>> {
+    Ok(pc
         .add_transceiver_from_track(
             track.clone() as Arc<dyn TrackLocal>,
             Some(RTCRtpTransceiverInit {
@@ -395,6 +406,22 @@ pub(super) async fn add_sendonly_track(
                 send_encodings: vec![],
             }),
         )
-        .await?;
-    Ok((track, transceiver))
+        .await?)
+}
+
+/// Adds `track` with a plain `add_track`, which re-uses a transceiver of the same kind that only
+/// receives, if there is one, and returns the transceiver it went on.
+async fn add_track_plainly(
+    pc: &dyn PeerConnection,
+    track: &Arc<TrackLocalStaticRTP>,
+) -> anyhow::Result<Arc<dyn RtpTransceiver>> {
+    let sender = pc.add_track(track.clone() as Arc<dyn TrackLocal>).await?;
+    for transceiver in pc.get_transceivers().await {
+        if let Ok(Some(s)) = transceiver.sender().await
+            && Arc::ptr_eq(&s, &sender)
+        {
+            return Ok(transceiver);
+        }
+    }
+    anyhow::bail!("add_track put the track on no transceiver")
 }

@@ -489,6 +489,11 @@ impl Client {
         self.active_remote_tracks().await.len()
     }
 
+    /// The SDP of the last offer the SFU server sent this client.
+    pub fn last_server_offer(&self) -> Option<String> {
+        self.shared.read(|r| r.last_server_offer.clone())
+    }
+
     /// Current participants as the client knows them (id → name), without the client itself.
     pub fn participants(&self) -> BTreeMap<String, String> {
         self.shared.read(|r| r.participants.clone())

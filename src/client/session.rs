@@ -366,6 +366,10 @@ impl Session {
     async fn on_server(&mut self, message: ServerMessage) {
         match message {
             ServerMessage::Offer { sdp, from } => {
+                if from.is_none() {
+                    self.shared
+                        .update(|r| r.last_server_offer = Some(sdp.clone()));
+                }
                 let Some(key) = self.link_key(from) else {
                     return;
                 };

@@ -360,6 +360,8 @@ pub(crate) struct Record {
     pub errors: Vec<(ErrorCode, String)>,
     pub events: std::collections::VecDeque<crate::signal::protocol::ServerMessage>,
     pub unparsed_frames: u64,
+    /// The SDP of the last offer the SFU sent.
+    pub last_server_offer: Option<String>,
     pub links: BTreeMap<Option<String>, LinkSnapshot>,
     pub left: bool,
     pub socket_closed: bool,

@@ -184,6 +184,14 @@ impl MediaPlane {
         })
     }
 
+    /// How many connections live on each worker.
+    pub fn worker_connections(&self) -> Vec<usize> {
+        self.workers
+            .iter()
+            .map(|w| w.connections.load(Ordering::Relaxed))
+            .collect()
+    }
+
     /// The addresses each worker announces, worker by worker.
     pub fn worker_addrs(&self) -> Vec<Vec<SocketAddr>> {
         self.workers.iter().map(|w| w.addrs.clone()).collect()
@@ -223,6 +231,8 @@ impl MediaPlane {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (chat_tx, chat_rx) = mpsc::channel(CHAT_IN_QUEUE);
         let shared = &self.workers[worker];
+        // Counted here, not when the worker gets to it, so joins in a burst spread out.
+        shared.connections.fetch_add(1, Ordering::Relaxed);
         shared
             .commands
             .send(Command::Open {

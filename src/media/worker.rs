@@ -859,9 +859,6 @@ impl Worker {
         let gauge = GaugeGuard::new(&self.metrics, |m| &m.peer_connections);
         self.conns
             .insert(id, Conn::new(participant, rtc, events, chat_in, gauge));
-        self.workers[self.index]
-            .connections
-            .fetch_add(1, Ordering::Relaxed);
     }
 
     fn publish(&mut self, id: ConnId, mid: Mid, key: TrackKey) {

@@ -11,6 +11,9 @@ use switchboard::client::{Client, ClientOptions, ClientSnapshot};
 use switchboard::config::Config;
 use switchboard::server::{Server, ServerHandle};
 
+/// How long cleanup may take before a test says it did not happen.
+pub const CLEANUP: Duration = Duration::from_secs(10);
+
 /// Held by each media test for its whole run. The tests of one binary run in parallel by
 /// default; several calls at once on a 2-core machine starve the webrtc-rs drivers enough to
 /// overflow their receive queues, which would make the delivery checks measure the machine.
@@ -128,4 +131,30 @@ pub fn summary(s: &ClientSnapshot) -> String {
         out += &format!("  errors {:?}\n", s.errors);
     }
     out
+}
+
+pub async fn close_all(clients: &[&Client]) {
+    for client in clients {
+        client.close().await;
+    }
+}
+
+/// The room is gone and every live gauge is back to zero.
+pub async fn assert_all_clean(server: &ServerHandle, room: &str) {
+    let result = eventually("room gone and live gauges at zero", CLEANUP, || async {
+        let m = server.metrics.snapshot();
+        !server.registry.room_names().iter().any(|r| r == room)
+            && m.participants == 0
+            && m.peer_connections == 0
+            && m.forwarders == 0
+            && m.downtracks == 0
+    })
+    .await;
+    if let Err(e) = result {
+        panic!(
+            "{e:#}: rooms {:?}, metrics {:?}",
+            server.registry.room_names(),
+            server.metrics.snapshot()
+        );
+    }
 }

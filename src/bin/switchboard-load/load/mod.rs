@@ -71,6 +71,7 @@ pub fn video_profile(
         audio_packet_size: audio_bytes,
         // Like a real encoder: a key frame every 2 s, and one at once when asked (PLI/FIR).
         keyframe_interval_frames: fps * 2,
+        plain_add_track: false,
     }
 }
 
