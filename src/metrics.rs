@@ -75,6 +75,7 @@ metrics! {
         packets_dropped: "RTP packets dropped: a relay queue to another worker or the socket's send buffer was full.",
         datagrams_unroutable: "Datagrams dropped because they matched no connection (unknown address and ICE ufrag).",
         keyframe_requests: "Keyframe requests (PLI) sent to publishers.",
+        media_loop_turns: "Turns of the media workers' event loops (wake-ups); packets per turn is the batching.",
         signaling_errors: "Error messages sent to clients.",
         chat_messages: "Chat messages relayed (counted once per sender message).",
         joins_refused_at_capacity: "Joins refused because every media worker was at the load limit or the forwarding rate at its cap.",

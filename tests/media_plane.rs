@@ -343,3 +343,38 @@ async fn a_datagram_flood_stays_within_bounds() {
     assert_all_clean(&server, "flood").await;
     server.shutdown().await;
 }
+
+/// Admission follows measured load: with the limit at 0.1 % of a worker's time, a call in
+/// progress is enough to turn the next SFU join away with `server-full`, counted, while the call
+/// keeps its media.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joins_are_refused_when_the_workers_are_busy() {
+    let _serial = serial().await;
+    let server = start_server_with(|c| {
+        c.workers = Some(1);
+        c.limits.max_worker_load_percent = 0.1;
+    })
+    .await;
+    let publisher = join(&server, "busy", "pub", ClientOptions::default()).await;
+    let viewer = join(&server, "busy", "viewer", ClientOptions::silent()).await;
+    wait_video_from(&[&viewer], publisher.id(), 60).await;
+    let url = common::ws_url(&server);
+    let refused = eventually("a join refused for load", CLEANUP, || {
+        let url = url.clone();
+        async move {
+            matches!(
+                switchboard::client::Client::connect(&url, "busy", "late", ClientOptions::silent())
+                    .await,
+                Err(e) if format!("{e:#}").contains("ServerFull")
+            )
+        }
+    })
+    .await;
+    refused.expect("the worker's load passes 0.1 % with a call running");
+    assert!(server.metrics.snapshot().joins_refused_at_capacity >= 1);
+    let seen = intact_video_from(&viewer, publisher.id());
+    wait_video_from(&[&viewer], publisher.id(), seen + 30).await;
+    close_all(&[&publisher, &viewer]).await;
+    assert_all_clean(&server, "busy").await;
+    server.shutdown().await;
+}

@@ -29,11 +29,18 @@ pub fn router(ctx: Arc<ServerContext>) -> Router {
         .with_state(ctx)
 }
 
+/// Bytes read from a signaling socket at a time (messages may be larger; they are assembled).
+const SOCKET_BUFFER: usize = 8 * 1024;
+
 async fn websocket(State(ctx): State<Arc<ServerContext>>, upgrade: WebSocketUpgrade) -> Response {
     // The library's own cap sits above ours so that an oversized message reaches the session,
     // which closes with 1009 and logs it; anything bigger still is cut off by the library.
     let cap = ctx.limits.max_message_bytes.saturating_mul(2).max(1024);
+    // Signaling is a few small messages a minute: the library's 128 KiB read and write buffers
+    // per socket would be most of an idle participant's memory.
     upgrade
+        .read_buffer_size(SOCKET_BUFFER)
+        .write_buffer_size(0)
         .max_message_size(cap)
         .max_frame_size(cap)
         .on_failed_upgrade(|e| tracing::info!("websocket upgrade failed: {e}"))

@@ -40,8 +40,10 @@ const RELAY_BATCH: usize = 256;
 const RECV_BATCHES_PER_TURN: usize = 4;
 /// Bytes a participant's chat data channel may hold unsent before lines are dropped.
 const CHAT_BUFFER_LIMIT: usize = 256 * 1024;
-/// RTP packets kept per outgoing video stream to answer NACKs (about 2 s of 1.2 Mbit/s video).
-const RTX_CACHE_VIDEO: usize = 300;
+/// RTP packets kept per outgoing video stream to answer NACKs: about 0.8 s of 1.2 Mbit/s video,
+/// several round trips. Each costs ~460 bytes of bookkeeping (the payload is shared), so this
+/// is most of a subscriber's memory.
+const RTX_CACHE_VIDEO: usize = 128;
 /// How often the load figure is refreshed.
 const LOAD_WINDOW: Duration = Duration::from_secs(1);
 
@@ -157,6 +159,7 @@ struct Tally {
     packets_dropped: u64,
     unroutable: u64,
     keyframe_requests: u64,
+    turns: u64,
 }
 
 pub struct Worker {
@@ -318,14 +321,18 @@ impl Worker {
         let Some(mut receiver) = self.receiver.take() else {
             return;
         };
-        for _ in 0..RECV_BATCHES_PER_TURN {
+        for batch in 0..RECV_BATCHES_PER_TURN {
             match socket.try_io(tokio::io::Interest::READABLE, || {
                 receiver.recv(&self.socket)
             }) {
                 Ok(n) => {
+                    let received = if batch == 0 { now } else { Instant::now() };
                     for (from, dst, datagram) in receiver.datagrams(n) {
-                        self.on_datagram(from, dst, datagram, now);
+                        self.on_datagram(from, dst, datagram, received);
                     }
+                    // Send this batch's copies before reading the next: a packet waits for the
+                    // fan-out of its own batch, not of everything that queued up meanwhile.
+                    self.send_written(Instant::now());
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) => {
@@ -913,6 +920,7 @@ impl Worker {
     /// send of everything and the relayed batches.
     fn finish_turn(&mut self, woke: Instant) {
         let now = Instant::now();
+        self.tally.turns += 1;
         while let Some(Reverse((t, id))) = self.timers.peek().copied() {
             if t > now {
                 break;
@@ -931,22 +939,7 @@ impl Worker {
             self.drive(id, now);
         }
         self.send_keyframe_requests(now);
-        while let Some(id) = self.dirty.pop() {
-            // str0m sends written RTP only once time has moved on: one timeout per connection
-            // per turn releases everything written to it in the turn.
-            if let Some(conn) = self.conns.get_mut(&id)
-                && let Err(e) = conn.rtc.handle_input(Input::Timeout(now))
-            {
-                tracing::debug!(conn = id, "timeout: {e}");
-            }
-            self.drive(id, now);
-        }
-        self.flush_socket();
-        for w in 0..self.relay_out.len() {
-            if !self.relay_out[w].is_empty() {
-                send_relay(&self.workers[w], &mut self.relay_out[w], &mut self.tally);
-            }
-        }
+        self.send_written(now);
         self.publish_tally();
         let done = Instant::now();
         self.busy += done.saturating_duration_since(woke);
@@ -961,18 +954,39 @@ impl Worker {
         }
     }
 
+    /// Drives every connection written to, then sends all datagrams and relayed batches.
+    fn send_written(&mut self, now: Instant) {
+        while let Some(id) = self.dirty.pop() {
+            // str0m sends written RTP only once time has moved on: one timeout per connection
+            // releases everything written to it since.
+            if let Some(conn) = self.conns.get_mut(&id)
+                && let Err(e) = conn.rtc.handle_input(Input::Timeout(now))
+            {
+                tracing::debug!(conn = id, "timeout: {e}");
+            }
+            self.drive(id, now);
+        }
+        self.flush_socket();
+        for w in 0..self.relay_out.len() {
+            if !self.relay_out[w].is_empty() {
+                send_relay(&self.workers[w], &mut self.relay_out[w], &mut self.tally);
+            }
+        }
+        // Every copy of the packets forwarded so far is sent now.
+        let sent = Instant::now();
+        for at in self.forwarded_at.drain(..) {
+            self.metrics
+                .forward_latency
+                .observe(sent.saturating_duration_since(at));
+        }
+    }
+
     fn flush_socket(&mut self) {
         if self.sender.is_empty() {
             return;
         }
         let flushed = self.sender.flush(&self.socket);
         self.tally.packets_dropped += flushed.dropped as u64;
-        let now = Instant::now();
-        for at in self.forwarded_at.drain(..) {
-            self.metrics
-                .forward_latency
-                .observe(now.saturating_duration_since(at));
-        }
     }
 
     fn publish_tally(&mut self) {
@@ -984,6 +998,7 @@ impl Worker {
             (&m.packets_dropped, t.packets_dropped),
             (&m.datagrams_unroutable, t.unroutable),
             (&m.keyframe_requests, t.keyframe_requests),
+            (&m.media_loop_turns, t.turns),
         ] {
             if n > 0 {
                 counter.fetch_add(n, Ordering::Relaxed);

@@ -125,6 +125,24 @@ pub struct ServerFigures {
     pub rss_per_participant_kb: f64,
     pub rss_after_close_mb: f64,
     pub participants_after_close: f64,
+    /// The server's own measure of time inside it (datagram in → copies sent), from its
+    /// `switchboard_forward_latency_seconds` histogram over the window: the bucket bounds under
+    /// which 50 % and 99 % of forwarded packets fall, in ms (None: not reported).
+    pub in_server_p50_ms: Option<f64>,
+    pub in_server_p99_ms: Option<f64>,
+}
+
+/// The bound (in ms) of the histogram bucket under which a share `q` of observations fall, from
+/// cumulative Prometheus bucket deltas sorted by bound.
+fn bucket_quantile_ms(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
+    let total = buckets.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    buckets
+        .iter()
+        .find(|(_, cumulative)| *cumulative >= q * total)
+        .map(|(le, _)| le * 1000.0)
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -300,6 +318,26 @@ pub(crate) fn compute(
             keyframe_requests: d("keyframe_requests_total").max(0.0) as u64,
             ..Default::default()
         };
+        let mut buckets: Vec<(f64, f64)> = end
+            .server
+            .metrics
+            .keys()
+            .filter_map(|k| {
+                let name = k.strip_prefix("switchboard_")?;
+                let le = name
+                    .strip_prefix("forward_latency_seconds_bucket{le=\"")?
+                    .strip_suffix("\"}")?;
+                let le: f64 = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().ok()?
+                };
+                Some((le, d(name)))
+            })
+            .collect();
+        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        f.in_server_p50_ms = bucket_quantile_ms(&buckets, 0.5);
+        f.in_server_p99_ms = bucket_quantile_ms(&buckets, 0.99);
         if let (Some(a), Some(b)) = (start.server.process, end.server.process) {
             let cpu = b.cpu_s - a.cpu_s;
             f.cpu_cores = cpu / window;
@@ -521,6 +559,15 @@ pub fn print(o: &Outcome) {
                     thousands(o.server.packets_out_per_s),
                     thousands(o.server.packets_in_per_s)
                 ),
+            },
+        ),
+        (
+            "in server",
+            match (o.server.in_server_p50_ms, o.server.in_server_p99_ms) {
+                (Some(p50), Some(p99)) => format!(
+                    "datagram in → copies sent: p50 ≤ {p50} ms, p99 ≤ {p99} ms (server histogram bucket bounds)"
+                ),
+                _ => "not reported by the server".to_string(),
             },
         ),
         (
