@@ -62,8 +62,7 @@ pub struct Conn {
     pub connected: bool,
     /// A failure was reported; the session will close the connection.
     pub failed: bool,
-    /// The engine's next requested wake-up, and the one in the worker's timer heap.
-    pub timeout: Option<Instant>,
+    /// The earliest wake-up of this connection in the worker's timer heap.
     pub scheduled: Option<Instant>,
     /// Written to in this loop turn: poll it before sending.
     pub dirty: bool,
@@ -91,7 +90,6 @@ impl Conn {
             chat_in,
             connected: false,
             failed: false,
-            timeout: None,
             scheduled: None,
             dirty: false,
             chat: None,

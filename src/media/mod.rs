@@ -30,7 +30,7 @@ use crate::forward::{TrackKey, TrackRoute};
 use crate::metrics::Metrics;
 use crate::types::{IceCandidate, MediaKind, ParticipantId, TrackCodec, TrackId};
 
-pub use demux::ConnId;
+use demux::ConnId;
 use worker::{Command, WorkerShared};
 
 /// Chat lines from one participant queued for its session before new ones are dropped.
@@ -165,7 +165,6 @@ impl MediaPlane {
                 commands,
                 relay,
                 dtls_cert.clone(),
-                config,
                 metrics.clone(),
             )?;
             threads.push(

@@ -27,7 +27,6 @@ use super::conn::{Conn, Inbound, OutState};
 use super::demux::{ConnId, Demux, is_stun};
 use super::udp;
 use super::{IncomingTrack, IncomingTrackId, MediaError, MediaEvent, OfferOutcome, Subscription};
-use crate::config::Config;
 use crate::forward::{Delivery, KeyframeThrottle, MediaPacket, Rewriter, TrackForwarder, TrackKey};
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::types::ParticipantId;
@@ -191,7 +190,6 @@ pub struct Worker {
 }
 
 impl Worker {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         index: usize,
         socket: std::net::UdpSocket,
@@ -199,7 +197,6 @@ impl Worker {
         commands: mpsc::UnboundedReceiver<Command>,
         relay_in: mpsc::Receiver<RelayBatch>,
         dtls_cert: DtlsCert,
-        _config: &Config,
         metrics: Arc<Metrics>,
     ) -> Result<Self, MediaError> {
         let rtc_config = Rtc::builder()
@@ -403,7 +400,6 @@ impl Worker {
                     }
                 }
                 Ok(Output::Timeout(t)) => {
-                    conn.timeout = Some(t);
                     if conn.scheduled.is_none_or(|s| t < s) {
                         conn.scheduled = Some(t);
                         self.timers.push(Reverse((t, id)));
@@ -1009,7 +1005,7 @@ impl Worker {
 
 /// Hands a batch to another worker; drops it whole when that worker is behind.
 fn send_relay(to: &WorkerShared, batch: &mut RelayBatch, tally: &mut Tally) {
-    let full = std::mem::replace(batch, Vec::with_capacity(RELAY_BATCH.min(32)));
+    let full = std::mem::replace(batch, Vec::with_capacity(32));
     let n = full.len() as u64;
     if to.relay.try_send(full).is_err() {
         tally.packets_dropped += n;
