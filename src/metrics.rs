@@ -86,8 +86,9 @@ metrics! {
 }
 
 /// Upper bounds of the histogram buckets, in microseconds.
-const BUCKETS_US: [u64; 12] = [
-    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 1_000_000,
+const BUCKETS_US: [u64; 16] = [
+    50, 100, 250, 500, 1_000, 2_000, 3_000, 4_000, 5_000, 7_500, 10_000, 15_000, 25_000, 50_000,
+    100_000, 1_000_000,
 ];
 
 /// A Prometheus-style histogram of durations with fixed buckets; lock-free to observe.

@@ -32,6 +32,19 @@ async fn wait_video_from(clients: &[&Client], publisher: &str, packets: u64) {
     .await;
 }
 
+/// The body of a plain HTTP GET to the server.
+async fn http_get(server: &ServerHandle, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(server.http_addr)
+        .await
+        .expect("connect");
+    let request = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("read");
+    response
+}
+
 /// The address media worker `k` announces.
 fn worker_addr(server: &ServerHandle, k: usize) -> SocketAddr {
     server.media_addrs()[k][0]
@@ -83,6 +96,14 @@ async fn two_workers_share_one_room() {
     }
     let m = server.metrics.snapshot();
     assert_eq!(m.media_workers, 2);
+    let text = http_get(&server, "/metrics").await;
+    for k in 0..2 {
+        let line = format!("switchboard_worker_connections{{worker=\"{k}\"}} ");
+        assert!(
+            text.contains(&line),
+            "per-worker gauge for worker {k}:\n{text}"
+        );
+    }
     assert_eq!(m.forwarders, 2, "one source forwarder per published track");
 
     let mut everyone = subs.clone();

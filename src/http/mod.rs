@@ -89,7 +89,7 @@ async fn static_file(Path(path): Path<String>) -> Response {
 async fn metrics(State(ctx): State<Arc<ServerContext>>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        ctx.metrics.render(),
+        ctx.metrics.render() + &ctx.media.render_worker_metrics(),
     )
         .into_response()
 }

@@ -191,6 +191,34 @@ impl MediaPlane {
             .collect()
     }
 
+    /// Per-worker gauges in Prometheus text: connections and the load admission looks at.
+    pub fn render_worker_metrics(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP switchboard_worker_connections Connections living on each media worker."
+        );
+        let _ = writeln!(out, "# TYPE switchboard_worker_connections gauge");
+        for (k, w) in self.workers.iter().enumerate() {
+            let n = w.connections.load(Ordering::Relaxed);
+            let _ = writeln!(out, "switchboard_worker_connections{{worker=\"{k}\"}} {n}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP switchboard_worker_load_ratio Share of the last second each media worker was busy."
+        );
+        let _ = writeln!(out, "# TYPE switchboard_worker_load_ratio gauge");
+        for (k, w) in self.workers.iter().enumerate() {
+            let load = f64::from(w.load_permille.load(Ordering::Relaxed)) / 1000.0;
+            let _ = writeln!(
+                out,
+                "switchboard_worker_load_ratio{{worker=\"{k}\"}} {load}"
+            );
+        }
+        out
+    }
+
     /// The addresses each worker announces, worker by worker.
     pub fn worker_addrs(&self) -> Vec<Vec<SocketAddr>> {
         self.workers.iter().map(|w| w.addrs.clone()).collect()
