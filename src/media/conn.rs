@@ -64,7 +64,7 @@ pub struct Conn {
     pub failed: bool,
     /// The earliest wake-up of this connection in the worker's timer heap.
     pub scheduled: Option<Instant>,
-    /// Written to in this loop turn: poll it before sending.
+    /// Written to since the last send: listed in the worker's dirty list.
     pub dirty: bool,
     pub chat: Option<ChannelId>,
     pub inbound: HashMap<Mid, Inbound>,

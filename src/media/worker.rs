@@ -384,7 +384,6 @@ impl Worker {
             let Some(conn) = self.conns.get_mut(&id) else {
                 return;
             };
-            conn.dirty = false;
             if !conn.rtc.is_alive() {
                 self.fail(id, "the connection closed");
                 return;
@@ -574,6 +573,9 @@ impl Worker {
             let Some(conn) = self.conns.get_mut(&conn_id) else {
                 continue;
             };
+            if conn.failed {
+                continue; // its session is closing it; nothing would drain what is written
+            }
             let mut api = conn.rtc.direct_api();
             let Some(stream) = api.stream_tx_by_mid(mid, None) else {
                 self.tally.packets_dropped += 1;
@@ -953,11 +955,13 @@ impl Worker {
     /// Drives every connection written to, then sends all datagrams and relayed batches.
     fn send_written(&mut self, now: Instant) {
         while let Some(id) = self.dirty.pop() {
+            let Some(conn) = self.conns.get_mut(&id) else {
+                continue;
+            };
+            conn.dirty = false;
             // str0m sends written RTP only once time has moved on: one timeout per connection
             // releases everything written to it since.
-            if let Some(conn) = self.conns.get_mut(&id)
-                && let Err(e) = conn.rtc.handle_input(Input::Timeout(now))
-            {
+            if let Err(e) = conn.rtc.handle_input(Input::Timeout(now)) {
                 tracing::debug!(conn = id, "timeout: {e}");
             }
             self.drive(id, now);
