@@ -1,7 +1,9 @@
-//! One WebSocket = one participant's state machine: not joined → joined (SFU: with a peer
-//! connection; mesh: relaying only) → left. Everything a participant has (room membership,
-//! peer connection, forwarding tasks, chat pump) is owned here and torn down in [`Session::leave`],
-//! whatever ended the session: a `leave`, a dropped socket, a failed connection, shutdown.
+//! One WebSocket = one participant's state machine: not joined → joined (SFU: with a media
+//! connection on a worker; mesh: relaying only) → left. Everything a participant has (room
+//! membership, its media connection and what it publishes and receives) is owned here and torn
+//! down in [`Session::leave`], whatever ended the session: a `leave`, a dropped socket, a failed
+//! connection, shutdown. The SFU wiring is in `sfu.rs`, the forwarding-rate cap in
+//! `admission.rs`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -135,7 +137,7 @@ impl Session {
                 Step::Room(Some(event)) => self.on_room_event(event).await,
                 Step::Media(Some(event)) => self.on_media_event(event).await,
                 // A closed channel would be ready forever: treat it as what it means.
-                Step::Media(None) => {
+                Step::Media(None) | Step::ChatIn(None) => {
                     self.on_media_event(MediaEvent::Failed("media worker gone".into()))
                         .await
                 }
@@ -149,9 +151,7 @@ impl Session {
                     }
                     Ok(())
                 }
-                // The media connection closes the chat channel only as it goes away.
-                Step::ChatIn(None) | Step::ChatOut(None) => Ok(()),
-                Step::Room(None) => {
+                Step::Room(None) | Step::ChatOut(None) => {
                     tracing::error!("room event channel closed while joined");
                     return close_frame(close_code::ERROR, "removed from the room");
                 }
