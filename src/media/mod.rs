@@ -260,15 +260,16 @@ impl MediaPlane {
         let shared = &self.workers[worker];
         // Counted here, not when the worker gets to it, so joins in a burst spread out.
         shared.connections.fetch_add(1, Ordering::Relaxed);
-        shared
-            .commands
-            .send(Command::Open {
-                conn,
-                participant,
-                events,
-                chat_in: chat_tx,
-            })
-            .map_err(|_| MediaError::Closed)?;
+        let opened = shared.commands.send(Command::Open {
+            conn,
+            participant,
+            events,
+            chat_in: chat_tx,
+        });
+        if opened.is_err() {
+            shared.connections.fetch_sub(1, Ordering::Relaxed);
+            return Err(MediaError::Closed);
+        }
         Ok((
             MediaHandle {
                 worker,
