@@ -5,18 +5,20 @@
 //! Owned by the worker's event loop; nothing here touches sockets or other connections.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use str0m::Rtc;
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::channel::ChannelId;
 use str0m::media::{Direction, Mid};
+use str0m::rtp::Ssrc;
 use tokio::sync::mpsc;
 
 use super::codec::str0m_kind;
 use super::{MediaError, MediaEvent, OfferOutcome, Subscription};
 use crate::forward::TrackKey;
-use crate::metrics::GaugeGuard;
+use crate::metrics::{GaugeGuard, Metrics};
 use crate::types::{MediaKind, ParticipantId, TrackCodec};
 
 /// A track the participant sends, by the m-line it arrives on.
@@ -50,7 +52,24 @@ pub struct Outbound {
     pub sub: Subscription,
     pub state: OutState,
     /// Set while a downtrack forwards to this m-line.
-    pub live: Option<GaugeGuard>,
+    pub live: Option<LiveDownTrack>,
+}
+
+/// A subscription packets flow to: the SSRC of its send stream (a hash lookup on the packet
+/// path, where the m-line would be a scan over the connection's streams).
+#[derive(Debug)]
+pub struct LiveDownTrack {
+    pub ssrc: Ssrc,
+    _gauge: GaugeGuard,
+}
+
+impl LiveDownTrack {
+    pub fn new(ssrc: Ssrc, metrics: &Arc<Metrics>) -> Self {
+        LiveDownTrack {
+            ssrc,
+            _gauge: GaugeGuard::new(metrics, |m| &m.downtracks),
+        }
+    }
 }
 
 pub struct Conn {
@@ -205,22 +224,19 @@ impl Conn {
         });
     }
 
-    /// Ends a subscription; returns its m-line if a downtrack was forwarding to it.
-    pub fn unsubscribe(&mut self, key: TrackKey) -> Option<Mid> {
+    /// Ends a subscription; returns its send stream's SSRC if a downtrack was forwarding to it.
+    pub fn unsubscribe(&mut self, key: TrackKey) -> Option<Ssrc> {
         let i = self.outbound.iter().position(|o| o.sub.route.key == key)?;
         let out = &mut self.outbound[i];
-        let was_live = out.live.take().is_some();
+        let live = out.live.take().map(|l| l.ssrc);
         match out.state {
             OutState::ToOpen => {
                 self.outbound.remove(i);
-                None
             }
-            OutState::Negotiating(mid) | OutState::Open(mid) => {
-                out.state = OutState::ToStop(mid);
-                was_live.then_some(mid)
-            }
-            OutState::ToStop(_) | OutState::NegotiatingStop(_) => None,
+            OutState::Negotiating(mid) | OutState::Open(mid) => out.state = OutState::ToStop(mid),
+            OutState::ToStop(_) | OutState::NegotiatingStop(_) => {}
         }
+        live
     }
 
     /// The subscription sending on `mid`, if it is open.

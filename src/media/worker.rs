@@ -18,12 +18,12 @@ use std::time::{Duration, Instant};
 use str0m::config::DtlsCert;
 use str0m::media::{KeyframeRequestKind, Mid};
 use str0m::net::{Protocol, Receive};
-use str0m::rtp::{RtpPacket, RtpWrite};
+use str0m::rtp::{RtpPacket, RtpWrite, Ssrc};
 use str0m::{Candidate, Event, IceConnectionState, IceCreds, Input, Output, Rtc, RtcConfig};
 use tokio::sync::{mpsc, oneshot};
 
 use super::codec::{kind_of, payload_type_for, track_codec};
-use super::conn::{Conn, Inbound, OutState};
+use super::conn::{Conn, Inbound, LiveDownTrack, OutState};
 use super::demux::{ConnId, Demux, is_stun};
 use super::udp;
 use super::{IncomingTrack, IncomingTrackId, MediaError, MediaEvent, OfferOutcome, Subscription};
@@ -47,7 +47,8 @@ const RTX_CACHE_VIDEO: usize = 128;
 /// How often the load figure is refreshed.
 const LOAD_WINDOW: Duration = Duration::from_secs(1);
 
-type SubKey = (ConnId, Mid);
+/// A downtrack's target: the subscriber's connection and the SSRC of its send stream.
+type SubKey = (ConnId, Ssrc);
 type RelayBatch = Vec<(TrackKey, MediaPacket)>;
 
 /// What a worker shares with the plane and with the other workers.
@@ -570,7 +571,7 @@ impl Worker {
         let nackable = f.fwd.is_video();
         self.forwarded_at.push(packet.received_at);
         for d in &self.deliveries {
-            let (conn_id, mid) = d.to;
+            let (conn_id, ssrc) = d.to;
             let Some(conn) = self.conns.get_mut(&conn_id) else {
                 continue;
             };
@@ -578,7 +579,7 @@ impl Worker {
                 continue; // its session is closing it; nothing would drain what is written
             }
             let mut api = conn.rtc.direct_api();
-            let Some(stream) = api.stream_tx_by_mid(mid, None) else {
+            let Some(stream) = api.stream_tx(&ssrc) else {
                 self.tally.packets_dropped += 1;
                 continue;
             };
@@ -667,10 +668,19 @@ impl Worker {
                 tracing::warn!(participant = %conn.participant, codec = %out.sub.codec.mime_type, "subscriber did not accept the codec");
                 continue;
             };
-            out.live = Some(GaugeGuard::new(&self.metrics, |m| &m.downtracks));
-            started.push((mid, pt, out.sub.route, out.sub.codec.mime_type.clone()));
+            let Some(ssrc) = conn
+                .rtc
+                .direct_api()
+                .stream_tx_by_mid(mid, None)
+                .map(|s| s.ssrc())
+            else {
+                tracing::warn!(participant = %conn.participant, "negotiated m-line without a send stream");
+                continue;
+            };
+            out.live = Some(LiveDownTrack::new(ssrc, &self.metrics));
+            started.push((ssrc, pt, out.sub.route, out.sub.codec.mime_type.clone()));
         }
-        for (mid, pt, route, mime) in started {
+        for (ssrc, pt, route, mime) in started {
             let rewriter = Rewriter::new(pt, rand::random::<u16>() >> 1, rand::random());
             let forwarder = match self.forwarders.entry(route.key) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
@@ -693,7 +703,7 @@ impl Worker {
                     })
                 }
             };
-            forwarder.fwd.add_downtrack((id, mid), rewriter);
+            forwarder.fwd.add_downtrack((id, ssrc), rewriter);
             // A relay-fed forwarder asks the source on its next poll.
         }
     }
@@ -791,8 +801,8 @@ impl Worker {
             }
             Command::Unsubscribe { conn, key } => {
                 let stopped = self.conns.get_mut(&conn).and_then(|c| c.unsubscribe(key));
-                if let Some(mid) = stopped {
-                    self.stop_downtrack(key, (conn, mid));
+                if let Some(ssrc) = stopped {
+                    self.stop_downtrack(key, (conn, ssrc));
                 }
             }
             Command::Publish { conn, mid, key } => self.publish(conn, mid, key),
@@ -904,12 +914,8 @@ impl Worker {
             }
         }
         for out in conn.outbound.drain(..) {
-            let mid = match out.state {
-                OutState::Open(mid) | OutState::ToStop(mid) | OutState::Negotiating(mid) => mid,
-                _ => continue,
-            };
-            if out.live.is_some() {
-                self.stop_downtrack(out.sub.route.key, (id, mid));
+            if let Some(live) = out.live {
+                self.stop_downtrack(out.sub.route.key, (id, live.ssrc));
             }
         }
         conn.rtc.disconnect();
