@@ -111,29 +111,6 @@ impl Histogram {
         self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
     }
 
-    /// The bucket bound below which a share `q` of observations fall (None: no observations,
-    /// or beyond the last bound).
-    pub fn quantile_bound(&self, q: f64) -> Option<std::time::Duration> {
-        let counts: Vec<u64> = self
-            .buckets
-            .iter()
-            .map(|b| b.load(Ordering::Relaxed))
-            .collect();
-        let total: u64 = counts.iter().sum();
-        if total == 0 {
-            return None;
-        }
-        let want = (q * total as f64).ceil() as u64;
-        let mut seen = 0;
-        for (bound, n) in BUCKETS_US.iter().zip(&counts) {
-            seen += n;
-            if seen >= want {
-                return Some(std::time::Duration::from_micros(*bound));
-            }
-        }
-        None
-    }
-
     fn render(&self, out: &mut String, name: &str) {
         let mut cumulative = 0;
         for (bound, bucket) in BUCKETS_US.iter().zip(&self.buckets) {
@@ -192,10 +169,6 @@ mod tests {
         m.forward_latency
             .observe(std::time::Duration::from_micros(30));
         assert_eq!(m.forward_latency.count(), 2);
-        assert_eq!(
-            m.forward_latency.quantile_bound(0.99),
-            Some(std::time::Duration::from_millis(1))
-        );
         assert!(
             m.render()
                 .contains("switchboard_forward_latency_seconds_bucket{le=\"0.001\"} 2")

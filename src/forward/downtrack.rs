@@ -25,10 +25,6 @@ impl<K: Copy + Eq> DownTrack<K> {
         self.subscriber
     }
 
-    pub fn awaiting_keyframe(&self) -> bool {
-        self.awaiting_keyframe
-    }
-
     /// The packet's header for this subscriber, or None while it still waits for a keyframe.
     pub fn rewrite(&mut self, packet: &MediaPacket) -> Option<Rewritten> {
         if self.awaiting_keyframe {

@@ -77,13 +77,6 @@ impl<K: Copy + Eq> TrackForwarder<K> {
         self.downtracks.len() != before
     }
 
-    /// Removes every downtrack `which` selects (a subscriber's connection closed).
-    pub fn remove_downtracks_where(&mut self, mut which: impl FnMut(K) -> bool) -> usize {
-        let before = self.downtracks.len();
-        self.downtracks.retain(|d| !which(d.subscriber()));
-        before - self.downtracks.len()
-    }
-
     pub fn add_relay(&mut self, worker: usize) {
         if !self.relays.contains(&worker) {
             self.relays.push(worker);

@@ -20,7 +20,7 @@ mod rewrite;
 mod route;
 
 pub use codec::VideoFormat;
-pub use downtrack::DownTrack;
+use downtrack::DownTrack;
 pub use forwarder::{Delivery, TrackForwarder};
 pub use keyframe::KeyframeThrottle;
 pub use packet::MediaPacket;

@@ -24,9 +24,7 @@ impl Demux {
     /// Binds a remote address to a connection: the connection sent a STUN response there, so
     /// the address passed the connection's integrity check.
     pub fn bind_addr(&mut self, addr: SocketAddr, conn: ConnId) {
-        if self.by_addr.get(&addr) != Some(&conn) {
-            self.by_addr.insert(addr, conn);
-        }
+        self.by_addr.insert(addr, conn);
     }
 
     /// Forgets everything routed to `conn`.

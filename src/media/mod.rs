@@ -33,6 +33,8 @@ use crate::types::{IceCandidate, MediaKind, ParticipantId, TrackCodec, TrackId};
 use demux::ConnId;
 use worker::{Command, WorkerShared};
 
+/// Worker loads closer than this (per mille) count as equal when placing a participant.
+const LOAD_BAND_PERMILLE: u32 = 50;
 /// Chat lines from one participant queued for its session before new ones are dropped.
 const CHAT_IN_QUEUE: usize = 64;
 
@@ -235,7 +237,9 @@ impl MediaPlane {
                 let load = w.load_permille.load(Ordering::Relaxed);
                 (i, load, w.connections.load(Ordering::Relaxed))
             })
-            .min_by_key(|(_, load, conns)| (*load / 50, *conns))
+            // Loads within the same 5 % are equal: then the fewer connections wins, so that a
+            // burst of joins spreads before the load figure (one second behind) catches up.
+            .min_by_key(|(_, load, conns)| (*load / LOAD_BAND_PERMILLE, *conns))
             .map(|(i, load, _)| (i, load))
             .ok_or(MediaError::Overloaded)?;
         if self.max_load_permille > 0 && load >= self.max_load_permille {

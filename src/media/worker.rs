@@ -135,6 +135,14 @@ pub fn dtls_certificate() -> Result<DtlsCert, MediaError> {
         .ok_or_else(|| MediaError::Io(std::io::Error::other("cannot generate a DTLS certificate")))
 }
 
+/// What woke the event loop.
+enum Wake {
+    Command(Option<Command>),
+    Relayed(Option<RelayBatch>),
+    Readable(std::io::Result<()>),
+    Timer,
+}
+
 /// A track's fan-out on this worker, and where its packets come from.
 struct Forwarder {
     fwd: TrackForwarder<SubKey>,
@@ -169,8 +177,6 @@ pub struct Worker {
     /// Taken out while its datagrams are handled.
     receiver: Option<udp::Receiver>,
     sender: udp::Sender,
-    /// The address str0m is told datagrams arrive at, when it is not the bound one (NAT).
-    announced: Vec<SocketAddr>,
     rtc_config: RtcConfig,
     conns: HashMap<ConnId, Conn>,
     demux: Demux,
@@ -206,14 +212,12 @@ impl Worker {
             .set_rtp_mode(true)
             .set_dtls_cert(dtls_cert)
             .set_send_buffer_video(RTX_CACHE_VIDEO);
-        let announced = workers[index].addrs.clone();
         let count = workers.len();
         Ok(Worker {
             index,
             receiver: Some(udp::Receiver::new(&socket)?),
             socket,
             sender: udp::Sender::default(),
-            announced,
             rtc_config,
             conns: HashMap::new(),
             demux: Demux::default(),
@@ -266,35 +270,30 @@ impl Worker {
         };
         while !self.stop {
             let deadline = self.next_deadline();
-            tokio::select! {
+            let wake = tokio::select! {
                 biased;
-                command = self.commands.recv() => match command {
-                    Some(command) => self.on_command(command),
-                    None => break,
-                },
-                batch = self.relay_in.recv() => {
-                    if let Some(batch) = batch {
-                        let woke = Instant::now();
-                        for (key, packet) in batch {
-                            self.deliver(key, &packet);
-                        }
-                        self.finish_turn(woke);
-                        continue;
-                    }
-                }
-                ready = socket.readable() => {
-                    if let Err(e) = ready {
-                        tracing::error!(worker = self.index, "media socket: {e}");
-                        break;
-                    }
-                    let woke = Instant::now();
-                    self.read_socket(&socket, woke);
-                    self.finish_turn(woke);
-                    continue;
-                }
-                _ = tokio::time::sleep_until(deadline.into()) => {}
-            }
+                command = self.commands.recv() => Wake::Command(command),
+                batch = self.relay_in.recv() => Wake::Relayed(batch),
+                ready = socket.readable() => Wake::Readable(ready),
+                _ = tokio::time::sleep_until(deadline.into()) => Wake::Timer,
+            };
             let woke = Instant::now();
+            match wake {
+                Wake::Command(Some(command)) => self.on_command(command),
+                // The plane is gone: nobody can reach this worker any more.
+                Wake::Command(None) => break,
+                Wake::Relayed(Some(batch)) => {
+                    for (key, packet) in batch {
+                        self.deliver(key, &packet);
+                    }
+                }
+                Wake::Relayed(None) | Wake::Timer => {}
+                Wake::Readable(Ok(())) => self.read_socket(&socket, woke),
+                Wake::Readable(Err(e)) => {
+                    tracing::error!(worker = self.index, "media socket: {e}");
+                    break;
+                }
+            }
             self.finish_turn(woke);
         }
         // Closing: every session has gone; let connections go quietly.
@@ -356,11 +355,14 @@ impl Worker {
         };
         // str0m matches the destination against the candidates it announced: with 1:1 NAT
         // that is the public address, not the one the datagram really reached.
-        let port = self.announced.first().map_or(0, |a| a.port());
+        let announced = &self.workers[self.index].addrs;
         let destination = match dst {
-            Some(ip) if self.announced.iter().any(|a| a.ip() == ip) => SocketAddr::new(ip, port),
-            _ => self.announced.first().copied().unwrap_or(from),
-        };
+            Some(ip) => announced.iter().find(|a| a.ip() == ip),
+            None => None,
+        }
+        .or(announced.first())
+        .copied()
+        .unwrap_or(from);
         let Some(conn) = self.conns.get_mut(&id) else {
             self.tally.unroutable += 1;
             return;
@@ -595,10 +597,7 @@ impl Worker {
                 .nackable(nackable),
             );
             self.tally.packets_out += 1;
-            if !conn.dirty {
-                conn.dirty = true;
-                self.dirty.push(conn_id);
-            }
+            mark_dirty(&mut self.dirty, conn_id, conn);
         }
     }
 
@@ -619,7 +618,6 @@ impl Worker {
     /// Sends the keyframe requests that are due: to local publishers as PLI, to other workers
     /// as a command (their source forwarder throttles again).
     fn send_keyframe_requests(&mut self, now: Instant) {
-        let mut to_poll = Vec::new();
         for (key, f) in &mut self.forwarders {
             if !f.fwd.poll_keyframe_request(now) {
                 continue;
@@ -633,7 +631,8 @@ impl Worker {
                     if let Some(rx) = api.stream_rx_by_mid(*mid, None) {
                         rx.request_keyframe(KeyframeRequestKind::Pli);
                         self.tally.keyframe_requests += 1;
-                        to_poll.push(*conn);
+                        // Sent with everything else written this turn.
+                        mark_dirty(&mut self.dirty, *conn, c);
                     }
                 }
                 Source::Relayed { worker } => {
@@ -642,9 +641,6 @@ impl Worker {
                         .send(Command::KeyframeRequest { key: *key });
                 }
             }
-        }
-        for id in to_poll {
-            self.drive(id, now);
         }
     }
 
@@ -863,7 +859,7 @@ impl Worker {
             .clone()
             .set_local_ice_credentials(creds)
             .build(Instant::now());
-        for addr in &self.announced {
+        for addr in &self.workers[self.index].addrs {
             match Candidate::host(*addr, "udp") {
                 Ok(c) => {
                     rtc.add_local_candidate(c);
@@ -1011,6 +1007,14 @@ impl Worker {
                 counter.fetch_add(n, Ordering::Relaxed);
             }
         }
+    }
+}
+
+/// Lists a connection for the next send, once.
+fn mark_dirty(list: &mut Vec<ConnId>, id: ConnId, conn: &mut Conn) {
+    if !conn.dirty {
+        conn.dirty = true;
+        list.push(id);
     }
 }
 

@@ -85,16 +85,12 @@ fn close_frame(code: u16, reason: &str) -> Close {
     })
 }
 
-async fn recv_or_pending<T>(rx: Option<&mut mpsc::UnboundedReceiver<T>>) -> Option<T> {
-    match rx {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn recv_bounded_or_pending<T>(rx: Option<&mut mpsc::Receiver<T>>) -> Option<T> {
-    match rx {
-        Some(rx) => rx.recv().await,
+/// The next item of an optional channel's receive future; never, when there is no channel.
+async fn next_or_pending<T>(
+    recv: Option<impl std::future::Future<Output = Option<T>>>,
+) -> Option<T> {
+    match recv {
+        Some(recv) => recv.await,
         None => std::future::pending().await,
     }
 }
@@ -120,10 +116,10 @@ impl Session {
             // Room and media channels are split borrows of `self.joined`; select on all.
             let step = tokio::select! {
                 frame = self.socket.recv() => Step::Socket(frame),
-                event = recv_or_pending(room_events) => Step::Room(event),
-                event = recv_or_pending(media_events) => Step::Media(event),
-                line = recv_bounded_or_pending(chat_in) => Step::ChatIn(line),
-                line = recv_bounded_or_pending(chat_out) => Step::ChatOut(line),
+                event = next_or_pending(room_events.map(|rx| rx.recv())) => Step::Room(event),
+                event = next_or_pending(media_events.map(|rx| rx.recv())) => Step::Media(event),
+                line = next_or_pending(chat_in.map(|rx| rx.recv())) => Step::ChatIn(line),
+                line = next_or_pending(chat_out.map(|rx| rx.recv())) => Step::ChatOut(line),
                 _ = shutdown.wait_for(|stop| *stop) => Step::Shutdown,
                 _ = watchdog.tick() => Step::Watchdog,
             };
