@@ -651,8 +651,9 @@ struct Env {
     chromium: PathBuf,
     artifacts: PathBuf,
     profiles: PathBuf,
-    /// (name, session id) of every page opened, for diagnostics after a failure.
-    opened: Mutex<Vec<(String, String)>>,
+    /// Every page opened, for diagnostics after a failure. These clones also keep the browsers
+    /// of a failed test open after the test dropped its own handles.
+    opened: Mutex<Vec<(String, Session)>>,
     server: tokio::sync::Mutex<Option<ServerHandle>>,
 }
 
@@ -670,7 +671,7 @@ impl Env {
             self.opened
                 .lock()
                 .unwrap()
-                .push((name.to_string(), session.id().to_string()));
+                .push((name.to_string(), session.clone()));
             pages.push(Page {
                 name: name.to_string(),
                 session,
@@ -729,8 +730,7 @@ impl Env {
     /// After a failure: each still-open page's state, console and a screenshot.
     async fn diagnostics(&self) {
         let opened = self.opened.lock().unwrap().clone();
-        for (name, id) in opened {
-            let session = self.driver.attach(&id);
+        for (name, session) in opened {
             let Ok(state) = session
                 .execute(
                     "return window.switchboard ? window.switchboard.state() : null;",

@@ -1,28 +1,34 @@
-//! A small W3C WebDriver client for the browser tests: chromedriver spawned on a loopback port,
-//! spoken to with plain HTTP/1.1 over a TCP socket (one request per connection), JSON via
-//! serde_json. Only what the tests use: sessions, navigation, scripts, elements, screenshots.
+//! The browser tests' glue around `fantoccini`, which speaks the W3C WebDriver protocol. Here is
+//! only what it does not do: finding the executables, running chromedriver on a loopback port
+//! (and killing it with every browser it started), the session's capabilities, chromedriver's
+//! browser-log endpoint, a bound on how long one command may take, and the few helpers the
+//! tests call.
 
+use std::fmt::Display;
+use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
+use fantoccini::elements::Element;
+use fantoccini::wd::WebDriverCompatibleCommand;
+use fantoccini::{Client, ClientBuilder, Locator};
+use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
-/// The key under which W3C WebDriver returns element references.
-const ELEMENT_KEY: &str = "element-6066-11e4-a52e-4f735466cecf";
+/// How long one WebDriver command may take before chromedriver is given up on.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// A chromedriver process; killed (with every browser it started) when dropped.
 pub struct Driver {
-    addr: SocketAddr,
+    url: String,
     child: Child,
 }
 
 impl Driver {
-    /// Starts `chromedriver` on a free loopback port and waits until it reports ready.
+    /// Starts `chromedriver` on a free loopback port and waits until it accepts connections.
     pub async fn start(chromedriver: &Path, log_file: &Path) -> Result<Driver> {
         let port = {
             let probe = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
@@ -38,56 +44,45 @@ impl Driver {
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting {}", chromedriver.display()))?;
-        let driver = Driver {
-            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let mut driver = Driver {
+            url: format!("http://{addr}/"),
             child,
         };
+        // chromedriver listens once it is ready for sessions (its /status then says ready).
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let last = match request(driver.addr, "GET", "/status", None).await {
-                Ok(status) if status["ready"].as_bool() == Some(true) => return Ok(driver),
-                Ok(status) => status.to_string(),
-                Err(e) => e.to_string(),
+            let error = match tokio::net::TcpStream::connect(addr).await {
+                Ok(_) => return Ok(driver),
+                Err(e) => e,
             };
+            if let Some(status) = driver.child.try_wait()? {
+                bail!("chromedriver exited ({status}); see {}", log_file.display());
+            }
             if Instant::now() > deadline {
-                bail!(
-                    "chromedriver did not become ready on {}: {last}",
-                    driver.addr
-                );
+                bail!("chromedriver did not become ready on {addr}: {error}");
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
-    /// A handle on a session opened earlier (e.g. to inspect it after a failure).
-    pub fn attach(&self, id: &str) -> Session {
-        Session {
-            addr: self.addr,
-            id: id.to_string(),
-        }
-    }
-
-    /// Opens a browser with the given `goog:chromeOptions`.
+    /// Opens a browser with the given `goog:chromeOptions`, keeping its console log.
     pub async fn session(&self, chrome_options: Value) -> Result<Session> {
-        let caps = json!({
-            "capabilities": {
-                "alwaysMatch": {
-                    "browserName": "chrome",
-                    "goog:chromeOptions": chrome_options,
-                    "goog:loggingPrefs": { "browser": "ALL" },
-                    "timeouts": { "script": 30000, "pageLoad": 30000 }
-                }
-            }
-        });
-        let value = request(self.addr, "POST", "/session", Some(caps)).await?;
-        let id = value["sessionId"]
-            .as_str()
-            .ok_or_else(|| anyhow!("no sessionId in {value}"))?
-            .to_string();
-        Ok(Session {
-            addr: self.addr,
-            id,
-        })
+        let Value::Object(capabilities) = json!({
+            "browserName": "chrome",
+            "goog:chromeOptions": chrome_options,
+            "goog:loggingPrefs": { "browser": "ALL" },
+            "timeouts": { "script": 30000, "pageLoad": 30000 },
+        }) else {
+            unreachable!("a JSON object literal");
+        };
+        // Plain http on loopback: no TLS.
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let mut builder = ClientBuilder::new(connector);
+        builder.capabilities(capabilities);
+        let client = bounded("opening a session", builder.connect(&self.url)).await?;
+        Ok(Session { client })
     }
 }
 
@@ -142,287 +137,106 @@ fn descendants(root: u32) -> Vec<u32> {
     out
 }
 
-/// One browser (one WebDriver session).
+/// One browser (one WebDriver session). Clones share it; it ends with [`Session::quit`], or
+/// when the last clone is dropped.
+#[derive(Clone)]
 pub struct Session {
-    addr: SocketAddr,
-    id: String,
+    client: Client,
 }
 
-/// A reference to a DOM element of a session.
-#[derive(Clone, Debug)]
-pub struct Element(String);
-
 impl Session {
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-
-    async fn cmd(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
-        let path = format!("/session/{}{}", self.id, path);
-        let value = request(self.addr, method, &path, body).await?;
-        Ok(value)
-    }
-
     pub async fn goto(&self, url: &str) -> Result<()> {
-        self.cmd("POST", "/url", Some(json!({ "url": url })))
-            .await
-            .with_context(|| format!("navigating to {url}"))?;
-        Ok(())
+        bounded(&format!("navigating to {url}"), self.client.goto(url)).await
     }
 
     /// Runs `script` (a function body; `arguments` holds `args`) and returns its value.
     pub async fn execute(&self, script: &str, args: Vec<Value>) -> Result<Value> {
-        self.cmd(
-            "POST",
-            "/execute/sync",
-            Some(json!({ "script": script, "args": args })),
+        bounded("running a script", self.client.execute(script, args)).await
+    }
+
+    async fn find(&self, css: &str) -> Result<Element> {
+        bounded(
+            &format!("finding `{css}`"),
+            self.client.find(Locator::Css(css)),
         )
         .await
-    }
-
-    pub async fn find(&self, css: &str) -> Result<Element> {
-        let value = self
-            .cmd(
-                "POST",
-                "/element",
-                Some(json!({ "using": "css selector", "value": css })),
-            )
-            .await
-            .with_context(|| format!("finding `{css}`"))?;
-        value[ELEMENT_KEY]
-            .as_str()
-            .map(|s| Element(s.to_string()))
-            .ok_or_else(|| anyhow!("no element reference for `{css}` in {value}"))
-    }
-
-    pub async fn click(&self, element: &Element) -> Result<()> {
-        self.cmd(
-            "POST",
-            &format!("/element/{}/click", element.0),
-            Some(json!({})),
-        )
-        .await?;
-        Ok(())
-    }
-
-    pub async fn clear(&self, element: &Element) -> Result<()> {
-        self.cmd(
-            "POST",
-            &format!("/element/{}/clear", element.0),
-            Some(json!({})),
-        )
-        .await?;
-        Ok(())
-    }
-
-    pub async fn send_keys(&self, element: &Element, text: &str) -> Result<()> {
-        self.cmd(
-            "POST",
-            &format!("/element/{}/value", element.0),
-            Some(json!({ "text": text })),
-        )
-        .await?;
-        Ok(())
     }
 
     /// Clicks the element matching `css`.
     pub async fn click_css(&self, css: &str) -> Result<()> {
         let element = self.find(css).await?;
-        self.click(&element)
-            .await
-            .with_context(|| format!("clicking `{css}`"))
+        bounded(&format!("clicking `{css}`"), element.click()).await
     }
 
     /// Replaces the text of the input matching `css` by typing `text`.
     pub async fn type_into(&self, css: &str, text: &str) -> Result<()> {
         let element = self.find(css).await?;
-        self.clear(&element).await?;
-        self.send_keys(&element, text)
-            .await
-            .with_context(|| format!("typing into `{css}`"))
+        bounded(&format!("clearing `{css}`"), element.clear()).await?;
+        bounded(&format!("typing into `{css}`"), element.send_keys(text)).await
     }
 
     /// A PNG of the viewport.
     pub async fn screenshot(&self) -> Result<Vec<u8>> {
-        let value = self.cmd("GET", "/screenshot", None).await?;
-        let b64 = value
-            .as_str()
-            .ok_or_else(|| anyhow!("screenshot is not a string"))?;
-        base64_decode(b64)
+        bounded("taking a screenshot", self.client.screenshot()).await
     }
 
-    /// The browser console since the last call (chromedriver's legacy log endpoint).
+    /// The browser console since the last call.
     pub async fn console_log(&self) -> Result<Vec<String>> {
-        let value = self
-            .cmd("POST", "/se/log", Some(json!({ "type": "browser" })))
-            .await?;
+        let value = bounded("reading the browser log", self.client.issue_cmd(BrowserLog)).await?;
         Ok(value
             .as_array()
-            .map(|entries| {
-                entries
-                    .iter()
-                    .map(|e| {
-                        format!(
-                            "{} {}",
-                            e["level"].as_str().unwrap_or("?"),
-                            e["message"].as_str().unwrap_or("")
-                        )
-                    })
-                    .collect()
+            .into_iter()
+            .flatten()
+            .map(|e| {
+                format!(
+                    "{} {}",
+                    e["level"].as_str().unwrap_or("?"),
+                    e["message"].as_str().unwrap_or("")
+                )
             })
-            .unwrap_or_default())
+            .collect())
     }
 
     /// Ends the session, which closes the browser.
     pub async fn quit(self) -> Result<()> {
-        request(self.addr, "DELETE", &format!("/session/{}", self.id), None).await?;
-        Ok(())
+        bounded("closing the browser", self.client.close()).await
     }
 }
 
-/// One WebDriver HTTP request; returns the response's `value`, or an error carrying the
-/// WebDriver error and message.
-async fn request(addr: SocketAddr, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
-         Content-Type: application/json; charset=utf-8\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    let exchange = async {
-        let mut stream = TcpStream::connect(addr).await?;
-        stream.write_all(head.as_bytes()).await?;
-        stream.write_all(body.as_bytes()).await?;
-        read_response(&mut stream).await
-    };
-    let (status, bytes) = tokio::time::timeout(Duration::from_secs(90), exchange)
-        .await
-        .map_err(|_| anyhow!("{method} {path}: no answer from chromedriver in 90 s"))??;
-    let json: Value = serde_json::from_slice(&bytes).with_context(|| {
-        format!(
-            "{method} {path}: HTTP {status}, not JSON: {}",
-            String::from_utf8_lossy(&bytes)
-        )
-    })?;
-    let value = json.get("value").cloned().unwrap_or(Value::Null);
-    if status != 200 {
-        bail!(
-            "{method} {path}: HTTP {status}: {} — {}",
-            value["error"].as_str().unwrap_or("?"),
-            value["message"]
-                .as_str()
-                .unwrap_or("")
-                .lines()
-                .next()
-                .unwrap_or("")
-        );
-    }
-    Ok(value)
-}
+/// chromedriver's legacy log endpoint, for the console kept by `goog:loggingPrefs`; W3C
+/// WebDriver has no command for it.
+#[derive(Debug)]
+struct BrowserLog;
 
-/// Reads one HTTP/1.1 response: status and body (Content-Length, chunked, or until close).
-async fn read_response(stream: &mut TcpStream) -> Result<(u16, Vec<u8>)> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 16384];
-    let header_end = loop {
-        if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break pos + 4;
-        }
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            bail!("connection closed before the response headers");
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..header_end]).to_string();
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow!("bad status line in {head:?}"))?;
-    let header = |name: &str| {
-        head.lines().find_map(|line| {
-            let (k, v) = line.split_once(':')?;
-            k.trim()
-                .eq_ignore_ascii_case(name)
-                .then(|| v.trim().to_string())
-        })
-    };
-    let mut body = buf[header_end..].to_vec();
-    if let Some(len) = header("content-length").and_then(|v| v.parse::<usize>().ok()) {
-        while body.len() < len {
-            let n = stream.read(&mut chunk).await?;
-            if n == 0 {
-                bail!("connection closed mid-body");
-            }
-            body.extend_from_slice(&chunk[..n]);
-        }
-        body.truncate(len);
-        return Ok((status, body));
+impl WebDriverCompatibleCommand for BrowserLog {
+    fn endpoint(
+        &self,
+        base: &url::Url,
+        session: Option<&str>,
+    ) -> Result<url::Url, url::ParseError> {
+        base.join(&format!("session/{}/se/log", session.unwrap_or_default()))
     }
-    // No length: read to the end (we asked for Connection: close).
-    loop {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            break;
-        }
-        body.extend_from_slice(&chunk[..n]);
-    }
-    if header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
-        body = dechunk(&body)?;
-    }
-    Ok((status, body))
-}
 
-fn dechunk(mut data: &[u8]) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = data
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or_else(|| anyhow!("bad chunk header"))?;
-        let size_text = String::from_utf8_lossy(&data[..line_end]);
-        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)?;
-        data = &data[line_end + 2..];
-        if size == 0 {
-            return Ok(out);
-        }
-        if data.len() < size + 2 {
-            bail!("truncated chunk");
-        }
-        out.extend_from_slice(&data[..size]);
-        data = &data[size + 2..];
+    fn method_and_body(&self, _: &url::Url) -> (http::Method, Option<String>) {
+        let body = json!({ "type": "browser" }).to_string();
+        (http::Method::POST, Some(body))
     }
 }
 
-/// Standard base64 (screenshots), without a crate for it.
-fn base64_decode(text: &str) -> Result<Vec<u8>> {
-    fn value(c: u8) -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
+/// Waits at most [`COMMAND_TIMEOUT`] for one WebDriver command. An error says what was being
+/// done, with the first line of chromedriver's message (the rest is its session info).
+async fn bounded<T, E: Display>(
+    what: &str,
+    command: impl Future<Output = Result<T, E>>,
+) -> Result<T> {
+    match tokio::time::timeout(COMMAND_TIMEOUT, command).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => bail!("{what}: {}", e.to_string().lines().next().unwrap_or("")),
+        Err(_) => bail!(
+            "{what}: no answer from chromedriver in {} s",
+            COMMAND_TIMEOUT.as_secs()
+        ),
     }
-    let mut out = Vec::with_capacity(text.len() * 3 / 4);
-    let (mut acc, mut bits) = (0u32, 0u32);
-    for &c in text.as_bytes() {
-        if c == b'=' || c.is_ascii_whitespace() {
-            continue;
-        }
-        let v = value(c).ok_or_else(|| anyhow!("bad base64 byte {c}"))?;
-        acc = (acc << 6) | v;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    Ok(out)
 }
 
 /// Finds an executable: `env` if set, else the first of `names` on PATH.
@@ -440,20 +254,4 @@ pub fn find_executable(env: &str, names: &[&str]) -> Option<PathBuf> {
         }
     }
     None
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn base64_round_trip() {
-        assert_eq!(super::base64_decode("aGVsbG8=").unwrap(), b"hello");
-        assert_eq!(super::base64_decode("aGk=").unwrap(), b"hi");
-        assert_eq!(super::base64_decode("").unwrap(), b"");
-    }
-
-    #[test]
-    fn dechunks() {
-        let body = b"5\r\nhello\r\n1\r\n!\r\n0\r\n\r\n";
-        assert_eq!(super::dechunk(body).unwrap(), b"hello!");
-    }
 }
