@@ -9,6 +9,7 @@
 use std::time::{Duration, Instant};
 
 use super::codec::VideoFormat;
+use super::padding::PaddingRemover;
 use super::rewrite::Rewritten;
 use super::{DownTrack, KeyframeThrottle, MediaPacket, Rewriter};
 
@@ -29,9 +30,7 @@ pub struct TrackForwarder<K> {
     /// Other workers with subscribers of this track (source forwarder only).
     relays: Vec<usize>,
     keyframes: KeyframeThrottle,
-    /// Padding-only packets removed so far: later sequence numbers close the gap.
-    padding_removed: u64,
-    highest_seq: Option<u64>,
+    padding: PaddingRemover,
 }
 
 impl<K: Copy + Eq> TrackForwarder<K> {
@@ -43,8 +42,7 @@ impl<K: Copy + Eq> TrackForwarder<K> {
             downtracks: Vec::new(),
             relays: Vec::new(),
             keyframes: KeyframeThrottle::new(keyframe_interval),
-            padding_removed: 0,
-            highest_seq: None,
+            padding: PaddingRemover::default(),
         }
     }
 
@@ -110,21 +108,14 @@ impl<K: Copy + Eq> TrackForwarder<K> {
     }
 
     /// Source side: takes a packet from the publisher. Padding-only packets (bandwidth probes)
-    /// carry nothing to forward: they return false and later sequence numbers are shifted so
-    /// subscribers see no gap. Otherwise the packet's keyframe flag is set and it is ready to be
-    /// forwarded here and relayed.
+    /// carry nothing to forward: they return false and the sequence numbers after them close
+    /// the gap (see [`PaddingRemover`]). Otherwise the packet's keyframe flag is set and it is
+    /// ready to be forwarded here and relayed.
     pub fn ingest(&mut self, packet: &mut MediaPacket) -> bool {
-        let newest = self.highest_seq.is_none_or(|h| packet.seq > h);
-        if newest {
-            self.highest_seq = Some(packet.seq);
-        }
-        if packet.payload.is_empty() {
-            if newest {
-                self.padding_removed += 1;
-            }
+        let Some(seq) = self.padding.map(packet.seq, packet.payload.is_empty()) else {
             return false;
-        }
-        packet.seq = packet.seq.saturating_sub(self.padding_removed);
+        };
+        packet.seq = seq;
         packet.keyframe = self
             .format
             .is_some_and(|f| f.starts_keyframe(&packet.payload));
@@ -250,12 +241,15 @@ mod tests {
             (3, b""),
             (4, b"y"),
             (6, b"z"),
+            (7, b""),
+            (8, b"v"),
             (5, b"w"),
         ] {
             seqs.extend(run(&mut f, pkt(seq, payload)).iter().map(|d| d.header.seq));
         }
         let base = 1 << 15;
-        // 4 follows 1 directly; 6 after a real loss keeps its gap; 5 arrives late, in place.
-        assert_eq!(seqs, vec![base, base + 1, base + 3, base + 2]);
+        // 4 follows 1 directly; 6 after a loss keeps its gap; 8 follows 6 directly; 5 arrives
+        // late and takes its own slot, not one shifted by the padding removed after it.
+        assert_eq!(seqs, vec![base, base + 1, base + 3, base + 4, base + 2]);
     }
 }

@@ -3,7 +3,7 @@
 //! Owns: which subscriber gets which packet of a published track ([`TrackForwarder`]), the
 //! per-subscriber header rewrite ([`Rewriter`]: payload type, sequence number, timestamp),
 //! keyframe recognition ([`VideoFormat`]) so a new subscriber starts on a keyframe,
-//! keyframe-request throttling ([`KeyframeThrottle`]), padding removal, and how a track is found
+//! keyframe-request throttling ([`KeyframeThrottle`]), padding removal (`padding.rs`), and how a track is found
 //! on the packet path ([`TrackRoute`]).
 //!
 //! Must not: know about the media engine, sockets, threads or signaling. The media worker hands
@@ -16,6 +16,7 @@ mod downtrack;
 mod forwarder;
 mod keyframe;
 mod packet;
+mod padding;
 mod rewrite;
 mod route;
 
