@@ -58,7 +58,14 @@ pub struct MediaProfile {
     /// transceiver the server created to send to this client. Otherwise each track gets a
     /// send-only transceiver of its own.
     pub plain_add_track: bool,
+    /// Spread each video frame's packets over [`PACED_SHARE`] of the frame interval, as a
+    /// browser's pacer does (libwebrtc sends at 2.5× the target bitrate), instead of writing them
+    /// back to back.
+    pub paced: bool,
 }
+
+/// Share of a frame interval a paced frame's packets are spread over: a 2.5× pacing factor.
+pub const PACED_SHARE: f64 = 1.0 / 2.5;
 
 impl Default for MediaProfile {
     fn default() -> Self {
@@ -71,6 +78,7 @@ impl Default for MediaProfile {
             audio_packet_size: 100,
             keyframe_interval_frames: 0,
             plain_add_track: false,
+            paced: true,
         }
     }
 }
@@ -274,6 +282,11 @@ impl LocalTrack {
                 )
             }
         };
+        let gap = if self.profile.paced && packets_per_tick > 1 {
+            period.mul_f64(PACED_SHARE) / packets_per_tick
+        } else {
+            Duration::ZERO
+        };
         let mut ticker = tokio::time::interval(period);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seq: u64 = 0;
@@ -314,6 +327,9 @@ impl LocalTrack {
             frame += 1;
             let h264 = self.profile.video_codec == VideoCodec::H264;
             for i in 0..packets_per_tick {
+                if i > 0 && !gap.is_zero() {
+                    tokio::time::sleep(gap).await;
+                }
                 let header = PayloadHeader {
                     sender: self.sender_hash,
                     kind: self.kind,

@@ -5,6 +5,8 @@
 //! switchboard-load --rooms 1 --publishers 10 --all-to-all
 //! switchboard-load --rooms 20 --publishers 4 --all-to-all --json
 //! switchboard-load --mesh-table
+//! switchboard-load --subscribers 200 --subscriber-engine webrtc   # webrtc-rs subscribers
+//! switchboard-load --subscribers 600 --decrypt-every 64           # lite subscribers (default)
 //! ```
 //! See `--help` and the README's "Measured figures".
 
@@ -17,7 +19,7 @@ use clap::Parser;
 use switchboard::signal::protocol::RoomMode;
 
 use load::report::{self, Outcome};
-use load::run::{self, Scenario};
+use load::run::{self, Scenario, SubscriberEngine};
 use load::server::Server;
 
 /// Synthetic WebRTC participants (real signaling, ICE, DTLS, SRTP) against a running
@@ -79,6 +81,20 @@ struct Args {
     no_audio: bool,
     #[arg(long)]
     no_video: bool,
+    /// Publishers write each video frame's packets back to back instead of pacing them over
+    /// 40 % of the frame interval (a browser's pacer sends at 2.5× the bitrate).
+    #[arg(long)]
+    unpaced: bool,
+    /// What the receive-only subscribers run on: `lite` (str0m receivers on one thread and one
+    /// UDP socket, every packet counted from its RTP header, a sample decrypted: cheaper per
+    /// packet than the server) or `webrtc` (webrtc-rs clients, like the publishers). Mesh rooms
+    /// always use webrtc.
+    #[arg(long, value_enum, default_value_t = SubscriberEngine::Lite)]
+    subscriber_engine: SubscriberEngine,
+    /// Lite subscribers: after the first 8 packets of each stream, decrypt and check one packet
+    /// in N (1 = every packet; at most 1024). Latency figures come from these packets.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    decrypt_every: u32,
     /// Joins in progress at once.
     #[arg(long, default_value_t = 16)]
     join_concurrency: usize,
@@ -137,13 +153,14 @@ fn main() -> anyhow::Result<()> {
 
 async fn run_main(args: Args) -> anyhow::Result<()> {
     let server = Server::new(&args.server, args.server_pid)?;
-    let media = load::video_profile(
+    let mut media = load::video_profile(
         args.video_kbps,
         args.fps,
         args.packet_size,
         args.audio_pps,
         args.audio_size,
     );
+    media.paced = !args.unpaced;
     let prefix = args
         .room_prefix
         .clone()
@@ -168,13 +185,22 @@ async fn run_main(args: Args) -> anyhow::Result<()> {
         ready_timeout: Duration::ZERO,
         room_prefix: String::new(),
         progress: !args.quiet,
+        subscriber_engine: args.subscriber_engine,
+        decrypt_every: args.decrypt_every,
     };
     let ready_timeout = |s: &Scenario| {
         args.ready_timeout.unwrap_or(
             Duration::from_secs(30) + Duration::from_millis(100) * s.participants() as u32,
         )
     };
-    check_open_files(&base);
+    check_open_files(&{
+        let mut s = base.clone();
+        if args.all_to_all && !args.mesh_table {
+            s.publishers += s.subscribers;
+            s.subscribers = 0;
+        }
+        s
+    });
 
     if args.mesh_table {
         anyhow::ensure!(
@@ -279,7 +305,8 @@ fn write_json(args: &Args, value: &serde_json::Value) -> anyhow::Result<()> {
 }
 
 /// Warns when the open-file limit is likely too low for the run (each participant holds a
-/// WebSocket and one UDP socket per peer connection, and its connections hold more).
+/// WebSocket and one UDP socket per peer connection, and its connections hold more; a lite
+/// subscriber only its WebSocket).
 fn check_open_files(s: &Scenario) {
     let per_room = s.publishers + s.subscribers;
     let links = if s.mode == RoomMode::Mesh {
@@ -287,7 +314,13 @@ fn check_open_files(s: &Scenario) {
     } else {
         1
     };
-    let needed = (s.participants() * (2 + 2 * links) + 64) as u64;
+    let webrtc = if s.effective_subscriber_engine() == SubscriberEngine::Lite {
+        s.rooms * s.publishers
+    } else {
+        s.participants()
+    };
+    let lite = s.participants() - webrtc;
+    let needed = (webrtc * (2 + 2 * links) + lite + 64) as u64;
     if let Some(limit) = load::procfs::open_files_limit()
         && limit < needed
     {

@@ -3,8 +3,12 @@
 //! server over loopback, publish and receive for a set time, and the run is measured from both
 //! sides: delivery, loss, latency and join time at the subscribers; forwarded packets (from
 //! `/metrics`), CPU time and RSS (from `/proc`) at the server; and the generator's own CPU.
+//! Receive-only subscribers run on the cheaper [`lite`] receivers by default (str0m, one thread
+//! and one socket for all, sampled decryption), so that the generator costs less per packet
+//! than the server it measures; `--subscriber-engine webrtc` makes them webrtc-rs clients too.
 
 pub mod histogram;
+pub mod lite;
 pub mod procfs;
 pub mod report;
 pub mod run;
@@ -72,6 +76,7 @@ pub fn video_profile(
         // Like a real encoder: a key frame every 2 s, and one at once when asked (PLI/FIR).
         keyframe_interval_frames: fps * 2,
         plain_add_track: false,
+        paced: true,
     }
 }
 

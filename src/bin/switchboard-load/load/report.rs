@@ -6,8 +6,9 @@ use serde::Serialize;
 use switchboard::signal::protocol::RoomMode;
 
 use super::histogram::Percentiles;
+use super::lite;
 use super::procfs;
-use super::run::{Mark, Participant, Scenario, Totals, join_times};
+use super::run::{Mark, Participant, Scenario, SubscriberEngine, Totals, join_times};
 use super::server::{Server, ServerSample};
 
 const MB: f64 = 1024.0 * 1024.0;
@@ -22,6 +23,7 @@ pub struct Outcome {
     pub subscribers_per_room: usize,
     pub participants_planned: usize,
     pub participants_joined: usize,
+    pub subscribers: SubscriberFigures,
     pub media: MediaSummary,
     /// Joining everyone until every stream flowed, seconds.
     pub ramp_s: f64,
@@ -43,6 +45,46 @@ pub struct Outcome {
     pub warnings: Vec<String>,
 }
 
+/// What the receive-only participants ran on.
+#[derive(Debug, Clone, Serialize)]
+pub struct SubscriberFigures {
+    pub engine: SubscriberEngine,
+    /// Lite: after the first few packets of each stream, one in this many was decrypted (and
+    /// gave the latency figures); None for webrtc-rs, which decrypts every packet.
+    pub decrypt_every: Option<u32>,
+    pub lite: Option<LiteFigures>,
+}
+
+/// The lite engine's own counters over the whole run (ramp, window and leave).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LiteFigures {
+    /// The engine's UDP port (receiver k is 127.1.0.0 + 1 + k on it).
+    pub port: u16,
+    /// CPU of the engine's one thread over the window, cores (it saturates at 1.0 whatever the
+    /// generator's thread count).
+    pub thread_cpu_cores: f64,
+    /// Datagrams received, and sent (STUN, DTLS, RTCP: receiver reports, TWCC feedback).
+    pub datagrams_in: u64,
+    pub datagrams_out: u64,
+    /// Wake-ups of the engine's event loop.
+    pub loop_turns: u64,
+    pub media_packets: u64,
+    pub decrypted_packets: u64,
+    /// Decrypted for a known track, but nothing came out (SRTP authentication failed).
+    pub undecrypted: u64,
+    pub duplicates: u64,
+    pub too_old: u64,
+    /// Datagrams to an address no receiver has (dropped).
+    pub unroutable: u64,
+    /// Datagrams from, or sends to, a non-loopback address (dropped).
+    pub not_loopback: u64,
+    pub malformed: u64,
+    pub ssrc_overflow: u64,
+    /// Datagrams the socket did not take at once (dropped), and other send errors.
+    pub send_dropped: u64,
+    pub send_errors: u64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct MediaSummary {
     pub audio: bool,
@@ -51,6 +93,9 @@ pub struct MediaSummary {
     pub video_fps: u32,
     pub video_packets_per_frame: u32,
     pub video_packet_bytes: usize,
+    /// A frame's packets spread over 40 % of the frame interval, as a browser's pacer does;
+    /// otherwise back to back.
+    pub video_paced: bool,
     pub audio_packets_per_s: u32,
     pub audio_packet_bytes: usize,
 }
@@ -152,8 +197,8 @@ pub struct GeneratorFigures {
     /// Generator CPU time (sending and receiving) per received packet, µs.
     pub cpu_us_per_received_packet: f64,
     pub rss_mb: f64,
-    /// The generator used over 90 % of its threads: the figures may show its limit, not the
-    /// server's.
+    /// The generator used over 90 % of its threads (or the lite engine's thread over 90 % of a
+    /// core): the figures may show its limit, not the server's.
     pub saturated: bool,
 }
 
@@ -173,11 +218,12 @@ pub(crate) fn compute(
     start: &Mark,
     end: &Mark,
     totals: &Totals,
+    engine: Option<&lite::Engine>,
     ramp: Duration,
     mut warnings: Vec<String>,
 ) -> Outcome {
     let window = (end.at - start.at).as_secs_f64().max(1e-6);
-    let joined = participants.iter().filter(|p| p.client.is_some()).count();
+    let joined = participants.iter().filter(|p| p.peer.is_some()).count();
 
     let mut delivery = Delivery::default();
     let mut received_bytes = 0u64;
@@ -360,6 +406,33 @@ pub(crate) fn compute(
         f
     };
 
+    let subscribers = subscriber_figures(scenario, engine, start, end, window);
+    if let Some(lite) = &subscribers.lite {
+        let dropped = lite.unroutable + lite.not_loopback + lite.send_dropped + lite.ssrc_overflow;
+        if dropped > 0 || lite.undecrypted > 0 {
+            warnings.push(format!(
+                "lite receivers dropped {dropped} datagrams (unroutable {}, not loopback {}, send buffer full {}, too many SSRCs {}); {} sampled packets failed to decrypt",
+                lite.unroutable,
+                lite.not_loopback,
+                lite.send_dropped,
+                lite.ssrc_overflow,
+                lite.undecrypted
+            ));
+        }
+    }
+    let lite_saturated = subscribers
+        .lite
+        .as_ref()
+        .is_some_and(|l| l.thread_cpu_cores > 0.9);
+    if lite_saturated {
+        warnings.push(format!(
+            "the lite receivers' thread used {:.0}% of a core: it may be the bottleneck",
+            subscribers
+                .lite
+                .as_ref()
+                .map_or(0.0, |l| l.thread_cpu_cores * 100.0)
+        ));
+    }
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let generator = {
         let cpu = end.generator.cpu_s - start.generator.cpu_s;
@@ -373,10 +446,11 @@ pub(crate) fn compute(
                 0.0
             },
             rss_mb: end.generator.rss_bytes as f64 / MB,
-            saturated: cores > 0.9 * super::worker_threads().unwrap_or(threads) as f64,
+            saturated: lite_saturated
+                || cores > 0.9 * super::worker_threads().unwrap_or(threads) as f64,
         }
     };
-    if generator.saturated {
+    if generator.saturated && !lite_saturated {
         warnings.push(format!(
             "the generator used {:.0}% of its {} thread(s): it may be the bottleneck",
             generator.cpu_cores * 100.0,
@@ -403,6 +477,7 @@ pub(crate) fn compute(
         subscribers_per_room: scenario.subscribers,
         participants_planned: scenario.participants(),
         participants_joined: joined,
+        subscribers,
         media: MediaSummary {
             audio: scenario.audio,
             video: scenario.video,
@@ -410,6 +485,7 @@ pub(crate) fn compute(
             video_fps: m.video_fps,
             video_packets_per_frame: m.video_packets_per_frame,
             video_packet_bytes: m.video_packet_size,
+            video_paced: m.paced,
             audio_packets_per_s: m.audio_packets_per_second,
             audio_packet_bytes: m.audio_packet_size,
         },
@@ -428,6 +504,46 @@ pub(crate) fn compute(
         server: server_figures,
         generator,
         warnings,
+    }
+}
+
+fn subscriber_figures(
+    scenario: &Scenario,
+    engine: Option<&lite::Engine>,
+    start: &Mark,
+    end: &Mark,
+    window: f64,
+) -> SubscriberFigures {
+    let kind = scenario.effective_subscriber_engine();
+    let lite = engine.map(|e| {
+        let s = &e.stats;
+        let n = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        LiteFigures {
+            port: e.port,
+            thread_cpu_cores: match (start.lite_cpu_s, end.lite_cpu_s) {
+                (Some(a), Some(b)) => (b - a) / window,
+                _ => 0.0,
+            },
+            datagrams_in: n(&s.datagrams),
+            datagrams_out: n(&s.sent),
+            loop_turns: n(&s.turns),
+            media_packets: n(&s.media_packets),
+            decrypted_packets: n(&s.decrypted),
+            undecrypted: n(&s.undecrypted),
+            duplicates: n(&s.duplicates),
+            too_old: n(&s.too_old),
+            unroutable: n(&s.unroutable),
+            not_loopback: n(&s.not_loopback),
+            malformed: n(&s.malformed),
+            ssrc_overflow: n(&s.ssrc_overflow),
+            send_dropped: n(&s.send_dropped),
+            send_errors: n(&s.send_errors),
+        }
+    });
+    SubscriberFigures {
+        engine: kind,
+        decrypt_every: engine.map(|e| e.decrypt_every),
+        lite,
     }
 }
 
@@ -454,6 +570,22 @@ fn pct(p: &Percentiles) -> String {
     )
 }
 
+fn subscriber_line(s: &SubscriberFigures) -> String {
+    match (&s.engine, &s.lite) {
+        (SubscriberEngine::Lite, Some(l)) => format!(
+            "lite (str0m, one thread, one socket on port {}; decrypts the first {} packets of each stream, then 1 in {}): {} of {} media packets decrypted, {} datagrams sent; thread CPU {:.2} cores in the window",
+            l.port,
+            lite::engine::FIRST_FEW,
+            s.decrypt_every.unwrap_or(1),
+            thousands(l.decrypted_packets as f64),
+            thousands(l.media_packets as f64),
+            thousands(l.datagrams_out as f64),
+            l.thread_cpu_cores
+        ),
+        _ => "webrtc-rs clients (every packet decrypted)".to_string(),
+    }
+}
+
 /// The readable report of one run.
 pub fn print(o: &Outcome) {
     let shape = if o.subscribers_per_room == 0 {
@@ -470,14 +602,20 @@ pub fn print(o: &Outcome) {
     );
     let rows: Vec<(&str, String)> = vec![
         ("machine", o.machine.clone()),
+        ("subscribers", subscriber_line(&o.subscribers)),
         (
             "media",
             format!(
-                "video {:.0} kbit/s ({} fps × {} packets of {} B), audio {} packets/s of {} B",
+                "video {:.0} kbit/s ({} fps × {} packets of {} B, {}), audio {} packets/s of {} B",
                 o.media.video_kbps,
                 o.media.video_fps,
                 o.media.video_packets_per_frame,
                 o.media.video_packet_bytes,
+                if o.media.video_paced {
+                    "paced"
+                } else {
+                    "back to back"
+                },
                 o.media.audio_packets_per_s,
                 o.media.audio_packet_bytes
             ),

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use futures_util::StreamExt as _;
 use switchboard::client::payload::{self, PayloadHeader};
 use switchboard::client::{Client, ClientOptions, MediaProbe, MediaProfile};
@@ -14,6 +15,7 @@ use switchboard::signal::protocol::{MediaKind, RoomMode};
 use tokio::sync::Semaphore;
 
 use super::histogram::{Histogram, HistogramSnapshot};
+use super::lite;
 use super::procfs::{self, ProcSample};
 use super::report::{self, Outcome};
 use super::server::{Server, ServerSample};
@@ -40,6 +42,22 @@ pub struct Scenario {
     pub ready_timeout: Duration,
     pub room_prefix: String,
     pub progress: bool,
+    /// What the receive-only participants run on (SFU rooms; mesh rooms always use webrtc-rs).
+    pub subscriber_engine: SubscriberEngine,
+    /// Lite subscribers: after the first few packets of each stream, one in this many is
+    /// decrypted and checked (1: all).
+    pub decrypt_every: u32,
+}
+
+/// The implementation of the receive-only participants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SubscriberEngine {
+    /// str0m receivers on one thread and one UDP socket, counting every packet from its clear
+    /// RTP header and decrypting a sample (`lite` module).
+    Lite,
+    /// webrtc-rs clients (`switchboard::client::Client`), like the publishers.
+    Webrtc,
 }
 
 impl Scenario {
@@ -49,6 +67,15 @@ impl Scenario {
 
     pub fn tracks_per_publisher(&self) -> usize {
         usize::from(self.audio) + usize::from(self.video)
+    }
+
+    /// The engine the subscribers really run on: lite ones cannot join mesh rooms.
+    pub fn effective_subscriber_engine(&self) -> SubscriberEngine {
+        if self.mode == RoomMode::Mesh || self.subscribers == 0 {
+            SubscriberEngine::Webrtc
+        } else {
+            self.subscriber_engine
+        }
     }
 }
 
@@ -60,6 +87,23 @@ pub(crate) struct Totals {
     pub bytes: AtomicU64,
     pub audio: Histogram,
     pub video: Histogram,
+}
+
+impl Totals {
+    /// Inside the measurement window: latencies are recorded.
+    pub fn measuring(&self) -> bool {
+        self.measuring.load(Ordering::Relaxed)
+    }
+
+    pub fn set_measuring(&self, on: bool) {
+        self.measuring.store(on, Ordering::Relaxed);
+    }
+
+    /// Adds received packets (a batch at a time from the lite engine).
+    pub fn add(&self, packets: u64, bytes: u64) {
+        self.packets.fetch_add(packets, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
 }
 
 /// One client's probe: its own join clock, the shared totals.
@@ -89,19 +133,107 @@ impl MediaProbe for Probe {
     }
 }
 
+/// A joined participant's endpoint: a webrtc-rs client (every publisher, and subscribers with
+/// `--subscriber-engine webrtc`) or a lite receiver. What the run needs of either: per-track
+/// counters, whether it is connected and how many streams flow, whether it sends, and leaving.
+pub(crate) enum Peer {
+    Webrtc(Client),
+    Lite(lite::Receiver),
+}
+
+/// A peer's media at one moment, for `wait_ready`.
+struct MediaState {
+    /// Every peer connection is up.
+    connected: bool,
+    /// Remote tracks with at least one intact packet.
+    flowing: usize,
+}
+
+impl Peer {
+    pub fn counters(&self) -> ClientCounters {
+        match self {
+            Peer::Webrtc(client) => counters(client),
+            Peer::Lite(receiver) => ClientCounters {
+                remote: receiver
+                    .tracks()
+                    .into_iter()
+                    .map(|t| {
+                        (
+                            (None, t.track_id),
+                            TrackCounters {
+                                intact: t.intact,
+                                bad: t.bad,
+                                bytes: t.bytes,
+                                first_seq: Some(t.first_seq),
+                                max_seq: Some(t.max_seq),
+                            },
+                        )
+                    })
+                    .collect(),
+                sent_packets: 0,
+                sent_bytes: 0,
+                links: 1,
+            },
+        }
+    }
+
+    fn media_state(&self) -> MediaState {
+        match self {
+            Peer::Webrtc(client) => {
+                let (remote, links) = client.media_snapshot();
+                MediaState {
+                    connected: !links.is_empty()
+                        && links.iter().all(|l| {
+                            l.state == webrtc::peer_connection::RTCPeerConnectionState::Connected
+                        }),
+                    flowing: remote.iter().filter(|t| t.intact > 0).count(),
+                }
+            }
+            Peer::Lite(receiver) => MediaState {
+                connected: receiver.connected(),
+                flowing: receiver.tracks().iter().filter(|t| t.intact > 0).count(),
+            },
+        }
+    }
+
+    /// Has sent media (publishers).
+    fn sending(&self) -> bool {
+        match self {
+            Peer::Webrtc(client) => client
+                .snapshot()
+                .local_tracks
+                .iter()
+                .any(|t| t.sent_packets > 0),
+            Peer::Lite(_) => false,
+        }
+    }
+
+    async fn close(self) {
+        match self {
+            Peer::Webrtc(client) => client.close().await,
+            Peer::Lite(receiver) => {
+                receiver.close().await;
+            }
+        }
+    }
+}
+
 pub(crate) struct Participant {
     pub room: usize,
     pub publisher: bool,
     /// Joined while media was already flowing in its room: its join time counts.
     pub measure_join: bool,
     probe: Arc<Probe>,
-    pub client: Option<Client>,
+    pub peer: Option<Peer>,
 }
 
 impl Participant {
     /// Socket open → first media packet, µs.
     pub fn join_us(&self) -> Option<u64> {
-        let first = self.probe.first_us.load(Ordering::Relaxed);
+        let first = match &self.peer {
+            Some(Peer::Lite(receiver)) => receiver.first_media_us().unwrap_or(0),
+            _ => self.probe.first_us.load(Ordering::Relaxed),
+        };
         let start = self.probe.start_us.load(Ordering::Relaxed);
         (first != 0 && start != 0).then(|| first.saturating_sub(start))
     }
@@ -130,6 +262,8 @@ pub(crate) struct Mark {
     pub at: Instant,
     pub server: ServerSample,
     pub generator: ProcSample,
+    /// CPU seconds of the lite receivers' thread (None: no lite engine).
+    pub lite_cpu_s: Option<f64>,
     pub clients: Vec<Option<ClientCounters>>,
     pub loadavg: [f64; 3],
     pub cpu: procfs::CpuTimes,
@@ -193,22 +327,34 @@ fn counters(client: &Client) -> ClientCounters {
     }
 }
 
-async fn mark(server: &Server, participants: &[Participant]) -> Mark {
+async fn mark(
+    server: &Server,
+    participants: &[Participant],
+    engine: Option<&lite::Engine>,
+) -> Mark {
     let server_sample = server.sample().await;
     let generator = procfs::sample("self").unwrap_or_default();
+    let lite_cpu_s = engine.and_then(lite_engine_cpu_s);
     let at = Instant::now();
     let clients = participants
         .iter()
-        .map(|p| p.client.as_ref().map(counters))
+        .map(|p| p.peer.as_ref().map(Peer::counters))
         .collect();
     Mark {
         at,
         server: server_sample,
         generator,
+        lite_cpu_s,
         clients,
         loadavg: procfs::loadavg(),
         cpu: procfs::cpu_times(),
     }
+}
+
+/// CPU seconds the lite engine's thread used so far.
+fn lite_engine_cpu_s(engine: &lite::Engine) -> Option<f64> {
+    let thread = engine.stats.thread.get()?;
+    procfs::sample(thread).ok().map(|s| s.cpu_s)
 }
 
 /// Runs `scenario` against `server` and measures it.
@@ -239,6 +385,14 @@ pub async fn run(scenario: &Scenario, server: &Server) -> anyhow::Result<Outcome
     let rooms: Vec<String> = (0..scenario.rooms)
         .map(|r| format!("{}-r{r}", scenario.room_prefix))
         .collect();
+    let engine = match scenario.effective_subscriber_engine() {
+        SubscriberEngine::Lite => Some(Arc::new(
+            lite::Engine::start(scenario.decrypt_every, totals.clone()).context(
+                "starting the lite subscribers (--subscriber-engine webrtc does without them)",
+            )?,
+        )),
+        SubscriberEngine::Webrtc => None,
+    };
 
     // Phase 1: the first publisher of every room, so that media flows before anyone else joins.
     let ramp_started = Instant::now();
@@ -248,6 +402,7 @@ pub async fn run(scenario: &Scenario, server: &Server) -> anyhow::Result<Outcome
         &rooms,
         seeds,
         &totals,
+        engine.as_ref(),
         status.clone(),
         &mut warnings,
     )
@@ -270,6 +425,7 @@ pub async fn run(scenario: &Scenario, server: &Server) -> anyhow::Result<Outcome
             &rooms,
             rest,
             &totals,
+            engine.as_ref(),
             status.clone(),
             &mut warnings,
         )
@@ -278,8 +434,9 @@ pub async fn run(scenario: &Scenario, server: &Server) -> anyhow::Result<Outcome
     let all_ready = wait_ready(scenario, &participants, status.clone()).await;
     if !all_ready {
         warnings.push(format!(
-            "not every participant received every expected stream within {:?}; measuring anyway",
-            scenario.ready_timeout
+            "not every participant received every expected stream within {:?}; measuring anyway{}",
+            scenario.ready_timeout,
+            lite_not_ready(&participants)
         ));
     }
     let ramp = ramp_started.elapsed();
@@ -295,11 +452,11 @@ pub async fn run(scenario: &Scenario, server: &Server) -> anyhow::Result<Outcome
         }
         tokio::time::sleep(Duration::from_millis(250).min(warm_until - Instant::now())).await;
     }
-    let start = mark(server, &participants).await;
-    totals.measuring.store(true, Ordering::Relaxed);
+    let start = mark(server, &participants, engine.as_deref()).await;
+    totals.set_measuring(true);
     measure(scenario, server, &totals, &start, status.clone()).await;
-    totals.measuring.store(false, Ordering::Relaxed);
-    let end = mark(server, &participants).await;
+    totals.set_measuring(false);
+    let end = mark(server, &participants, engine.as_deref()).await;
     if let Some(s) = &status {
         s.done();
     }
@@ -312,6 +469,7 @@ pub async fn run(scenario: &Scenario, server: &Server) -> anyhow::Result<Outcome
         &start,
         &end,
         &totals,
+        engine.as_deref(),
         ramp,
         warnings,
     );
@@ -320,8 +478,8 @@ pub async fn run(scenario: &Scenario, server: &Server) -> anyhow::Result<Outcome
     if let Some(s) = &status {
         s.show(format!("leaving: {} participants", participants.len()));
     }
-    let clients: Vec<Client> = participants.drain(..).filter_map(|p| p.client).collect();
-    let closing = futures_util::stream::iter(clients).for_each_concurrent(64, |c| async move {
+    let peers: Vec<Peer> = participants.drain(..).filter_map(|p| p.peer).collect();
+    let closing = futures_util::stream::iter(peers).for_each_concurrent(64, |c| async move {
         c.close().await;
     });
     if tokio::time::timeout(Duration::from_secs(60), closing)
@@ -330,6 +488,8 @@ pub async fn run(scenario: &Scenario, server: &Server) -> anyhow::Result<Outcome
     {
         tracing::warn!("closing the clients took over 60 s; dropping the rest");
     }
+    // The lite receivers have closed (or been dropped): stop their thread.
+    drop(engine);
     let mut outcome = outcome;
     let base_participants = baseline.metric("participants");
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -354,6 +514,7 @@ async fn connect_all(
     rooms: &[String],
     specs: Vec<(usize, bool, bool)>,
     totals: &Arc<Totals>,
+    engine: Option<&Arc<lite::Engine>>,
     status: Option<Arc<Status>>,
     warnings: &mut Vec<String>,
 ) -> Vec<Participant> {
@@ -403,12 +564,23 @@ async fn connect_all(
         let name = format!("{}{i}", if publisher { "pub" } else { "sub" });
         let (joined, failed) = (joined.clone(), failed.clone());
         let start_probe = probe.clone();
+        let lite_engine = engine.filter(|_| !publisher).cloned();
+        let join_timeout = opts.join_timeout;
         handles.push(tokio::spawn(async move {
             let _permit = permit;
             start_probe
                 .start_us
                 .store(payload::now_micros(), Ordering::Relaxed);
-            let result = Client::connect(&url, &room_name, &name, opts).await;
+            let result = match lite_engine {
+                Some(engine) => {
+                    lite::Receiver::connect(&engine, &url, &room_name, &name, join_timeout)
+                        .await
+                        .map(Peer::Lite)
+                }
+                None => Client::connect(&url, &room_name, &name, opts)
+                    .await
+                    .map(Peer::Webrtc),
+            };
             match &result {
                 Ok(_) => joined.fetch_add(1, Ordering::Relaxed),
                 Err(_) => failed.fetch_add(1, Ordering::Relaxed),
@@ -420,13 +592,13 @@ async fn connect_all(
             publisher,
             measure_join,
             probe,
-            client: None,
+            peer: None,
         });
     }
     let mut errors: Vec<String> = Vec::new();
     for (participant, handle) in participants.iter_mut().zip(handles) {
         match handle.await {
-            Ok(Ok(client)) => participant.client = Some(client),
+            Ok(Ok(peer)) => participant.peer = Some(peer),
             Ok(Err(e)) => errors.push(format!("{e:#}")),
             Err(e) => errors.push(format!("join task: {e}")),
         }
@@ -462,10 +634,10 @@ async fn wait_sending(
     loop {
         let sending = participants
             .iter()
-            .filter_map(|p| p.client.as_ref())
-            .filter(|c| c.snapshot().local_tracks.iter().any(|t| t.sent_packets > 0))
+            .filter_map(|p| p.peer.as_ref())
+            .filter(|c| c.sending())
             .count();
-        let joined = participants.iter().filter(|p| p.client.is_some()).count();
+        let joined = participants.iter().filter(|p| p.peer.is_some()).count();
         if let Some(s) = &status {
             s.show(format!(
                 "first publishers: {sending}/{} sending",
@@ -497,7 +669,7 @@ async fn wait_ready(
     let mut publishers_in_room = vec![0usize; scenario.rooms];
     for p in participants
         .iter()
-        .filter(|p| p.client.is_some() && p.publisher)
+        .filter(|p| p.peer.is_some() && p.publisher)
     {
         publishers_in_room[p.room] += 1;
     }
@@ -506,18 +678,13 @@ async fn wait_ready(
         let mut connected = 0;
         let mut joined = 0;
         for p in participants {
-            let Some(client) = &p.client else { continue };
+            let Some(peer) = &p.peer else { continue };
             joined += 1;
-            let (remote, links) = client.media_snapshot();
-            let up = !links.is_empty()
-                && links
-                    .iter()
-                    .all(|l| l.state == webrtc::peer_connection::RTCPeerConnectionState::Connected);
-            connected += usize::from(up);
+            let state = peer.media_state();
+            connected += usize::from(state.connected);
             let others = publishers_in_room[p.room] - usize::from(p.publisher);
             let expected = others * scenario.tracks_per_publisher();
-            let flowing = remote.iter().filter(|t| t.intact > 0).count();
-            ready += usize::from(up && flowing >= expected);
+            ready += usize::from(state.connected && state.flowing >= expected);
         }
         if let Some(s) = &status {
             s.show(format!(
@@ -532,6 +699,43 @@ async fn wait_ready(
             return false;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// A few lite receivers that do not receive everything, with what the server told them.
+fn lite_not_ready(participants: &[Participant]) -> String {
+    let expected = participants
+        .iter()
+        .filter_map(|p| match &p.peer {
+            Some(Peer::Lite(r)) => Some(r),
+            _ => None,
+        })
+        .map(|r| r.tracks().iter().filter(|t| t.intact > 0).count())
+        .max()
+        .unwrap_or(0);
+    let lagging: Vec<String> = participants
+        .iter()
+        .filter_map(|p| match &p.peer {
+            Some(Peer::Lite(r)) => Some(r),
+            _ => None,
+        })
+        .filter(|r| !r.connected() || r.tracks().iter().filter(|t| t.intact > 0).count() < expected)
+        .take(3)
+        .map(|r| {
+            format!(
+                "{} (connected {}, {} streams flowing on {} SSRCs, server errors {:?})",
+                r.participant_id(),
+                r.connected(),
+                r.tracks().iter().filter(|t| t.intact > 0).count(),
+                r.ssrcs(),
+                r.errors()
+            )
+        })
+        .collect();
+    if lagging.is_empty() {
+        String::new()
+    } else {
+        format!(" (lite receivers behind, e.g. {})", lagging.join("; "))
     }
 }
 
@@ -589,7 +793,7 @@ pub(crate) fn join_times(participants: &[Participant]) -> (HistogramSnapshot, us
     let mut missing = 0;
     let mut values = Vec::new();
     for p in participants.iter().filter(|p| p.measure_join) {
-        let expects_media = p.client.is_some();
+        let expects_media = p.peer.is_some();
         match p.join_us() {
             Some(us) => values.push(us),
             None if expects_media => missing += 1,
