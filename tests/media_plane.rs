@@ -98,11 +98,13 @@ async fn two_workers_share_one_room() {
     assert_eq!(m.media_workers, 2);
     let text = http_get(&server, "/metrics").await;
     for k in 0..2 {
-        let line = format!("switchboard_worker_connections{{worker=\"{k}\"}} ");
-        assert!(
-            text.contains(&line),
-            "per-worker gauge for worker {k}:\n{text}"
-        );
+        for metric in [
+            "switchboard_worker_connections",
+            "switchboard_worker_receive_drops_total",
+        ] {
+            let line = format!("{metric}{{worker=\"{k}\"}} ");
+            assert!(text.contains(&line), "{metric} for worker {k}:\n{text}");
+        }
     }
     assert_eq!(m.forwarders, 2, "one source forwarder per published track");
 

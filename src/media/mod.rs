@@ -150,6 +150,7 @@ impl MediaPlane {
                 relay,
                 load_permille: AtomicU32::new(0),
                 connections: AtomicUsize::new(0),
+                receive_drops: AtomicU32::new(0),
                 addrs: announce_ips
                     .iter()
                     .map(|ip| SocketAddr::new(*ip, port))
@@ -216,6 +217,18 @@ impl MediaPlane {
             let _ = writeln!(
                 out,
                 "switchboard_worker_load_ratio{{worker=\"{k}\"}} {load}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP switchboard_worker_receive_drops_total Datagrams the kernel dropped at each media worker's socket because its receive buffer was full (the worker fell behind)."
+        );
+        let _ = writeln!(out, "# TYPE switchboard_worker_receive_drops_total counter");
+        for (k, w) in self.workers.iter().enumerate() {
+            let n = w.receive_drops.load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "switchboard_worker_receive_drops_total{{worker=\"{k}\"}} {n}"
             );
         }
         out

@@ -15,6 +15,30 @@ pub const SEND_BATCH: usize = 64;
 /// Largest datagram read (a GRO buffer can hold several).
 const RECV_BUF: usize = 64 * 1024;
 
+/// Datagrams the kernel dropped on arrival at this socket since it was opened, because its
+/// receive buffer was full (the socket's `sk_drops`; Linux's `SO_MEMINFO`). The worker was
+/// too slow to read: its publishers' media is what gets lost there.
+pub fn receive_drops(socket: &impl AsRawFd) -> io::Result<u32> {
+    // <asm-generic/socket.h>; the libc crate names only the offsets into the answer.
+    const SO_MEMINFO: libc::c_int = 55;
+    let mut info = [0u32; libc::SK_MEMINFO_DROPS as usize + 1];
+    let mut len = std::mem::size_of_val(&info) as libc::socklen_t;
+    // SAFETY: `info` is writable for `len` bytes, and the kernel writes at most `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_MEMINFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info[libc::SK_MEMINFO_DROPS as usize])
+}
+
 /// Binds a non-blocking UDP socket with large buffers.
 pub fn bind(addr: SocketAddr, buffer_bytes: usize) -> io::Result<std::net::UdpSocket> {
     let socket = socket2::Socket::new(
@@ -193,6 +217,20 @@ impl Sender {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn receive_drops_count_what_a_full_buffer_refused() {
+        // The smallest buffer the kernel grants, never read: most of a burst must be dropped.
+        let full = bind("127.0.0.1:0".parse().unwrap(), 1).unwrap();
+        let sender = bind("127.0.0.1:0".parse().unwrap(), 1 << 20).unwrap();
+        assert_eq!(receive_drops(&full).unwrap(), 0);
+        let to = full.local_addr().unwrap();
+        for _ in 0..500 {
+            let _ = sender.send_to(&[0u8; 1000], to);
+        }
+        let drops = receive_drops(&full).unwrap();
+        assert!((400..=500).contains(&drops), "{drops} drops counted");
+    }
 
     #[test]
     fn batch_round_trip_on_loopback() {

@@ -59,6 +59,8 @@ pub struct WorkerShared {
     /// Busy share of the last second, per mille.
     pub load_permille: AtomicU32,
     pub connections: AtomicUsize,
+    /// The kernel's drop count at this worker's socket, refreshed with the load figure.
+    pub receive_drops: AtomicU32,
     /// Addresses announced in this worker's ICE candidates.
     pub addrs: Vec<SocketAddr>,
 }
@@ -947,9 +949,14 @@ impl Worker {
         let window = done.saturating_duration_since(self.window_start);
         if window >= LOAD_WINDOW {
             let permille = (self.busy.as_secs_f64() / window.as_secs_f64() * 1000.0) as u32;
-            self.workers[self.index]
+            let shared = &self.workers[self.index];
+            shared
                 .load_permille
                 .store(permille.min(1000), Ordering::Relaxed);
+            match udp::receive_drops(&self.socket) {
+                Ok(n) => shared.receive_drops.store(n, Ordering::Relaxed),
+                Err(e) => tracing::debug!(worker = self.index, "SO_MEMINFO: {e}"),
+            }
             self.busy = Duration::ZERO;
             self.window_start = done;
         }

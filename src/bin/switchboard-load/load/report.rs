@@ -161,6 +161,8 @@ pub struct ServerFigures {
     pub packets_in_per_s: f64,
     pub packets_out_per_s: f64,
     pub packets_dropped: u64,
+    /// Datagrams the kernel dropped at the server's media sockets (receive buffers full).
+    pub socket_drops: u64,
     pub keyframe_requests: u64,
     /// CPU time over wall time (1.0 = one core busy).
     pub cpu_cores: f64,
@@ -362,6 +364,14 @@ pub(crate) fn compute(
             packets_out_per_s: out / window,
             packets_dropped: d("packets_dropped_total").max(0.0) as u64,
             keyframe_requests: d("keyframe_requests_total").max(0.0) as u64,
+            socket_drops: end
+                .server
+                .metrics
+                .keys()
+                .filter(|k| k.starts_with("switchboard_worker_receive_drops_total{"))
+                .filter_map(|k| k.strip_prefix("switchboard_"))
+                .map(|k| d(k).max(0.0) as u64)
+                .sum(),
             ..Default::default()
         };
         let mut buckets: Vec<(f64, f64)> = end
@@ -401,6 +411,12 @@ pub(crate) fn compute(
             warnings.push(format!(
                 "the server dropped {} packets at full subscriber queues",
                 f.packets_dropped
+            ));
+        }
+        if f.socket_drops > 0 {
+            warnings.push(format!(
+                "the kernel dropped {} datagrams at the server's full media sockets (the server fell behind its input)",
+                f.socket_drops
             ));
         }
         f
@@ -685,10 +701,11 @@ pub fn print(o: &Outcome) {
             "server",
             match o.server.pid {
                 Some(pid) => format!(
-                    "pid {pid}: {} packets/s out, {} in, {} dropped; CPU {:.2} cores = {:.2} CPU-s per million packets out",
+                    "pid {pid}: {} packets/s out, {} in, {} dropped, {} lost at its sockets; CPU {:.2} cores = {:.2} CPU-s per million packets out",
                     thousands(o.server.packets_out_per_s),
                     thousands(o.server.packets_in_per_s),
                     o.server.packets_dropped,
+                    o.server.socket_drops,
                     o.server.cpu_cores,
                     o.server.cpu_s_per_million_out
                 ),
