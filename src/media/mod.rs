@@ -20,7 +20,7 @@ mod worker;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
 use str0m::media::Mid;
 use tokio::sync::{mpsc, oneshot};
@@ -150,6 +150,8 @@ impl MediaPlane {
                 relay,
                 load_permille: AtomicU32::new(0),
                 connections: AtomicUsize::new(0),
+                load_connections: AtomicUsize::new(0),
+                backlogged: AtomicBool::new(false),
                 receive_drops: AtomicU32::new(0),
                 addrs: announce_ips
                     .iter()
@@ -240,18 +242,14 @@ impl MediaPlane {
     }
 
     /// Picks the least-loaded worker for a new participant, or refuses when every worker is
-    /// past the load limit (its busy share over the last second).
+    /// past the load limit (see [`WorkerShared::projected_load`]).
     fn pick_worker(&self) -> Result<usize, MediaError> {
         let (index, load) = self
             .workers
             .iter()
             .enumerate()
-            .map(|(i, w)| {
-                let load = w.load_permille.load(Ordering::Relaxed);
-                (i, load, w.connections.load(Ordering::Relaxed))
-            })
-            // Loads within the same 5 % are equal: then the fewer connections wins, so that a
-            // burst of joins spreads before the load figure (one second behind) catches up.
+            .map(|(i, w)| (i, w.projected_load(), w.connections.load(Ordering::Relaxed)))
+            // Loads within the same 5 % are equal: then the fewer connections wins.
             .min_by_key(|(_, load, conns)| (*load / LOAD_BAND_PERMILLE, *conns))
             .map(|(i, load, _)| (i, load))
             .ok_or(MediaError::Overloaded)?;

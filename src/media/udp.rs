@@ -15,10 +15,19 @@ pub const SEND_BATCH: usize = 64;
 /// Largest datagram read (a GRO buffer can hold several).
 const RECV_BUF: usize = 64 * 1024;
 
-/// Datagrams the kernel dropped on arrival at this socket since it was opened, because its
-/// receive buffer was full (the socket's `sk_drops`; Linux's `SO_MEMINFO`). The worker was
-/// too slow to read: its publishers' media is what gets lost there.
-pub fn receive_drops(socket: &impl AsRawFd) -> io::Result<u32> {
+/// What the kernel holds for a socket's receive side (Linux's `SO_MEMINFO`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReceiveQueue {
+    /// Bytes waiting to be read.
+    pub queued: u32,
+    /// The receive buffer's size.
+    pub capacity: u32,
+    /// Datagrams dropped on arrival since the socket was opened, because the buffer was full
+    /// (the socket's `sk_drops`): the reader was too slow.
+    pub drops: u32,
+}
+
+pub fn receive_queue(socket: &impl AsRawFd) -> io::Result<ReceiveQueue> {
     // <asm-generic/socket.h>; the libc crate names only the offsets into the answer.
     const SO_MEMINFO: libc::c_int = 55;
     let mut info = [0u32; libc::SK_MEMINFO_DROPS as usize + 1];
@@ -36,7 +45,11 @@ pub fn receive_drops(socket: &impl AsRawFd) -> io::Result<u32> {
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(info[libc::SK_MEMINFO_DROPS as usize])
+    Ok(ReceiveQueue {
+        queued: info[libc::SK_MEMINFO_RMEM_ALLOC as usize],
+        capacity: info[libc::SK_MEMINFO_RCVBUF as usize],
+        drops: info[libc::SK_MEMINFO_DROPS as usize],
+    })
 }
 
 /// Binds a non-blocking UDP socket with large buffers.
@@ -219,17 +232,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn receive_drops_count_what_a_full_buffer_refused() {
+    fn receive_queue_counts_what_waits_and_what_a_full_buffer_refused() {
         // The smallest buffer the kernel grants, never read: most of a burst must be dropped.
         let full = bind("127.0.0.1:0".parse().unwrap(), 1).unwrap();
         let sender = bind("127.0.0.1:0".parse().unwrap(), 1 << 20).unwrap();
-        assert_eq!(receive_drops(&full).unwrap(), 0);
+        let empty = receive_queue(&full).unwrap();
+        assert_eq!((empty.queued, empty.drops), (0, 0));
         let to = full.local_addr().unwrap();
         for _ in 0..500 {
             let _ = sender.send_to(&[0u8; 1000], to);
         }
-        let drops = receive_drops(&full).unwrap();
-        assert!((400..=500).contains(&drops), "{drops} drops counted");
+        let q = receive_queue(&full).unwrap();
+        assert!((400..=500).contains(&q.drops), "{} drops counted", q.drops);
+        assert!(q.queued > 0 && q.queued <= q.capacity * 2, "{q:?}");
     }
 
     #[test]

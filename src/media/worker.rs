@@ -12,7 +12,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use str0m::config::DtlsCert;
@@ -46,6 +46,9 @@ const CHAT_BUFFER_LIMIT: usize = 256 * 1024;
 const RTX_CACHE_VIDEO: usize = 128;
 /// How often the load figure is refreshed.
 const LOAD_WINDOW: Duration = Duration::from_secs(1);
+/// A socket holding more than 1/BACKLOG_SHARE of its receive buffer unread when the load is
+/// measured counts as backlogged.
+const BACKLOG_SHARE: u64 = 4;
 
 /// A downtrack's target: the subscriber's connection and the SSRC of its send stream.
 type SubKey = (ConnId, Ssrc);
@@ -59,10 +62,38 @@ pub struct WorkerShared {
     /// Busy share of the last second, per mille.
     pub load_permille: AtomicU32,
     pub connections: AtomicUsize,
+    /// `connections` when `load_permille` was measured: admission scales the load by the
+    /// connections opened since.
+    pub load_connections: AtomicUsize,
+    /// In the last load window the socket dropped datagrams or held a backlog: the worker does
+    /// not keep up, whatever its busy share says.
+    pub backlogged: AtomicBool,
     /// The kernel's drop count at this worker's socket, refreshed with the load figure.
     pub receive_drops: AtomicU32,
     /// Addresses announced in this worker's ICE candidates.
     pub addrs: Vec<SocketAddr>,
+}
+
+/// Below this many connections the load figure is too coarse to scale per connection.
+const PROJECTION_MIN_CONNECTIONS: usize = 8;
+
+impl WorkerShared {
+    /// The worker's busy share, per mille, as admission sees it: the last second's figure
+    /// scaled by the connections opened since (a new one costs about what the average one did,
+    /// so a burst of joins counts before its media arrives), or full while its socket falls
+    /// behind.
+    pub fn projected_load(&self) -> u32 {
+        if self.backlogged.load(Ordering::Relaxed) {
+            return 1000;
+        }
+        let load = self.load_permille.load(Ordering::Relaxed);
+        let then = self.load_connections.load(Ordering::Relaxed);
+        let now = self.connections.load(Ordering::Relaxed);
+        if then < PROJECTION_MIN_CONNECTIONS || now <= then {
+            return load;
+        }
+        (u64::from(load) * now as u64 / then as u64).min(1000) as u32
+    }
 }
 
 #[derive(Debug)]
@@ -953,8 +984,18 @@ impl Worker {
             shared
                 .load_permille
                 .store(permille.min(1000), Ordering::Relaxed);
-            match udp::receive_drops(&self.socket) {
-                Ok(n) => shared.receive_drops.store(n, Ordering::Relaxed),
+            shared
+                .load_connections
+                .store(self.conns.len(), Ordering::Relaxed);
+            match udp::receive_queue(&self.socket) {
+                Ok(q) => {
+                    let dropped = q.drops != shared.receive_drops.swap(q.drops, Ordering::Relaxed);
+                    // The queue counts kernel buffer sizes, about twice the datagrams' bytes.
+                    let backlog = u64::from(q.queued) * BACKLOG_SHARE > u64::from(q.capacity);
+                    shared
+                        .backlogged
+                        .store(dropped || backlog, Ordering::Relaxed);
+                }
                 Err(e) => tracing::debug!(worker = self.index, "SO_MEMINFO: {e}"),
             }
             self.busy = Duration::ZERO;
@@ -1039,4 +1080,38 @@ fn random_token(len: usize) -> String {
     (0..len)
         .map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared(load: u32, then: usize, now: usize) -> WorkerShared {
+        let (commands, _) = mpsc::unbounded_channel();
+        let (relay, _) = mpsc::channel(1);
+        WorkerShared {
+            commands,
+            relay,
+            load_permille: AtomicU32::new(load),
+            connections: AtomicUsize::new(now),
+            load_connections: AtomicUsize::new(then),
+            backlogged: AtomicBool::new(false),
+            receive_drops: AtomicU32::new(0),
+            addrs: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn admission_counts_connections_opened_since_the_load_was_measured() {
+        // 400 connections made the worker 60 % busy; 200 more are joining.
+        assert_eq!(shared(600, 400, 600).projected_load(), 900);
+        // Fewer than measured (some left): the figure stands until the next window.
+        assert_eq!(shared(600, 400, 300).projected_load(), 600);
+        // Too few to scale by.
+        assert_eq!(shared(100, 2, 50).projected_load(), 100);
+        assert_eq!(shared(900, 100, 1_000).projected_load(), 1000, "capped");
+        let w = shared(100, 400, 400);
+        w.backlogged.store(true, Ordering::Relaxed);
+        assert_eq!(w.projected_load(), 1000, "a socket that falls behind is full");
+    }
 }
