@@ -1112,6 +1112,10 @@ mod tests {
         assert_eq!(shared(900, 100, 1_000).projected_load(), 1000, "capped");
         let w = shared(100, 400, 400);
         w.backlogged.store(true, Ordering::Relaxed);
-        assert_eq!(w.projected_load(), 1000, "a socket that falls behind is full");
+        assert_eq!(
+            w.projected_load(),
+            1000,
+            "a socket that falls behind is full"
+        );
     }
 }

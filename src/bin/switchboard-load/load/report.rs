@@ -74,6 +74,10 @@ pub struct LiteFigures {
     pub undecrypted: u64,
     pub duplicates: u64,
     pub too_old: u64,
+    /// Media packets on an SSRC str0m could not yet name a track for (counted, on no track).
+    pub unmapped: u64,
+    /// Datagrams the kernel dropped at the engine's socket (the engine fell behind).
+    pub socket_drops: u64,
     /// Datagrams to an address no receiver has (dropped).
     pub unroutable: u64,
     /// Datagrams from, or sends to, a non-loopback address (dropped).
@@ -435,6 +439,12 @@ pub(crate) fn compute(
                 lite.undecrypted
             ));
         }
+        if lite.socket_drops > 0 {
+            warnings.push(format!(
+                "the kernel dropped {} datagrams at the lite receivers' socket: the generator fell behind (give it a core of its own); lost handshake packets delay joins",
+                lite.socket_drops
+            ));
+        }
     }
     let lite_saturated = subscribers
         .lite
@@ -548,6 +558,8 @@ fn subscriber_figures(
             undecrypted: n(&s.undecrypted),
             duplicates: n(&s.duplicates),
             too_old: n(&s.too_old),
+            unmapped: n(&s.unmapped),
+            socket_drops: n(&s.socket_drops),
             unroutable: n(&s.unroutable),
             not_loopback: n(&s.not_loopback),
             malformed: n(&s.malformed),

@@ -723,11 +723,18 @@ fn lite_not_ready(participants: &[Participant]) -> String {
         .take(3)
         .map(|r| {
             format!(
-                "{} (connected {}, {} streams flowing on {} SSRCs, server errors {:?})",
+                "{} (connected {}, {} streams flowing on {} SSRCs: {:?}, server errors {:?})",
                 r.participant_id(),
                 r.connected(),
                 r.tracks().iter().filter(|t| t.intact > 0).count(),
                 r.ssrcs(),
+                r.tracks()
+                    .iter()
+                    .map(|t| format!(
+                        "{:?} {} received, {} decrypted",
+                        t.kind, t.received, t.decrypted
+                    ))
+                    .collect::<Vec<_>>(),
                 r.errors()
             )
         })

@@ -144,6 +144,10 @@ pub struct EngineStats {
     pub opened: AtomicU64,
     /// Event loop turns (wake-ups).
     pub turns: AtomicU64,
+    /// Datagrams the kernel dropped at the engine's socket (its receive buffer was full: the
+    /// engine fell behind, e.g. sharing a core). Lost DTLS handshake packets delay joins by
+    /// the retransmission back-off.
+    pub socket_drops: AtomicU64,
     /// The engine thread as `<pid>/task/<tid>`, for its CPU time in /proc.
     pub thread: OnceLock<String>,
 }
@@ -737,6 +741,20 @@ impl Loop {
 
     fn publish_tally(&mut self) {
         let t = std::mem::take(&mut self.ctx.tally);
+        if t.turns > 0
+            && self
+                .ctx
+                .stats
+                .turns
+                .load(Ordering::Relaxed)
+                .is_multiple_of(1024)
+            && let Ok(q) = switchboard::media::receive_queue(&self.ctx.socket)
+        {
+            self.ctx
+                .stats
+                .socket_drops
+                .store(u64::from(q.drops), Ordering::Relaxed);
+        }
         let s = &self.ctx.stats;
         for (counter, n) in [
             (&s.datagrams, t.datagrams),
