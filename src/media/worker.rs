@@ -320,13 +320,17 @@ impl Worker {
                         self.deliver(key, &packet);
                     }
                 }
-                Wake::Relayed(None) | Wake::Timer => {}
-                Wake::Readable(Ok(())) => self.read_socket(&socket, woke),
+                Wake::Relayed(None) | Wake::Timer | Wake::Readable(Ok(())) => {}
                 Wake::Readable(Err(e)) => {
                     tracing::error!(worker = self.index, "media socket: {e}");
                     break;
                 }
             }
+            // Every turn reads what the socket holds (nothing, at the cost of a flag check, when
+            // it is not ready): commands and relayed batches win the select, and a steady stream
+            // of them, such as a burst of joins, must not starve the socket and every
+            // connection's ICE and DTLS with it.
+            self.read_socket(&socket, Instant::now());
             self.finish_turn(woke);
         }
         // Closing: every session has gone; let connections go quietly.

@@ -531,15 +531,15 @@ impl Loop {
                     }
                     None => break,
                 },
-                ready = socket.readable() => match ready {
-                    Ok(()) => self.read_socket(&socket),
-                    Err(e) => {
-                        tracing::error!("lite receivers' socket: {e}");
-                        break;
-                    }
+                ready = socket.readable() => if let Err(e) = ready {
+                    tracing::error!("lite receivers' socket: {e}");
+                    break;
                 },
                 _ = tokio::time::sleep_until(deadline.into()) => {}
             }
+            // Every turn reads what the socket holds: a steady stream of commands (a burst of
+            // joins) wins the select and must not starve ICE and DTLS on the socket.
+            self.read_socket(&socket);
             self.ctx.tally.turns += 1;
             self.run_timers();
             self.publish_tally();
