@@ -2,7 +2,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -74,16 +73,14 @@ impl Server {
 /// control and `/metrics`.
 async fn sample_forward_rate(metrics: Arc<Metrics>, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut last = metrics.packets_out.load(Ordering::Relaxed);
+    let mut last = metrics.packets_out.get();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.wait_for(|s| *s) => return,
         }
-        let now = metrics.packets_out.load(Ordering::Relaxed);
-        metrics
-            .forward_rate
-            .store(now.saturating_sub(last), Ordering::Relaxed);
+        let now = metrics.packets_out.get();
+        metrics.forward_rate.set(now.saturating_sub(last) as i64);
         last = now;
     }
 }

@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
 use include_dir::{Dir, include_dir};
 
+use crate::metrics::Metrics;
 use crate::signal::{ServerContext, run_session};
 use crate::types::RoomName;
 
@@ -88,8 +89,8 @@ async fn static_file(Path(path): Path<String>) -> Response {
 
 async fn metrics(State(ctx): State<Arc<ServerContext>>) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        ctx.metrics.render() + &ctx.media.render_worker_metrics(),
+        [(header::CONTENT_TYPE, Metrics::CONTENT_TYPE)],
+        ctx.metrics.render(),
     )
         .into_response()
 }

@@ -179,7 +179,7 @@ impl MediaPlane {
                     .spawn(move || worker.run())?,
             );
         }
-        metrics.media_workers.store(count as u64, Ordering::Relaxed);
+        metrics.media_workers.set(count as i64);
         Ok(MediaPlane {
             workers,
             threads: std::sync::Mutex::new(threads),
@@ -195,46 +195,6 @@ impl MediaPlane {
             .iter()
             .map(|w| w.connections.load(Ordering::Relaxed))
             .collect()
-    }
-
-    /// Per-worker gauges in Prometheus text: connections and the load admission looks at.
-    pub fn render_worker_metrics(&self) -> String {
-        use std::fmt::Write as _;
-        let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "# HELP switchboard_worker_connections Connections living on each media worker."
-        );
-        let _ = writeln!(out, "# TYPE switchboard_worker_connections gauge");
-        for (k, w) in self.workers.iter().enumerate() {
-            let n = w.connections.load(Ordering::Relaxed);
-            let _ = writeln!(out, "switchboard_worker_connections{{worker=\"{k}\"}} {n}");
-        }
-        let _ = writeln!(
-            out,
-            "# HELP switchboard_worker_load_ratio Share of the last second each media worker was busy."
-        );
-        let _ = writeln!(out, "# TYPE switchboard_worker_load_ratio gauge");
-        for (k, w) in self.workers.iter().enumerate() {
-            let load = f64::from(w.load_permille.load(Ordering::Relaxed)) / 1000.0;
-            let _ = writeln!(
-                out,
-                "switchboard_worker_load_ratio{{worker=\"{k}\"}} {load}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP switchboard_worker_receive_drops_total Datagrams the kernel dropped at each media worker's socket because its receive buffer was full (the worker fell behind)."
-        );
-        let _ = writeln!(out, "# TYPE switchboard_worker_receive_drops_total counter");
-        for (k, w) in self.workers.iter().enumerate() {
-            let n = w.receive_drops.load(Ordering::Relaxed);
-            let _ = writeln!(
-                out,
-                "switchboard_worker_receive_drops_total{{worker=\"{k}\"}} {n}"
-            );
-        }
-        out
     }
 
     /// The addresses each worker announces, worker by worker.
@@ -255,9 +215,7 @@ impl MediaPlane {
             .map(|(i, load, _)| (i, load))
             .ok_or(MediaError::Overloaded)?;
         if self.max_load_permille > 0 && load >= self.max_load_permille {
-            self.metrics
-                .joins_refused_at_capacity
-                .fetch_add(1, Ordering::Relaxed);
+            self.metrics.joins_refused_at_capacity.inc();
             return Err(MediaError::Overloaded);
         }
         Ok(index)

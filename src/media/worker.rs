@@ -12,9 +12,11 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use str0m::config::DtlsCert;
 use str0m::media::{KeyframeRequestKind, Mid};
 use str0m::net::{Protocol, Receive};
@@ -28,7 +30,7 @@ use super::demux::{ConnId, Demux, is_stun};
 use super::udp;
 use super::{IncomingTrack, IncomingTrackId, MediaError, MediaEvent, OfferOutcome, Subscription};
 use crate::forward::{Delivery, KeyframeThrottle, MediaPacket, Rewriter, TrackForwarder, TrackKey};
-use crate::metrics::{GaugeGuard, Metrics};
+use crate::metrics::{GaugeGuard, Metrics, WorkerLabel};
 use crate::types::ParticipantId;
 
 /// Relayed batches queued per worker before new ones are dropped.
@@ -193,6 +195,26 @@ enum Source {
     Relayed { worker: usize },
 }
 
+/// A worker's own series of the per-worker metrics, looked up once.
+struct WorkerSeries {
+    connections: Gauge,
+    load: Gauge<f64, AtomicU64>,
+    receive_drops: Counter,
+}
+
+impl WorkerSeries {
+    fn new(metrics: &Metrics, index: usize) -> Self {
+        let label = WorkerLabel {
+            worker: index as u32,
+        };
+        WorkerSeries {
+            connections: metrics.worker_connections.get_or_create(&label).clone(),
+            load: metrics.worker_load_ratio.get_or_create(&label).clone(),
+            receive_drops: metrics.worker_receive_drops.get_or_create(&label).clone(),
+        }
+    }
+}
+
 /// Counters kept per loop turn and added to the shared metrics once per turn.
 #[derive(Default)]
 struct Tally {
@@ -224,6 +246,8 @@ pub struct Worker {
     /// Receive times of the packets forwarded this turn, for the in-server latency histogram.
     forwarded_at: Vec<Instant>,
     metrics: Arc<Metrics>,
+    /// This worker's series in the per-worker metric families.
+    exported: WorkerSeries,
     tally: Tally,
     busy: Duration,
     window_start: Instant,
@@ -263,6 +287,7 @@ impl Worker {
             dirty: Vec::new(),
             deliveries: Vec::new(),
             forwarded_at: Vec::new(),
+            exported: WorkerSeries::new(&metrics, index),
             metrics,
             tally: Tally::default(),
             busy: Duration::ZERO,
@@ -908,6 +933,7 @@ impl Worker {
         let gauge = GaugeGuard::new(&self.metrics, |m| &m.peer_connections);
         self.conns
             .insert(id, Conn::new(participant, rtc, events, chat_in, gauge));
+        self.exported.connections.set(self.conns.len() as i64);
     }
 
     fn publish(&mut self, id: ConnId, mid: Mid, key: TrackKey) {
@@ -940,6 +966,7 @@ impl Worker {
         self.workers[self.index]
             .connections
             .fetch_sub(1, Ordering::Relaxed);
+        self.exported.connections.set(self.conns.len() as i64);
         self.demux.remove(id);
         for inbound in conn.inbound.values() {
             if let Inbound::Published(key) = inbound {
@@ -985,15 +1012,19 @@ impl Worker {
         if window >= LOAD_WINDOW {
             let permille = (self.busy.as_secs_f64() / window.as_secs_f64() * 1000.0) as u32;
             let shared = &self.workers[self.index];
-            shared
-                .load_permille
-                .store(permille.min(1000), Ordering::Relaxed);
+            let permille = permille.min(1000);
+            shared.load_permille.store(permille, Ordering::Relaxed);
+            self.exported.load.set(f64::from(permille) / 1000.0);
             shared
                 .load_connections
                 .store(self.conns.len(), Ordering::Relaxed);
             match udp::receive_queue(&self.socket) {
                 Ok(q) => {
-                    let dropped = q.drops != shared.receive_drops.swap(q.drops, Ordering::Relaxed);
+                    let before = shared.receive_drops.swap(q.drops, Ordering::Relaxed);
+                    let dropped = q.drops != before;
+                    self.exported
+                        .receive_drops
+                        .inc_by(u64::from(q.drops.wrapping_sub(before)));
                     // The queue counts kernel buffer sizes, about twice the datagrams' bytes.
                     let backlog = u64::from(q.queued) * BACKLOG_SHARE > u64::from(q.capacity);
                     shared
@@ -1032,7 +1063,7 @@ impl Worker {
         for at in self.forwarded_at.drain(..) {
             self.metrics
                 .forward_latency
-                .observe(sent.saturating_duration_since(at));
+                .observe(sent.saturating_duration_since(at).as_secs_f64());
         }
     }
 
@@ -1056,7 +1087,7 @@ impl Worker {
             (&m.media_loop_turns, t.turns),
         ] {
             if n > 0 {
-                counter.fetch_add(n, Ordering::Relaxed);
+                counter.inc_by(n);
             }
         }
     }

@@ -4,8 +4,6 @@
 //! top of that an operator may cap the forwarding rate. Mesh rooms carry no media through the
 //! server and are always admitted.
 
-use std::sync::atomic::Ordering;
-
 use super::protocol::RoomMode;
 use super::session::ServerContext;
 
@@ -17,13 +15,11 @@ pub fn admit_to_forwarding_cap(ctx: &ServerContext, mode: RoomMode) -> Result<()
     if mode == RoomMode::Mesh {
         return Ok(());
     }
-    let rate = ctx.metrics.forward_rate.load(Ordering::Relaxed);
+    let rate = ctx.metrics.forward_rate.get().max(0) as u64;
     if rate < limit {
         return Ok(());
     }
-    ctx.metrics
-        .joins_refused_at_capacity
-        .fetch_add(1, Ordering::Relaxed);
+    ctx.metrics.joins_refused_at_capacity.inc();
     Err(format!(
         "the server is at capacity ({rate} packets/s forwarded, limit {limit}); try again later"
     ))

@@ -179,10 +179,7 @@ impl Session {
     async fn error(&mut self, code: ErrorCode, message: impl Into<String>) -> Result<(), Close> {
         let message = message.into();
         tracing::info!(?code, %message, participant = ?self.joined.as_ref().map(|m| &m.id), "client error");
-        self.ctx
-            .metrics
-            .signaling_errors
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.ctx.metrics.signaling_errors.inc();
         self.send(&ServerMessage::Error { code, message }).await
     }
 
@@ -629,10 +626,7 @@ impl Session {
         let Ok(line) = serde_json::to_string(&relay) else {
             return;
         };
-        self.ctx
-            .metrics
-            .chat_messages
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.ctx.metrics.chat_messages.inc();
         let dropped = membership.room.chat(&membership.id, line.into());
         if dropped > 0 {
             tracing::debug!(dropped, "chat line dropped for slow participants");
