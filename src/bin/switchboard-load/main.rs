@@ -321,7 +321,7 @@ fn check_open_files(s: &Scenario) {
     };
     let lite = s.participants() - webrtc;
     let needed = (webrtc * (2 + 2 * links) + lite + 64) as u64;
-    if let Some(limit) = load::procfs::open_files_limit()
+    if let Some(limit) = load::system::open_files_limit()
         && limit < needed
     {
         eprintln!(

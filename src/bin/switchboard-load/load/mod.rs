@@ -9,10 +9,10 @@
 
 pub mod histogram;
 pub mod lite;
-pub mod procfs;
 pub mod report;
 pub mod run;
 pub mod server;
+pub mod system;
 
 use std::sync::OnceLock;
 use std::time::Duration;

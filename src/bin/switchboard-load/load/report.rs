@@ -7,9 +7,9 @@ use switchboard::signal::protocol::RoomMode;
 
 use super::histogram::Percentiles;
 use super::lite;
-use super::procfs;
 use super::run::{Mark, Participant, Scenario, SubscriberEngine, Totals, join_times};
 use super::server::{Server, ServerSample};
+use super::system;
 
 const MB: f64 = 1024.0 * 1024.0;
 
@@ -497,7 +497,7 @@ pub(crate) fn compute(
     Outcome {
         label: scenario.label.clone(),
         mode: if mesh { "mesh" } else { "sfu" },
-        machine: procfs::machine(),
+        machine: system::machine(),
         rooms: scenario.rooms,
         publishers_per_room: scenario.publishers,
         subscribers_per_room: scenario.subscribers,

@@ -16,9 +16,9 @@ use tokio::sync::Semaphore;
 
 use super::histogram::{Histogram, HistogramSnapshot};
 use super::lite;
-use super::procfs::{self, ProcSample};
 use super::report::{self, Outcome};
 use super::server::{Server, ServerSample};
+use super::system::{self, ProcSample};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -266,7 +266,7 @@ pub(crate) struct Mark {
     pub lite_cpu_s: Option<f64>,
     pub clients: Vec<Option<ClientCounters>>,
     pub loadavg: [f64; 3],
-    pub cpu: procfs::CpuTimes,
+    pub cpu: system::CpuTimes,
 }
 
 struct Status {
@@ -333,7 +333,7 @@ async fn mark(
     engine: Option<&lite::Engine>,
 ) -> Mark {
     let server_sample = server.sample().await;
-    let generator = procfs::sample("self").unwrap_or_default();
+    let generator = system::sample_self();
     let lite_cpu_s = engine.and_then(lite_engine_cpu_s);
     let at = Instant::now();
     let clients = participants
@@ -346,15 +346,14 @@ async fn mark(
         generator,
         lite_cpu_s,
         clients,
-        loadavg: procfs::loadavg(),
-        cpu: procfs::cpu_times(),
+        loadavg: system::loadavg(),
+        cpu: system::cpu_times(),
     }
 }
 
 /// CPU seconds the lite engine's thread used so far.
 fn lite_engine_cpu_s(engine: &lite::Engine) -> Option<f64> {
-    let thread = engine.stats.thread.get()?;
-    procfs::sample(thread).ok().map(|s| s.cpu_s)
+    system::thread_cpu_s(engine.stats.thread.get()?)
 }
 
 /// Runs `scenario` against `server` and measures it.
@@ -769,10 +768,8 @@ async fn measure(
         let now = Instant::now();
         let dt = (now - last_at).as_secs_f64().max(1e-6);
         let packets = totals.packets.load(Ordering::Relaxed);
-        let generator = procfs::sample("self").unwrap_or_default();
-        let server_process = server
-            .pid
-            .and_then(|pid| procfs::sample(&pid.to_string()).ok());
+        let generator = system::sample_self();
+        let server_process = server.pid.and_then(system::sample_pid);
         let mut latency = totals.audio.snapshot();
         latency.merge(&totals.video.snapshot());
         let server_cpu = match (last_server, server_process) {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::procfs::{self, ProcSample};
+use super::system::{self, ProcSample};
 
 /// `host:port` of a `ws://host:port/path` URL, refused unless every address it resolves to is
 /// loopback: load traffic must never leave the machine.
@@ -66,7 +66,7 @@ pub struct Server {
 impl Server {
     pub fn new(ws_url: &str, pid: Option<u32>) -> anyhow::Result<Self> {
         let addr = loopback_addr(ws_url)?;
-        let pid = pid.or_else(|| procfs::find_listener_pid(addr.port()));
+        let pid = pid.or_else(|| system::find_listener_pid(addr.port()));
         Ok(Self { addr, pid })
     }
 
@@ -78,9 +78,7 @@ impl Server {
                 BTreeMap::new()
             }
         };
-        let process = self
-            .pid
-            .and_then(|pid| procfs::sample(&pid.to_string()).ok());
+        let process = self.pid.and_then(system::sample_pid);
         ServerSample { metrics, process }
     }
 }

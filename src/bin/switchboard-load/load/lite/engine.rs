@@ -148,8 +148,8 @@ pub struct EngineStats {
     /// engine fell behind, e.g. sharing a core). Lost DTLS handshake packets delay joins by
     /// the retransmission back-off.
     pub socket_drops: AtomicU64,
-    /// The engine thread as `<pid>/task/<tid>`, for its CPU time in /proc.
-    pub thread: OnceLock<String>,
+    /// The engine thread's /proc entry, for its CPU time.
+    pub thread: OnceLock<procfs::process::Task>,
 }
 
 /// What [`Engine::open`] gives back.
@@ -475,12 +475,8 @@ struct Loop {
 
 impl Loop {
     fn run(self) {
-        if let Ok(path) = std::fs::read_link("/proc/thread-self") {
-            let _ = self
-                .ctx
-                .stats
-                .thread
-                .set(path.to_string_lossy().into_owned());
+        if let Some(task) = crate::load::system::current_thread() {
+            let _ = self.ctx.stats.thread.set(task);
         }
         let runtime = match tokio::runtime::Builder::new_current_thread()
             .enable_all()
