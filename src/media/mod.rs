@@ -153,7 +153,6 @@ impl MediaPlane {
                 connections: AtomicUsize::new(0),
                 load_connections: AtomicUsize::new(0),
                 backlogged: AtomicBool::new(false),
-                receive_drops: AtomicU32::new(0),
                 addrs: announce_ips
                     .iter()
                     .map(|ip| SocketAddr::new(*ip, port))

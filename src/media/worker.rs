@@ -70,8 +70,6 @@ pub struct WorkerShared {
     /// In the last load window the socket dropped datagrams or held a backlog: the worker does
     /// not keep up, whatever its busy share says.
     pub backlogged: AtomicBool,
-    /// The kernel's drop count at this worker's socket, refreshed with the load figure.
-    pub receive_drops: AtomicU32,
     /// Addresses announced in this worker's ICE candidates.
     pub addrs: Vec<SocketAddr>,
 }
@@ -248,6 +246,8 @@ pub struct Worker {
     metrics: Arc<Metrics>,
     /// This worker's series in the per-worker metric families.
     exported: WorkerSeries,
+    /// The kernel's drop count at the socket when the load was last measured.
+    receive_drops: u32,
     tally: Tally,
     busy: Duration,
     window_start: Instant,
@@ -288,6 +288,7 @@ impl Worker {
             deliveries: Vec::new(),
             forwarded_at: Vec::new(),
             exported: WorkerSeries::new(&metrics, index),
+            receive_drops: 0,
             metrics,
             tally: Tally::default(),
             busy: Duration::ZERO,
@@ -1020,11 +1021,10 @@ impl Worker {
                 .store(self.conns.len(), Ordering::Relaxed);
             match udp::receive_queue(&self.socket) {
                 Ok(q) => {
-                    let before = shared.receive_drops.swap(q.drops, Ordering::Relaxed);
-                    let dropped = q.drops != before;
-                    self.exported
-                        .receive_drops
-                        .inc_by(u64::from(q.drops.wrapping_sub(before)));
+                    let new_drops = q.drops.wrapping_sub(self.receive_drops);
+                    self.receive_drops = q.drops;
+                    self.exported.receive_drops.inc_by(u64::from(new_drops));
+                    let dropped = new_drops > 0;
                     // The queue counts kernel buffer sizes, about twice the datagrams' bytes.
                     let backlog = u64::from(q.queued) * BACKLOG_SHARE > u64::from(q.capacity);
                     shared
@@ -1131,7 +1131,6 @@ mod tests {
             connections: AtomicUsize::new(now),
             load_connections: AtomicUsize::new(then),
             backlogged: AtomicBool::new(false),
-            receive_drops: AtomicU32::new(0),
             addrs: Vec::new(),
         }
     }
