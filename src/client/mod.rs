@@ -114,6 +114,44 @@ impl ClientOptions {
     }
 }
 
+/// Reads a signaling socket until the server answers `join`: its `joined` message, and the
+/// messages that came before it (kept for the caller). A refusal (`error`), a closed socket or
+/// no answer within `timeout` is an error.
+pub async fn wait_for_joined<S>(
+    stream: &mut S,
+    timeout: Duration,
+) -> anyhow::Result<(ServerMessage, Vec<ServerMessage>)>
+where
+    S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    let mut early = Vec::new();
+    let joined = tokio::time::timeout(timeout, async {
+        loop {
+            match stream.next().await {
+                Some(Ok(Message::Text(text))) => {
+                    match serde_json::from_str::<ServerMessage>(text.as_str()) {
+                        Ok(ServerMessage::Error { code, message }) => {
+                            bail!("join refused: {code:?}: {message}")
+                        }
+                        Ok(joined @ ServerMessage::Joined { .. }) => return Ok(joined),
+                        Ok(other) => early.push(other),
+                        Err(e) => bail!("unparsable answer to join: {e}"),
+                    }
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    bail!("socket closed before joined: {frame:?}")
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => bail!("socket failed before joined: {e}"),
+                None => bail!("socket closed before joined"),
+            }
+        }
+    })
+    .await
+    .map_err(|_| anyhow!("no joined answer within {timeout:?}"))??;
+    Ok((joined, early))
+}
+
 /// A remote track currently received on one of the client's peer connections.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ActiveRemoteTrack {
@@ -167,31 +205,7 @@ impl Client {
             .await
             .context("sending join")?;
 
-        let mut early = Vec::new();
-        let joined = tokio::time::timeout(opts.join_timeout, async {
-            loop {
-                match stream.next().await {
-                    Some(Ok(Message::Text(text))) => {
-                        match serde_json::from_str::<ServerMessage>(text.as_str()) {
-                            Ok(ServerMessage::Error { code, message }) => {
-                                bail!("join refused: {code:?}: {message}")
-                            }
-                            Ok(joined @ ServerMessage::Joined { .. }) => return Ok(joined),
-                            Ok(other) => early.push(other),
-                            Err(e) => bail!("unparsable answer to join: {e}"),
-                        }
-                    }
-                    Some(Ok(Message::Close(frame))) => {
-                        bail!("socket closed before joined: {frame:?}")
-                    }
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => bail!("socket failed before joined: {e}"),
-                    None => bail!("socket closed before joined"),
-                }
-            }
-        })
-        .await
-        .map_err(|_| anyhow!("no joined answer within {:?}", opts.join_timeout))??;
+        let (joined, early) = wait_for_joined(&mut stream, opts.join_timeout).await?;
         let ServerMessage::Joined {
             ref participant_id,
             room: ref joined_room,

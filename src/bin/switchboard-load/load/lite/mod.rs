@@ -17,6 +17,7 @@ use std::time::Duration;
 use anyhow::{Context as _, anyhow, bail};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt as _, StreamExt as _};
+use switchboard::client::wait_for_joined;
 use switchboard::signal::protocol::{
     ClientMessage, ErrorCode, IceCandidate, MediaKind, RoomMode, ServerMessage,
 };
@@ -118,40 +119,18 @@ impl Receiver {
             },
         )
         .await?;
-        let mut early = Vec::new();
-        let participant_id = tokio::time::timeout(join_timeout, async {
-            loop {
-                match stream.next().await {
-                    Some(Ok(Message::Text(text))) => {
-                        match serde_json::from_str::<ServerMessage>(text.as_str()) {
-                            Ok(ServerMessage::Joined {
-                                participant_id,
-                                mode,
-                                ..
-                            }) => {
-                                if mode != RoomMode::Sfu {
-                                    bail!("the room is a mesh room: lite receivers need SFU");
-                                }
-                                return Ok(participant_id);
-                            }
-                            Ok(ServerMessage::Error { code, message }) => {
-                                bail!("join refused: {code:?}: {message}")
-                            }
-                            Ok(other) => early.push(other),
-                            Err(e) => bail!("unparsable answer to join: {e}"),
-                        }
-                    }
-                    Some(Ok(Message::Close(frame))) => {
-                        bail!("socket closed before joined: {frame:?}")
-                    }
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => bail!("socket failed before joined: {e}"),
-                    None => bail!("socket closed before joined"),
-                }
-            }
-        })
-        .await
-        .map_err(|_| anyhow!("no joined answer within {join_timeout:?}"))??;
+        let (joined, early) = wait_for_joined(&mut stream, join_timeout).await?;
+        let ServerMessage::Joined {
+            participant_id,
+            mode,
+            ..
+        } = joined
+        else {
+            bail!("the server answered join with something else");
+        };
+        if mode != RoomMode::Sfu {
+            bail!("the room is a mesh room: lite receivers need SFU");
+        }
 
         let shared = Arc::new(ReceiverShared::default());
         let opened = engine.open(shared.clone()).await?;
