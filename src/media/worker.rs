@@ -337,6 +337,7 @@ impl Worker {
                 _ = tokio::time::sleep_until(deadline.into()) => Wake::Timer,
             };
             let woke = Instant::now();
+            let woken_by_socket = matches!(wake, Wake::Readable(Ok(())));
             match wake {
                 Wake::Command(Some(command)) => self.on_command(command),
                 // The plane is gone: nobody can reach this worker any more.
@@ -352,11 +353,10 @@ impl Worker {
                     break;
                 }
             }
-            // Every turn reads what the socket holds (nothing, at the cost of a flag check, when
-            // it is not ready): commands and relayed batches win the select, and a steady stream
-            // of them, such as a burst of joins, must not starve the socket and every
-            // connection's ICE and DTLS with it.
-            self.read_socket(&socket, Instant::now());
+            // Every turn reads what the socket holds: commands and relayed batches win the
+            // select, and a steady stream of them, such as a burst of joins, must not starve the
+            // socket and every connection's ICE and DTLS with it.
+            self.read_socket(&socket, Instant::now(), woken_by_socket);
             self.finish_turn(woke);
         }
         // Closing: every session has gone; let connections go quietly.
@@ -377,15 +377,24 @@ impl Worker {
         deadline
     }
 
-    /// Reads up to a few batches of datagrams, handing each to its connection.
-    fn read_socket(&mut self, socket: &tokio::net::UdpSocket, now: Instant) {
+    /// Reads up to a few batches of datagrams, handing each to its connection. `woken`: the
+    /// socket woke the loop, so its readiness goes through tokio (which learns when it is
+    /// drained); otherwise the socket is asked directly, since tokio's view of it is only
+    /// refreshed when the loop yields, which a steady stream of commands can put off for a
+    /// hundred of them.
+    fn read_socket(&mut self, socket: &tokio::net::UdpSocket, now: Instant, woken: bool) {
         let Some(mut receiver) = self.receiver.take() else {
             return;
         };
         for batch in 0..RECV_BATCHES_PER_TURN {
-            match socket.try_io(tokio::io::Interest::READABLE, || {
+            let read = if woken {
+                socket.try_io(tokio::io::Interest::READABLE, || {
+                    receiver.recv(&self.socket)
+                })
+            } else {
                 receiver.recv(&self.socket)
-            }) {
+            };
+            match read {
                 Ok(n) => {
                     let received = if batch == 0 { now } else { Instant::now() };
                     for (from, dst, datagram) in receiver.datagrams(n) {

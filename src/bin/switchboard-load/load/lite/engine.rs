@@ -512,6 +512,7 @@ impl Loop {
                 .peek()
                 .map_or(now + Duration::from_secs(1), |Reverse((t, _))| *t)
                 .max(now + TIMER_SLACK);
+            let mut woken_by_socket = false;
             tokio::select! {
                 biased;
                 command = self.commands.recv() => match command {
@@ -527,27 +528,33 @@ impl Loop {
                     }
                     None => break,
                 },
-                ready = socket.readable() => if let Err(e) = ready {
-                    tracing::error!("lite receivers' socket: {e}");
-                    break;
+                ready = socket.readable() => match ready {
+                    Ok(()) => woken_by_socket = true,
+                    Err(e) => {
+                        tracing::error!("lite receivers' socket: {e}");
+                        break;
+                    }
                 },
                 _ = tokio::time::sleep_until(deadline.into()) => {}
             }
             // Every turn reads what the socket holds: a steady stream of commands (a burst of
             // joins) wins the select and must not starve ICE and DTLS on the socket.
-            self.read_socket(&socket);
+            self.read_socket(&socket, woken_by_socket);
             self.ctx.tally.turns += 1;
             self.run_timers();
             self.publish_tally();
         }
     }
 
-    fn read_socket(&mut self, socket: &tokio::net::UdpSocket) {
+    /// `woken`: the socket woke the loop, so its readiness goes through tokio (which learns
+    /// when it is drained); otherwise the socket is asked directly, since tokio's view of it is
+    /// only refreshed when the loop yields, which a stream of commands can put off.
+    fn read_socket(&mut self, socket: &tokio::net::UdpSocket, woken: bool) {
         for _ in 0..RECV_BATCHES_PER_TURN {
             let ctx = &mut self.ctx;
             let bufs = &mut self.bufs;
             let meta = &mut self.meta;
-            let read = socket.try_io(tokio::io::Interest::READABLE, || {
+            let mut recv = || {
                 let mut slices: [io::IoSliceMut<'_>; quinn_udp::BATCH_SIZE] = {
                     let mut bufs = bufs.iter_mut();
                     std::array::from_fn(|_| match bufs.next() {
@@ -556,7 +563,12 @@ impl Loop {
                     })
                 };
                 ctx.state.recv((&ctx.socket).into(), &mut slices, meta)
-            });
+            };
+            let read = if woken {
+                socket.try_io(tokio::io::Interest::READABLE, recv)
+            } else {
+                recv()
+            };
             let n = match read {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
