@@ -31,7 +31,7 @@ use crate::metrics::Metrics;
 use crate::types::{IceCandidate, MediaKind, ParticipantId, TrackCodec, TrackId};
 
 use demux::ConnId;
-pub use udp::{ReceiveQueue, receive_queue};
+pub use udp::{ReceiveQueue, Receiver, receive_queue};
 use worker::{Command, WorkerShared};
 
 /// Worker loads closer than this (per mille) count as equal when placing a participant.

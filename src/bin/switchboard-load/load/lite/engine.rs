@@ -39,7 +39,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow, bail};
-use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
+use quinn_udp::{Transmit, UdpSocketState};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::media::MediaKind as StrMediaKind;
 use str0m::net::{Protocol, Receive};
@@ -47,6 +47,7 @@ use str0m::rtp::RtpPacket;
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig};
 use switchboard::client::payload;
 use switchboard::client::publisher_of_stream;
+use switchboard::media::Receiver;
 use switchboard::signal::protocol::MediaKind;
 use tokio::sync::{mpsc, oneshot};
 
@@ -57,8 +58,6 @@ use crate::load::run::Totals;
 const COMMAND_QUEUE: usize = 1024;
 /// Socket batches read per loop turn before commands and timers get their turn.
 const RECV_BATCHES_PER_TURN: usize = 16;
-/// Largest datagram read (a GRO buffer can hold several).
-const RECV_BUF: usize = 64 * 1024;
 /// Kernel socket buffers asked for (capped at `net.core.rmem_max`/`wmem_max`).
 const SOCKET_BUFFER: usize = 4 << 20;
 /// Media packets of each SSRC always handed to str0m, before sampling starts.
@@ -217,10 +216,8 @@ impl Engine {
         }
         let (commands, commands_rx) = mpsc::channel(COMMAND_QUEUE);
         let stats = Arc::new(EngineStats::default());
-        let n = quinn_udp::BATCH_SIZE;
         let event_loop = Loop {
-            bufs: (0..n).map(|_| vec![0; RECV_BUF]).collect(),
-            meta: vec![RecvMeta::default(); n],
+            receiver: Receiver::new(&socket).context("preparing the UDP socket")?,
             config,
             recvs: Vec::new(),
             commands: commands_rx,
@@ -464,8 +461,8 @@ struct Ctx {
 }
 
 struct Loop {
-    bufs: Vec<Vec<u8>>,
-    meta: Vec<RecvMeta>,
+    /// Batched reads (the server's media worker reads the same way).
+    receiver: Receiver,
     config: RtcConfig,
     recvs: Vec<Option<Recv>>,
     commands: mpsc::Receiver<Command>,
@@ -551,23 +548,12 @@ impl Loop {
     /// only refreshed when the loop yields, which a stream of commands can put off.
     fn read_socket(&mut self, socket: &tokio::net::UdpSocket, woken: bool) {
         for _ in 0..RECV_BATCHES_PER_TURN {
-            let ctx = &mut self.ctx;
-            let bufs = &mut self.bufs;
-            let meta = &mut self.meta;
-            let mut recv = || {
-                let mut slices: [io::IoSliceMut<'_>; quinn_udp::BATCH_SIZE] = {
-                    let mut bufs = bufs.iter_mut();
-                    std::array::from_fn(|_| match bufs.next() {
-                        Some(b) => io::IoSliceMut::new(b),
-                        None => io::IoSliceMut::new(&mut []),
-                    })
-                };
-                ctx.state.recv((&ctx.socket).into(), &mut slices, meta)
-            };
             let read = if woken {
-                socket.try_io(tokio::io::Interest::READABLE, recv)
+                socket.try_io(tokio::io::Interest::READABLE, || {
+                    self.receiver.recv(&self.ctx.socket)
+                })
             } else {
-                recv()
+                self.receiver.recv(&self.ctx.socket)
             };
             let n = match read {
                 Ok(n) => n,
@@ -578,17 +564,8 @@ impl Loop {
                 }
             };
             let now = Instant::now();
-            for (meta, buf) in self.meta.iter().zip(&self.bufs).take(n) {
-                for d in buf[..meta.len.min(buf.len())].chunks(meta.stride.max(1)) {
-                    on_datagram(
-                        &mut self.recvs,
-                        &mut self.ctx,
-                        meta.addr,
-                        meta.dst_ip,
-                        d,
-                        now,
-                    );
-                }
+            for (from, dst, d) in self.receiver.datagrams(n) {
+                on_datagram(&mut self.recvs, &mut self.ctx, from, dst, d, now);
             }
             let ctx = &mut self.ctx;
             if ctx.batch_packets > 0 {
