@@ -1,6 +1,7 @@
 //! One participant's connection on its worker: the str0m `Rtc`, the negotiation (the server is
 //! the impolite peer of perfect negotiation), what the participant publishes (by m-line) and
-//! what it is subscribed to (one send-only m-line per subscribed track, recycled when freed).
+//! what it is subscribed to (one send-only m-line per subscribed track, stopped when the track
+//! goes: str0m 0.25 does not recycle stopped m-lines in its own offers).
 //!
 //! Owned by the worker's event loop; nothing here touches sockets or other connections.
 
