@@ -77,14 +77,14 @@ fn sink() -> UdpSocket {
 
 /// The forwarder's packet as the publisher's connection would hand it over.
 fn to_media_packet(packet: rtc::rtp::Packet) -> MediaPacket {
-    MediaPacket {
-        seq: u64::from(packet.header.sequence_number),
-        timestamp: packet.header.timestamp,
-        marker: packet.header.marker,
-        keyframe: false,
-        payload: Arc::from(&packet.payload[..]),
-        received_at: Instant::now(),
-    }
+    MediaPacket::received(
+        u64::from(packet.header.sequence_number),
+        packet.header.timestamp,
+        packet.header.marker,
+        0,
+        Arc::from(&packet.payload[..]),
+        Instant::now(),
+    )
 }
 
 /// One delivery as the subscriber's connection would write it.
@@ -107,10 +107,10 @@ fn forward_path(c: &mut Criterion) {
     let mut group = c.benchmark_group("forward_path");
     group.measurement_time(Duration::from_secs(4));
     for fanout in [1usize, 10, 100] {
-        let mut forwarder = TrackForwarder::new("video/VP8", KeyframeThrottle::DEFAULT_INTERVAL);
+        let mut forwarder = TrackForwarder::new("video/VP8", 1, KeyframeThrottle::DEFAULT_INTERVAL);
         let mut srtp: Vec<Context> = (0..fanout)
             .map(|i| {
-                forwarder.add_downtrack(i, Rewriter::new(96, 0, 0));
+                forwarder.add_downtrack(i, Rewriter::new(96, 90_000, 0, 0), Some(0));
                 srtp_context(i as u8)
             })
             .collect();

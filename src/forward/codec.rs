@@ -1,6 +1,9 @@
 //! Which packets start a keyframe, read from the RTP payload of each video codec the server
 //! forwards. A new subscriber is sent nothing before such a packet: a decoder that starts on a
-//! delta frame shows nothing (or garbage) until the next keyframe anyway.
+//! delta frame shows nothing (or garbage) until the next keyframe anyway. For VP8 also the
+//! picture numbering a layer switch must keep continuous, and the picture size of a keyframe.
+
+use super::packet::Vp8Ids;
 
 /// The video payload formats whose keyframes the forwarder recognises.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,34 +37,83 @@ impl VideoFormat {
             VideoFormat::Av1 => av1_keyframe_start(payload),
         }
     }
+
+    /// The VP8 picture numbering of a packet (None for other codecs or a bad descriptor).
+    pub fn vp8_ids(self, payload: &[u8]) -> Option<Vp8Ids> {
+        match self {
+            VideoFormat::Vp8 => vp8_descriptor(payload).map(|(ids, _)| ids),
+            _ => None,
+        }
+    }
+
+    /// The picture size a keyframe's first packet declares, where the codec puts it in the
+    /// payload header (VP8).
+    pub fn keyframe_size(self, payload: &[u8]) -> Option<(u16, u16)> {
+        match self {
+            VideoFormat::Vp8 => vp8_keyframe_size(payload),
+            _ => None,
+        }
+    }
 }
 
-/// RFC 7741: payload descriptor (S = start of partition, PID = 0), then the VP8 frame tag whose
-/// low bit is 0 for a key frame.
-fn vp8_keyframe_start(p: &[u8]) -> bool {
-    let Some(&b0) = p.first() else { return false };
-    let start = b0 & 0x10 != 0 && b0 & 0x07 == 0;
-    if !start {
-        return false;
-    }
+/// RFC 7741: the VP8 payload descriptor. Returns the picture numbering and where the VP8
+/// payload header starts, or None when the descriptor is truncated.
+fn vp8_descriptor(p: &[u8]) -> Option<(Vp8Ids, usize)> {
+    let b0 = *p.first()?;
+    let mut ids = Vp8Ids::default();
     let mut i = 1;
     if b0 & 0x80 != 0 {
         // X: extension byte with I, L, T, K.
-        let Some(&x) = p.get(i) else { return false };
+        let x = *p.get(i)?;
         i += 1;
         if x & 0x80 != 0 {
             // I: picture id, 7 or 15 bits (M).
-            let Some(&pid) = p.get(i) else { return false };
-            i += if pid & 0x80 != 0 { 2 } else { 1 };
+            let hi = *p.get(i)?;
+            if hi & 0x80 != 0 {
+                ids.picture_id = Some(u16::from(hi & 0x7f) << 8 | u16::from(*p.get(i + 1)?));
+                i += 2;
+            } else {
+                ids.picture_id = Some(u16::from(hi));
+                i += 1;
+            }
         }
         if x & 0x40 != 0 {
-            i += 1; // L: TL0PICIDX
+            ids.tl0_pic_idx = Some(*p.get(i)?); // L: TL0PICIDX
+            i += 1;
         }
         if x & 0x30 != 0 {
             i += 1; // T or K: TID/Y/KEYIDX
         }
     }
-    p.get(i).is_some_and(|tag| tag & 0x01 == 0)
+    (i <= p.len()).then_some((ids, i))
+}
+
+/// The first packet of a VP8 frame (S set, partition 0).
+fn vp8_frame_start(b0: u8) -> bool {
+    b0 & 0x10 != 0 && b0 & 0x07 == 0
+}
+
+/// A keyframe starts with S set, partition 0, and a frame tag whose low bit is 0.
+fn vp8_keyframe_start(p: &[u8]) -> bool {
+    let Some(&b0) = p.first() else { return false };
+    vp8_frame_start(b0)
+        && vp8_descriptor(p).is_some_and(|(_, i)| p.get(i).is_some_and(|tag| tag & 0x01 == 0))
+}
+
+/// RFC 6386 §9.1: a keyframe's frame tag (3 bytes) is followed by the start code 9d 01 2a and
+/// the 14-bit width and height (little-endian, the top 2 bits are the scaling).
+fn vp8_keyframe_size(p: &[u8]) -> Option<(u16, u16)> {
+    if !vp8_keyframe_start(p) {
+        return None;
+    }
+    let (_, i) = vp8_descriptor(p)?;
+    let h = p.get(i..i + 10)?;
+    if h[3..6] != [0x9d, 0x01, 0x2a] {
+        return None;
+    }
+    let width = u16::from_le_bytes([h[6], h[7]]) & 0x3fff;
+    let height = u16::from_le_bytes([h[8], h[9]]) & 0x3fff;
+    Some((width, height))
 }
 
 /// VP9 payload descriptor (draft-ietf-payload-vp9): B = beginning of a frame, P = inter-picture
@@ -141,6 +193,28 @@ mod tests {
         assert!(f.starts_keyframe(&[0x90, 0xc0, 0x81, 0x02, 0x07, 0x9c]));
         assert!(!f.starts_keyframe(&[0x90, 0xc0, 0x81]), "truncated");
         assert!(!f.starts_keyframe(&[]));
+    }
+
+    #[test]
+    fn vp8_picture_ids_and_keyframe_size() {
+        let f = VideoFormat::Vp8;
+        // 15-bit picture id 0x0102, TL0PICIDX 7.
+        let ids = f.vp8_ids(&[0x90, 0xc0, 0x81, 0x02, 0x07, 0x9c]).unwrap();
+        assert_eq!((ids.picture_id, ids.tl0_pic_idx), (Some(0x0102), Some(7)));
+        let ids = f.vp8_ids(&[0x90, 0x80, 0x05, 0x9c]).unwrap();
+        assert_eq!((ids.picture_id, ids.tl0_pic_idx), (Some(5), None));
+        assert_eq!(f.vp8_ids(&[0x90, 0x80]), None, "truncated");
+        assert_eq!(f.vp8_ids(&[0x10, 0x00]), Some(Vp8Ids::default()));
+        // Key tag, start code, 640 x 360 (scaling bits set, ignored).
+        let key = [
+            0x10, 0x50, 0x00, 0x00, 0x9d, 0x01, 0x2a, 0x80, 0x42, 0x68, 0x01,
+        ];
+        assert_eq!(f.keyframe_size(&key), Some((640, 360)));
+        assert_eq!(f.keyframe_size(&key[..9]), None, "truncated");
+        let mut delta = key;
+        delta[1] = 0x51;
+        assert_eq!(f.keyframe_size(&delta), None, "not a keyframe");
+        assert_eq!(VideoFormat::H264.keyframe_size(&key), None);
     }
 
     #[test]

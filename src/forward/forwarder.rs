@@ -9,9 +9,10 @@
 use std::time::{Duration, Instant};
 
 use super::codec::VideoFormat;
+use super::layer::{self, LayerState, LayerView};
 use super::padding::PaddingRemover;
 use super::rewrite::Rewritten;
-use super::{DownTrack, KeyframeThrottle, MediaPacket, Rewriter};
+use super::{DownTrack, MediaPacket, Rewriter};
 
 /// One packet for one subscriber: the engine writes `packet.payload` with these header fields.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,20 +30,24 @@ pub struct TrackForwarder<K> {
     downtracks: Vec<DownTrack<K>>,
     /// Other workers with subscribers of this track (source forwarder only).
     relays: Vec<usize>,
-    keyframes: KeyframeThrottle,
-    padding: PaddingRemover,
+    /// Simulcast layers, lowest first (one for a track sent as one stream).
+    layers: Vec<LayerState>,
+    /// Padding removal per layer: each layer has its own sequence space (source only).
+    padding: Vec<PaddingRemover>,
 }
 
 impl<K: Copy + Eq> TrackForwarder<K> {
-    /// `mime` is the track's codec (`video/VP8`, `audio/opus`, ...).
-    pub fn new(mime: &str, keyframe_interval: Duration) -> Self {
+    /// `mime` is the track's codec (`video/VP8`, `audio/opus`, ...); `layers` its number of
+    /// simulcast layers (1 when sent as one stream).
+    pub fn new(mime: &str, layers: u8, keyframe_interval: Duration) -> Self {
+        let layers = usize::from(layers.max(1));
         TrackForwarder {
             format: VideoFormat::from_mime(mime),
             is_video: mime.len() >= 6 && mime[..6].eq_ignore_ascii_case("video/"),
             downtracks: Vec::new(),
             relays: Vec::new(),
-            keyframes: KeyframeThrottle::new(keyframe_interval),
-            padding: PaddingRemover::default(),
+            layers: vec![LayerState::new(keyframe_interval); layers],
+            padding: (0..layers).map(|_| PaddingRemover::default()).collect(),
         }
     }
 
@@ -59,13 +64,36 @@ impl<K: Copy + Eq> TrackForwarder<K> {
         self.downtracks.is_empty() && self.relays.is_empty()
     }
 
+    /// The layers as layer choice sees them, lowest first.
+    pub fn layer_views(&self, now: Instant) -> Vec<LayerView> {
+        layer::views(&self.layers, now)
+    }
+
+    /// Bits per second the track's layer `layer` carries (measured or nominal).
+    pub fn layer_bitrate(&self, layer: u8, now: Instant) -> u64 {
+        self.layer_views(now)
+            .get(usize::from(layer))
+            .map_or(0, |l| l.bitrate)
+    }
+
+    /// Which layers some local downtrack forwards or waits for, as a bit set (bit i: layer i).
+    pub fn wanted_layers(&self) -> u32 {
+        self.downtracks
+            .iter()
+            .filter_map(|d| d.target())
+            .fold(0, |set, l| set | 1 << l)
+    }
+
     /// Starts sending to a subscriber (its connection can decrypt: negotiation and DTLS are
-    /// done). A video subscriber waits for a keyframe, which is asked for.
-    pub fn add_downtrack(&mut self, to: K, rewriter: Rewriter) {
+    /// done), from `layer` on (None: paused). Video waits for a keyframe, which is asked for.
+    pub fn add_downtrack(&mut self, to: K, rewriter: Rewriter, layer: Option<u8>) {
         self.downtracks.retain(|d| d.subscriber() != to);
-        let wait = self.format.is_some();
-        self.downtracks.push(DownTrack::new(to, rewriter, wait));
-        self.request_keyframe();
+        let layer = layer.map(|l| l.min(self.top_layer()));
+        let downtrack = DownTrack::new(to, rewriter, layer, self.format.is_some());
+        if let Some(l) = downtrack.awaited_keyframe() {
+            self.request_keyframe(l);
+        }
+        self.downtracks.push(downtrack);
     }
 
     /// Stops sending to a subscriber. True if it was there.
@@ -73,6 +101,36 @@ impl<K: Copy + Eq> TrackForwarder<K> {
         let before = self.downtracks.len();
         self.downtracks.retain(|d| d.subscriber() != to);
         self.downtracks.len() != before
+    }
+
+    /// Moves a subscriber to another layer (None: pause). A switch waits for the layer's
+    /// keyframe, which is asked for. True if the target changed.
+    pub fn set_layer(&mut self, to: K, layer: Option<u8>) -> bool {
+        let top = self.top_layer();
+        let Some(d) = self.downtracks.iter_mut().find(|d| d.subscriber() == to) else {
+            return false;
+        };
+        let layer = layer.map(|l| l.min(top));
+        if d.target() == layer {
+            return false;
+        }
+        d.set_target(layer);
+        if let Some(l) = d.awaited_keyframe() {
+            self.request_keyframe(l);
+        }
+        true
+    }
+
+    /// The layer a subscriber is forwarded now (None: none yet, or paused).
+    pub fn current_layer(&self, to: K) -> Option<u8> {
+        self.downtracks
+            .iter()
+            .find(|d| d.subscriber() == to)
+            .and_then(|d| d.current())
+    }
+
+    fn top_layer(&self) -> u8 {
+        (self.layers.len() - 1) as u8
     }
 
     pub fn add_relay(&mut self, worker: usize) {
@@ -90,56 +148,96 @@ impl<K: Copy + Eq> TrackForwarder<K> {
         &self.relays
     }
 
-    /// Someone lost the picture (a subscriber's PLI/FIR, a new subscriber).
-    pub fn request_keyframe(&mut self) {
-        if self.is_video {
-            self.keyframes.request();
+    /// Someone lost the picture of a layer (a subscriber's PLI/FIR, a new subscriber, a switch).
+    pub fn request_keyframe(&mut self, layer: u8) {
+        if self.is_video
+            && let Some(l) = self.layers.get_mut(usize::from(layer))
+        {
+            l.keyframes.request();
         }
     }
 
-    /// Whether to send a keyframe request on now (throttled).
-    pub fn poll_keyframe_request(&mut self, now: Instant) -> bool {
-        self.keyframes.poll(now)
+    /// A subscriber lost the picture: asks for a keyframe of the layer it is forwarded.
+    pub fn request_keyframe_for(&mut self, to: K) {
+        let layer = self
+            .downtracks
+            .iter()
+            .find(|d| d.subscriber() == to)
+            .and_then(|d| d.current().or(d.target()));
+        if let Some(l) = layer {
+            self.request_keyframe(l);
+        }
+    }
+
+    /// The layers whose keyframe requests go out now (throttled per layer), as a bit set.
+    pub fn poll_keyframe_requests(&mut self, now: Instant) -> u32 {
+        let mut due = 0;
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            if l.keyframes.poll(now) {
+                due |= 1 << i;
+            }
+        }
+        due
     }
 
     /// When a deferred keyframe request falls due, for the worker's timer.
     pub fn keyframe_request_due(&self, now: Instant) -> Option<Instant> {
-        self.keyframes.due(now)
+        self.layers
+            .iter()
+            .filter_map(|l| l.keyframes.due(now))
+            .min()
     }
 
     /// Source side: takes a packet from the publisher. Padding-only packets (bandwidth probes)
     /// carry nothing to forward: they return false and the sequence numbers after them close
-    /// the gap (see [`PaddingRemover`]). Otherwise the packet's keyframe flag is set and it is
-    /// ready to be forwarded here and relayed.
+    /// the gap (see [`PaddingRemover`]). So do packets of a layer the track does not have.
+    /// Otherwise the packet's keyframe flag and VP8 picture ids are set and it is ready to be
+    /// forwarded here and relayed.
     pub fn ingest(&mut self, packet: &mut MediaPacket) -> bool {
-        let Some(seq) = self.padding.map(packet.seq, packet.payload.is_empty()) else {
+        let Some(padding) = self.padding.get_mut(usize::from(packet.layer)) else {
+            return false;
+        };
+        let Some(seq) = padding.map(packet.seq, packet.payload.is_empty()) else {
             return false;
         };
         packet.seq = seq;
-        packet.keyframe = self
-            .format
-            .is_some_and(|f| f.starts_keyframe(&packet.payload));
+        if let Some(f) = self.format {
+            packet.keyframe = f.starts_keyframe(&packet.payload);
+            packet.vp8 = f.vp8_ids(&packet.payload);
+        }
         true
     }
 
-    /// Rewrites a packet for every local subscriber into `out` (cleared first). Subscribers
-    /// still waiting for a keyframe get nothing and keep the keyframe request alive.
+    /// Rewrites a packet for every local subscriber of its layer into `out` (cleared first).
+    /// Subscribers waiting for a keyframe keep the request for it alive.
     pub fn forward(&mut self, packet: &MediaPacket, out: &mut Vec<Delivery<K>>) {
         out.clear();
-        let mut waiting = false;
+        let Some(layer) = self.layers.get_mut(usize::from(packet.layer)) else {
+            return;
+        };
+        let size = match self.format {
+            Some(f) if packet.keyframe => f.keyframe_size(&packet.payload),
+            _ => None,
+        };
+        layer.observe(packet.payload.len(), size, packet.received_at);
+        let mut waiting = 0u32;
         for downtrack in &mut self.downtracks {
-            match downtrack.rewrite(packet) {
-                Some(header) => out.push(Delivery {
+            if let Some(header) = downtrack.rewrite(packet) {
+                out.push(Delivery {
                     to: downtrack.subscriber(),
                     header,
                     marker: packet.marker,
-                }),
-                None => waiting = true,
+                });
+            }
+            if let Some(l) = downtrack.awaited_keyframe() {
+                waiting |= 1 << l;
             }
         }
-        if waiting {
-            // Throttled: re-asks every interval until the keyframe arrives (a request may be lost).
-            self.request_keyframe();
+        // Throttled: re-asks every interval until the keyframe arrives (a request may be lost).
+        for l in 0..self.layers.len() {
+            if waiting & 1 << l != 0 {
+                self.request_keyframe(l as u8);
+            }
         }
     }
 }
@@ -147,20 +245,30 @@ impl<K: Copy + Eq> TrackForwarder<K> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::forward::KeyframeThrottle;
     use std::sync::Arc;
 
     const VP8_KEY: &[u8] = &[0x10, 0x50, 0xaa];
     const VP8_DELTA: &[u8] = &[0x10, 0x51, 0xaa];
+    const INTERVAL: Duration = KeyframeThrottle::DEFAULT_INTERVAL;
 
     fn pkt(seq: u64, payload: &[u8]) -> MediaPacket {
-        MediaPacket {
+        layer_pkt(0, seq, payload)
+    }
+
+    fn layer_pkt(layer: u8, seq: u64, payload: &[u8]) -> MediaPacket {
+        MediaPacket::received(
             seq,
-            timestamp: seq as u32 * 3000,
-            marker: false,
-            keyframe: false,
-            payload: Arc::from(payload),
-            received_at: Instant::now(),
-        }
+            seq as u32 * 3000,
+            false,
+            layer,
+            Arc::from(payload),
+            Instant::now(),
+        )
+    }
+
+    fn rw(pt: u8) -> Rewriter {
+        Rewriter::new(pt, 90_000, 0, 0)
     }
 
     fn run(f: &mut TrackForwarder<u32>, mut p: MediaPacket) -> Vec<Delivery<u32>> {
@@ -173,9 +281,9 @@ mod tests {
 
     #[test]
     fn fans_out_with_per_subscriber_payload_type() {
-        let mut f = TrackForwarder::new("audio/opus", KeyframeThrottle::DEFAULT_INTERVAL);
-        f.add_downtrack(1, Rewriter::new(111, 0, 0));
-        f.add_downtrack(2, Rewriter::new(109, 0, 0));
+        let mut f = TrackForwarder::new("audio/opus", 1, INTERVAL);
+        f.add_downtrack(1, Rewriter::new(111, 48_000, 0, 0), Some(0));
+        f.add_downtrack(2, Rewriter::new(109, 48_000, 0, 0), Some(0));
         let out = run(&mut f, pkt(10, b"x"));
         assert_eq!(out.len(), 2);
         assert_eq!((out[0].to, out[0].header.payload_type), (1, 111));
@@ -185,39 +293,44 @@ mod tests {
     #[test]
     fn video_subscriber_starts_on_a_keyframe_and_asks_for_one() {
         let t0 = Instant::now();
-        let mut f = TrackForwarder::new("video/VP8", Duration::from_millis(500));
-        f.add_downtrack(1, Rewriter::new(96, 0, 0));
-        assert!(f.poll_keyframe_request(t0), "a new video subscriber asks");
+        let mut f = TrackForwarder::new("video/VP8", 1, Duration::from_millis(500));
+        f.add_downtrack(1, rw(96), Some(0));
+        assert_eq!(
+            f.poll_keyframe_requests(t0),
+            1,
+            "a new video subscriber asks"
+        );
         assert!(run(&mut f, pkt(1, VP8_DELTA)).is_empty(), "held back");
-        assert!(!f.poll_keyframe_request(t0), "throttled");
-        assert!(
-            f.poll_keyframe_request(t0 + Duration::from_millis(600)),
+        assert_eq!(f.poll_keyframe_requests(t0), 0, "throttled");
+        assert_eq!(
+            f.poll_keyframe_requests(t0 + Duration::from_millis(600)),
+            1,
             "asked again"
         );
         let out = run(&mut f, pkt(2, VP8_KEY));
         assert_eq!(out.len(), 1);
         assert_eq!(run(&mut f, pkt(3, VP8_DELTA)).len(), 1, "then everything");
-        assert!(!f.poll_keyframe_request(t0 + Duration::from_secs(5)));
+        assert_eq!(f.poll_keyframe_requests(t0 + Duration::from_secs(5)), 0);
         // Audio never waits and never asks.
-        let mut a = TrackForwarder::new("audio/opus", Duration::from_millis(500));
-        a.add_downtrack(1, Rewriter::new(111, 0, 0));
-        a.request_keyframe();
-        assert!(!a.poll_keyframe_request(t0));
+        let mut a = TrackForwarder::new("audio/opus", 1, Duration::from_millis(500));
+        a.add_downtrack(1, rw(111), Some(0));
+        a.request_keyframe(0);
+        assert_eq!(a.poll_keyframe_requests(t0), 0);
         assert_eq!(run(&mut a, pkt(1, b"x")).len(), 1);
     }
 
     #[test]
     fn unrecognised_video_is_not_held_back() {
-        let mut f = TrackForwarder::new("video/H265", Duration::from_millis(500));
-        f.add_downtrack(1, Rewriter::new(96, 0, 0));
+        let mut f = TrackForwarder::new("video/H265", 1, INTERVAL);
+        f.add_downtrack(1, rw(96), Some(0));
         assert_eq!(run(&mut f, pkt(1, b"x")).len(), 1);
     }
 
     #[test]
     fn remove_and_readd_replaces() {
-        let mut f = TrackForwarder::new("audio/opus", Duration::from_millis(500));
-        f.add_downtrack(1, Rewriter::new(1, 0, 0));
-        f.add_downtrack(1, Rewriter::new(2, 0, 0));
+        let mut f = TrackForwarder::new("audio/opus", 1, INTERVAL);
+        f.add_downtrack(1, rw(1), Some(0));
+        f.add_downtrack(1, rw(2), Some(0));
         assert_eq!(f.subscriber_count(), 1);
         assert!(f.remove_downtrack(1));
         assert!(!f.remove_downtrack(1));
@@ -232,8 +345,8 @@ mod tests {
 
     #[test]
     fn padding_only_packets_are_removed_without_a_gap() {
-        let mut f = TrackForwarder::new("audio/opus", Duration::from_millis(500));
-        f.add_downtrack(1, Rewriter::new(1, 0, 0));
+        let mut f = TrackForwarder::new("audio/opus", 1, INTERVAL);
+        f.add_downtrack(1, rw(1), Some(0));
         let mut seqs = Vec::new();
         for (seq, payload) in [
             (1, &b"x"[..]),
@@ -251,5 +364,74 @@ mod tests {
         // 4 follows 1 directly; 6 after a loss keeps its gap; 8 follows 6 directly; 5 arrives
         // late and takes its own slot, not one shifted by the padding removed after it.
         assert_eq!(seqs, vec![base, base + 1, base + 3, base + 4, base + 2]);
+    }
+
+    /// A VP8 packet with a 15-bit picture id; `key` sets the keyframe tag.
+    fn vp8(layer: u8, seq: u64, picture_id: u16, key: bool) -> MediaPacket {
+        let [hi, lo] = picture_id.to_be_bytes();
+        let tag = if key { 0x50 } else { 0x51 };
+        layer_pkt(layer, seq, &[0x90, 0x80, 0x80 | hi, lo, tag, 0xaa])
+    }
+
+    #[test]
+    fn simulcast_layers_switch_on_keyframes_with_continuous_numbering() {
+        let t0 = Instant::now();
+        let mut f = TrackForwarder::new("video/VP8", 3, INTERVAL);
+        f.add_downtrack(1, rw(96), Some(0));
+        f.add_downtrack(2, rw(96), Some(2));
+        assert_eq!(
+            f.poll_keyframe_requests(t0),
+            0b101,
+            "each starting layer is asked"
+        );
+        let mut got: Vec<(u32, u64, u16)> = Vec::new();
+        let mut feed = |f: &mut TrackForwarder<u32>, p: MediaPacket| {
+            for d in run(f, p) {
+                let pid = d.header.vp8.and_then(|v| v.picture_id).unwrap();
+                got.push((d.to, d.header.seq - (1 << 15), pid));
+            }
+        };
+        // Each layer has its own sequence and picture numbering.
+        feed(&mut f, vp8(0, 100, 10, true));
+        feed(&mut f, vp8(2, 9000, 7000, true));
+        feed(&mut f, vp8(1, 5000, 300, false));
+        feed(&mut f, vp8(0, 101, 11, false));
+        feed(&mut f, vp8(2, 9001, 7001, false));
+        // Subscriber 1 moves up to layer 1, subscriber 2 down to layer 1.
+        assert!(f.set_layer(1, Some(1)));
+        assert!(f.set_layer(2, Some(1)));
+        assert!(!f.set_layer(2, Some(1)), "no change");
+        assert_eq!(f.wanted_layers(), 0b010);
+        feed(&mut f, vp8(1, 5001, 301, false)); // not a keyframe: both stay
+        feed(&mut f, vp8(0, 102, 12, false));
+        feed(&mut f, vp8(2, 9002, 7002, false));
+        feed(&mut f, vp8(1, 5002, 302, true)); // both switch
+        feed(&mut f, vp8(0, 103, 13, false)); // gone
+        feed(&mut f, vp8(1, 5004, 304, false)); // 5003 lost: the gap stays
+        let of = |to: u32| -> Vec<(u64, u16)> {
+            got.iter()
+                .filter(|g| g.0 == to)
+                .map(|g| (g.1, g.2))
+                .collect()
+        };
+        assert_eq!(of(1), vec![(0, 10), (1, 11), (2, 12), (3, 13), (5, 15)]);
+        assert_eq!(
+            of(2),
+            vec![(0, 7000), (1, 7001), (2, 7002), (3, 7003), (5, 7005)]
+        );
+        assert_eq!(f.current_layer(1), Some(1));
+    }
+
+    #[test]
+    fn a_keyframe_request_goes_to_the_subscribers_layer() {
+        let t0 = Instant::now();
+        let mut f = TrackForwarder::new("video/VP8", 3, INTERVAL);
+        f.add_downtrack(1, rw(96), Some(1));
+        f.poll_keyframe_requests(t0);
+        run(&mut f, vp8(1, 1, 1, true));
+        f.request_keyframe_for(1);
+        assert_eq!(f.poll_keyframe_requests(t0 + INTERVAL), 0b010);
+        // Layers the track does not have are dropped.
+        assert!(run(&mut f, vp8(5, 1, 1, true)).is_empty());
     }
 }

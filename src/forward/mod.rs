@@ -1,8 +1,11 @@
 //! Engine-independent media routing: the packet path.
 //!
 //! Owns: which subscriber gets which packet of a published track ([`TrackForwarder`]), the
-//! per-subscriber header rewrite ([`Rewriter`]: payload type, sequence number, timestamp),
-//! keyframe recognition ([`VideoFormat`]) so a new subscriber starts on a keyframe,
+//! simulcast layer each subscriber gets and when it switches (`downtrack.rs`, on a keyframe),
+//! which layer a subscriber should get ([`allocate`]: bandwidth estimate, tile size, what the
+//! publisher sends), the per-subscriber header rewrite ([`Rewriter`]: payload type, sequence
+//! number, timestamp, VP8 picture ids, spliced at every switch), keyframe recognition
+//! ([`VideoFormat`]) so a subscriber starts and switches on a keyframe,
 //! keyframe-request throttling ([`KeyframeThrottle`]), padding removal (`padding.rs`), and how a track is found
 //! on the packet path ([`TrackRoute`]).
 //!
@@ -11,19 +14,23 @@
 //! the forwarding logic would survive a swap of the engine unchanged. Time is passed in, never
 //! read here.
 
+mod allocate;
 mod codec;
 mod downtrack;
 mod forwarder;
 mod keyframe;
+mod layer;
 mod packet;
 mod padding;
 mod rewrite;
 mod route;
 
+pub use allocate::{Demand, LayerChoice, Priority, Visibility, allocate};
 pub use codec::VideoFormat;
 use downtrack::DownTrack;
 pub use forwarder::{Delivery, TrackForwarder};
 pub use keyframe::KeyframeThrottle;
-pub use packet::MediaPacket;
+pub use layer::LayerView;
+pub use packet::{MediaPacket, Vp8Ids};
 pub use rewrite::{Rewriter, Rewritten};
 pub use route::{TrackKey, TrackRoute};

@@ -11,9 +11,46 @@ pub struct MediaPacket {
     pub seq: u64,
     pub timestamp: u32,
     pub marker: bool,
+    /// Simulcast layer (0 = lowest resolution); 0 for a track sent as one stream.
+    pub layer: u8,
     /// The payload starts a keyframe (filled in by the publisher's forwarder from the codec).
     pub keyframe: bool,
+    /// VP8 picture numbering (filled in with `keyframe`), rewritten per subscriber so that a
+    /// layer switch does not look like a jump to the decoder.
+    pub vp8: Option<Vp8Ids>,
     pub payload: Arc<[u8]>,
     /// When the datagram carrying it reached the server, to measure time spent inside.
     pub received_at: Instant,
+}
+
+/// The VP8 payload descriptor's picture numbering (RFC 7741 §4.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Vp8Ids {
+    /// PictureID, 7 or 15 bits as the publisher sends it.
+    pub picture_id: Option<u16>,
+    /// TL0PICIDX: index of the last base-temporal-layer picture.
+    pub tl0_pic_idx: Option<u8>,
+}
+
+impl MediaPacket {
+    /// A packet as received, before the source forwarder looked at it.
+    pub fn received(
+        seq: u64,
+        timestamp: u32,
+        marker: bool,
+        layer: u8,
+        payload: Arc<[u8]>,
+        received_at: Instant,
+    ) -> Self {
+        MediaPacket {
+            seq,
+            timestamp,
+            marker,
+            layer,
+            keyframe: false,
+            vp8: None,
+            payload,
+            received_at,
+        }
+    }
 }

@@ -12,13 +12,13 @@ use std::time::Instant;
 use str0m::Rtc;
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::channel::ChannelId;
-use str0m::media::{Direction, Mid};
+use str0m::media::{Direction, Mid, Rid, Rids};
 use str0m::rtp::Ssrc;
 use tokio::sync::mpsc;
 
 use super::codec::str0m_kind;
 use super::{MediaError, MediaEvent, OfferOutcome, Subscription};
-use crate::forward::TrackKey;
+use crate::forward::{LayerChoice, TrackKey};
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::types::{MediaKind, ParticipantId, TrackCodec};
 
@@ -28,9 +28,42 @@ pub enum Inbound {
     /// Negotiated; its codec is known from the first packet.
     AwaitingFirstPacket(MediaKind),
     /// Announced to the session, which has not published it yet.
-    Announced(TrackCodec),
+    Announced(TrackCodec, Layers),
     /// Published: packets go to the forwarder of this key.
-    Published(TrackKey),
+    Published(TrackKey, Layers),
+}
+
+/// A track's simulcast layers: the rids it is sent with, lowest resolution first (empty for a
+/// track sent as one stream).
+pub type Layers = Arc<[Rid]>;
+
+/// Rid ladders whose order is known, lowest first; other rids keep their SDP order (browsers
+/// list encodings lowest first by convention).
+const RID_LADDERS: [[&str; 3]; 3] = [["q", "h", "f"], ["l", "m", "h"], ["0", "1", "2"]];
+
+/// The layers an m-line's rids describe, lowest first.
+pub fn layers_of(rids: &Rids) -> Layers {
+    let Rids::Specific(rids) = rids else {
+        return Arc::from([]);
+    };
+    let mut rids = rids.clone();
+    if let Some(ladder) = RID_LADDERS
+        .iter()
+        .find(|ladder| rids.iter().all(|r| ladder.iter().any(|l| **r == **l)))
+    {
+        rids.sort_by_key(|r| ladder.iter().position(|l| **r == **l));
+    }
+    rids.into()
+}
+
+/// The layer a packet belongs to: its rid's place (0 without simulcast), None for a rid the
+/// track was not negotiated with.
+pub fn layer_of(layers: &[Rid], rid: Option<Rid>) -> Option<u8> {
+    match rid {
+        _ if layers.is_empty() => Some(0),
+        Some(rid) => layers.iter().position(|r| *r == rid).map(|i| i as u8),
+        None => None,
+    }
 }
 
 /// Where a subscribed track's m-line is in the offer/answer cycle.
@@ -54,6 +87,8 @@ pub struct Outbound {
     pub state: OutState,
     /// Set while a downtrack forwards to this m-line.
     pub live: Option<LiveDownTrack>,
+    /// Video: the layer chosen for this subscriber, and what it is chosen from.
+    pub choice: LayerChoice,
 }
 
 /// A subscription packets flow to: the SSRC of its send stream (a hash lookup on the packet
@@ -86,6 +121,9 @@ pub struct Conn {
     pub scheduled: Option<Instant>,
     /// Written to since the last send: listed in the worker's dirty list.
     pub dirty: bool,
+    /// The engine's estimate of the subscriber's downlink, bits per second (None: no
+    /// estimate, e.g. a client without transport-wide congestion control).
+    pub estimate: Option<u64>,
     pub chat: Option<ChannelId>,
     pub inbound: HashMap<Mid, Inbound>,
     pub outbound: Vec<Outbound>,
@@ -112,6 +150,7 @@ impl Conn {
             failed: false,
             scheduled: None,
             dirty: false,
+            estimate: None,
             chat: None,
             inbound: HashMap::new(),
             outbound: Vec::new(),
@@ -222,6 +261,7 @@ impl Conn {
             sub,
             state: OutState::ToOpen,
             live: None,
+            choice: LayerChoice::default(),
         });
     }
 
@@ -250,5 +290,31 @@ impl Conn {
     pub fn emit(&self, event: MediaEvent) {
         // The session is gone only while it closes this connection: nothing left to tell.
         let _ = self.events.send(event);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rids(names: &[&str]) -> Rids {
+        Rids::Specific(names.iter().map(|n| Rid::from(*n)).collect())
+    }
+
+    fn names(layers: &Layers) -> Vec<String> {
+        layers.iter().map(|r| r.to_string()).collect()
+    }
+
+    #[test]
+    fn rids_are_ordered_lowest_first() {
+        assert_eq!(names(&layers_of(&rids(&["f", "h", "q"]))), ["q", "h", "f"]);
+        assert_eq!(names(&layers_of(&rids(&["h", "l", "m"]))), ["l", "m", "h"]);
+        assert_eq!(names(&layers_of(&rids(&["a", "c", "b"]))), ["a", "c", "b"]);
+        assert!(layers_of(&Rids::Any).is_empty());
+        let layers = layers_of(&rids(&["q", "h"]));
+        assert_eq!(layer_of(&layers, Some(Rid::from("h"))), Some(1));
+        assert_eq!(layer_of(&layers, Some(Rid::from("x"))), None);
+        assert_eq!(layer_of(&layers, None), None);
+        assert_eq!(layer_of(&[], None), Some(0));
     }
 }

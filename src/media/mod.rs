@@ -65,6 +65,8 @@ pub struct IncomingTrack {
     pub codec: TrackCodec,
     /// The publisher's own `MediaStream` id (msid), to group its tracks into streams.
     pub stream_id: String,
+    /// Simulcast layers by rid, lowest resolution first (empty: one stream).
+    pub layers: Vec<String>,
 }
 
 /// What a connection tells its session.
@@ -101,6 +103,8 @@ pub struct Subscription {
     /// The stream the subscriber sees the track in (`{publisher}-{n}`).
     pub stream_id: String,
     pub track_id: TrackId,
+    /// Simulcast layers the publisher sends (1: one stream).
+    pub layers: u8,
 }
 
 /// The running media workers.
@@ -139,7 +143,7 @@ impl MediaPlane {
             )?);
         }
         let announce_ips = announced_ips(config.public_ip, bind_ip);
-        let dtls_cert = worker::dtls_certificate()?;
+        let rtc_config = worker::rtc_config(worker::dtls_certificate()?, config.start_bitrate_kbps);
         let mut shared = Vec::with_capacity(count);
         let mut inboxes = Vec::with_capacity(count);
         for socket in &sockets {
@@ -169,7 +173,7 @@ impl MediaPlane {
                 workers.clone(),
                 commands,
                 relay,
-                dtls_cert.clone(),
+                rtc_config.clone(),
                 metrics.clone(),
             )?;
             threads.push(

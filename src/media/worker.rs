@@ -17,21 +17,25 @@ use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
+use str0m::bwe::{Bitrate, BweKind};
 use str0m::config::DtlsCert;
 use str0m::media::{KeyframeRequestKind, Mid};
 use str0m::net::{Protocol, Receive};
-use str0m::rtp::{RtpPacket, RtpWrite, Ssrc};
+use str0m::rtp::{RtpPacket, RtpWrite, Ssrc, Vp8Descriptor, Vp8Patch, Vp8PatchError};
 use str0m::{Candidate, Event, IceConnectionState, IceCreds, Input, Output, Rtc, RtcConfig};
 use tokio::sync::{mpsc, oneshot};
 
 use super::codec::{kind_of, payload_type_for, track_codec};
-use super::conn::{Conn, Inbound, LiveDownTrack, OutState};
+use super::conn::{Conn, Inbound, Layers, LiveDownTrack, OutState, layer_of, layers_of};
 use super::demux::{ConnId, Demux, is_stun};
 use super::udp;
 use super::{IncomingTrack, IncomingTrackId, MediaError, MediaEvent, OfferOutcome, Subscription};
-use crate::forward::{Delivery, KeyframeThrottle, MediaPacket, Rewriter, TrackForwarder, TrackKey};
+use crate::forward::{
+    Delivery, Demand, KeyframeThrottle, LayerView, MediaPacket, Priority, Rewriter, TrackForwarder,
+    TrackKey, Vp8Ids, allocate,
+};
 use crate::metrics::{GaugeGuard, Metrics, WorkerLabel};
-use crate::types::ParticipantId;
+use crate::types::{MediaKind, ParticipantId};
 
 /// Relayed batches queued per worker before new ones are dropped.
 pub const RELAY_QUEUE_BATCHES: usize = 256;
@@ -48,6 +52,9 @@ const CHAT_BUFFER_LIMIT: usize = 256 * 1024;
 const RTX_CACHE_VIDEO: usize = 128;
 /// How often the load figure is refreshed.
 const LOAD_WINDOW: Duration = Duration::from_secs(1);
+/// How often every subscriber's layers are chosen again (estimates, tile sizes and what
+/// publishers send change meanwhile).
+const ALLOCATION_INTERVAL: Duration = Duration::from_millis(500);
 /// A socket holding more than 1/BACKLOG_SHARE of its receive buffer unread when the load is
 /// measured counts as backlogged.
 const BACKLOG_SHARE: u64 = 4;
@@ -152,9 +159,10 @@ pub enum Command {
         key: TrackKey,
         worker: usize,
     },
-    /// From another worker: a subscriber there wants a keyframe of this track.
+    /// From another worker: subscribers there want keyframes of these layers (bit i: layer i).
     KeyframeRequest {
         key: TrackKey,
+        layers: u32,
     },
     Shutdown,
 }
@@ -166,6 +174,17 @@ pub fn dtls_certificate() -> Result<DtlsCert, MediaError> {
         .dtls_provider
         .generate_certificate()
         .ok_or_else(|| MediaError::Io(std::io::Error::other("cannot generate a DTLS certificate")))
+}
+
+/// The engine configuration every connection starts from: ICE-lite, RTP mode, the shared DTLS
+/// certificate, and bandwidth estimation from `start_bitrate_kbps` (0: off).
+pub fn rtc_config(dtls_cert: DtlsCert, start_bitrate_kbps: u64) -> RtcConfig {
+    Rtc::builder()
+        .set_ice_lite(true)
+        .set_rtp_mode(true)
+        .set_dtls_cert(dtls_cert)
+        .set_send_buffer_video(RTX_CACHE_VIDEO)
+        .enable_bwe((start_bitrate_kbps > 0).then(|| Bitrate::kbps(start_bitrate_kbps)))
 }
 
 /// What woke the event loop.
@@ -187,6 +206,8 @@ enum Source {
     Local {
         conn: ConnId,
         mid: Mid,
+        /// Its rids, to ask for a layer's keyframe.
+        layers: Layers,
         _gauge: GaugeGuard,
     },
     /// Relayed from the publisher's worker.
@@ -251,6 +272,7 @@ pub struct Worker {
     tally: Tally,
     busy: Duration,
     window_start: Instant,
+    next_allocation: Instant,
     stop: bool,
 }
 
@@ -261,14 +283,9 @@ impl Worker {
         workers: Arc<[WorkerShared]>,
         commands: mpsc::UnboundedReceiver<Command>,
         relay_in: mpsc::Receiver<RelayBatch>,
-        dtls_cert: DtlsCert,
+        rtc_config: RtcConfig,
         metrics: Arc<Metrics>,
     ) -> Result<Self, MediaError> {
-        let rtc_config = Rtc::builder()
-            .set_ice_lite(true)
-            .set_rtp_mode(true)
-            .set_dtls_cert(dtls_cert)
-            .set_send_buffer_video(RTX_CACHE_VIDEO);
         let count = workers.len();
         Ok(Worker {
             index,
@@ -293,6 +310,7 @@ impl Worker {
             tally: Tally::default(),
             busy: Duration::ZERO,
             window_start: Instant::now(),
+            next_allocation: Instant::now(),
             stop: false,
         })
     }
@@ -365,7 +383,7 @@ impl Worker {
 
     fn next_deadline(&self) -> Instant {
         let now = Instant::now();
-        let mut deadline = self.window_start + LOAD_WINDOW;
+        let mut deadline = (self.window_start + LOAD_WINDOW).min(self.next_allocation);
         if let Some(Reverse((t, _))) = self.timers.peek() {
             deadline = deadline.min(*t);
         }
@@ -537,10 +555,19 @@ impl Worker {
             }
             Event::RtpPacket(packet) => self.on_rtp(id, packet, now),
             Event::KeyframeRequest(request) => {
-                if let Some(out) = conn.outbound_on(request.mid) {
-                    let route = out.sub.route;
-                    self.request_keyframe(route.key, route.worker);
+                if let Some(out) = conn.outbound_on(request.mid)
+                    && let Some(live) = &out.live
+                    && let Some(f) = self.forwarders.get_mut(&out.sub.route.key)
+                {
+                    f.fwd.request_keyframe_for((id, live.ssrc));
                 }
+            }
+            Event::EgressBitrateEstimate(BweKind::Twcc {
+                estimate,
+                can_probe,
+            }) => {
+                tracing::debug!(participant = %conn.participant, %estimate, can_probe, "downlink estimate");
+                conn.estimate = Some(estimate.as_u64());
             }
             Event::ChannelOpen(channel, label) => {
                 if label == "chat" {
@@ -575,16 +602,19 @@ impl Worker {
         let Some(conn) = self.conns.get_mut(&id) else {
             return;
         };
-        let Some(mid) = conn
+        let Some((mid, rid)) = conn
             .rtc
             .direct_api()
             .stream_rx(&packet.header.ssrc)
-            .map(|s| s.mid())
+            .map(|s| (s.mid(), s.rid()))
         else {
             return;
         };
-        let key = match conn.inbound.get_mut(&mid) {
-            Some(Inbound::Published(key)) => *key,
+        let (key, layer) = match conn.inbound.get_mut(&mid) {
+            Some(Inbound::Published(key, layers)) => match layer_of(layers, rid) {
+                Some(layer) => (*key, layer),
+                None => return,
+            },
             Some(Inbound::AwaitingFirstPacket(kind)) => {
                 // The codec is whatever the first packet's payload type names.
                 let kind = *kind;
@@ -593,29 +623,30 @@ impl Worker {
                     return;
                 };
                 let codec = track_codec(kind, &params);
-                let stream_id = conn
-                    .rtc
-                    .media(mid)
-                    .map_or_else(String::new, |m| m.stream_id().to_string());
+                let (stream_id, layers) = conn.rtc.media(mid).map_or_else(
+                    || (String::new(), Layers::from([])),
+                    |m| (m.stream_id().to_string(), layers_of(m.rids_rx())),
+                );
                 conn.emit(MediaEvent::TrackAdded(IncomingTrack {
                     id: IncomingTrackId(mid),
                     kind,
                     codec: codec.clone(),
                     stream_id,
+                    layers: layers.iter().map(|r| r.to_string()).collect(),
                 }));
-                conn.inbound.insert(mid, Inbound::Announced(codec));
+                conn.inbound.insert(mid, Inbound::Announced(codec, layers));
                 return;
             }
-            Some(Inbound::Announced(_)) | None => return,
+            Some(Inbound::Announced(..)) | None => return,
         };
-        let mut media = MediaPacket {
-            seq: *packet.seq_no,
-            timestamp: packet.header.timestamp,
-            marker: packet.header.marker,
-            keyframe: false,
-            payload: packet.payload,
-            received_at: now,
-        };
+        let mut media = MediaPacket::received(
+            *packet.seq_no,
+            packet.header.timestamp,
+            packet.header.marker,
+            layer,
+            packet.payload,
+            now,
+        );
         let Some(f) = self.forwarders.get_mut(&key) else {
             return;
         };
@@ -644,6 +675,12 @@ impl Worker {
         }
         let nackable = f.fwd.is_video();
         self.forwarded_at.push(packet.received_at);
+        // Parsed once for every subscriber whose picture ids are rewritten.
+        let vp8 = if self.deliveries.iter().any(|d| d.header.vp8.is_some()) {
+            Vp8Descriptor::parse(&packet.payload).ok()
+        } else {
+            None
+        };
         for d in &self.deliveries {
             let (conn_id, ssrc) = d.to;
             let Some(conn) = self.conns.get_mut(&conn_id) else {
@@ -657,60 +694,61 @@ impl Worker {
                 self.tally.packets_dropped += 1;
                 continue;
             };
-            stream.write_rtp(
-                RtpWrite::new(
-                    d.header.payload_type.into(),
-                    d.header.seq.into(),
-                    d.header.timestamp,
-                    packet.received_at,
-                    packet.payload.clone(),
-                )
-                .marker(d.marker)
-                .nackable(nackable),
-            );
+            let mut write = RtpWrite::new(
+                d.header.payload_type.into(),
+                d.header.seq.into(),
+                d.header.timestamp,
+                packet.received_at,
+                packet.payload.clone(),
+            )
+            .marker(d.marker)
+            .nackable(nackable);
+            if let (Some(desc), Some(ids)) = (&vp8, d.header.vp8)
+                && let Some(patch) = vp8_patch(desc, ids)
+            {
+                write = write.vp8_patch(patch);
+            }
+            stream.write_rtp(write);
             self.tally.packets_out += 1;
             mark_dirty(&mut self.dirty, conn_id, conn);
         }
     }
 
-    /// Asks for a keyframe of a track: at its source forwarder here, or at the publisher's
-    /// worker.
-    fn request_keyframe(&mut self, key: TrackKey, publisher_worker: usize) {
-        if publisher_worker == self.index {
-            if let Some(f) = self.forwarders.get_mut(&key) {
-                f.fwd.request_keyframe();
-            }
-        } else {
-            let _ = self.workers[publisher_worker]
-                .commands
-                .send(Command::KeyframeRequest { key });
-        }
-    }
-
-    /// Sends the keyframe requests that are due: to local publishers as PLI, to other workers
-    /// as a command (their source forwarder throttles again).
+    /// Sends the keyframe requests that are due: to local publishers as PLI on the layer's
+    /// stream, to other workers as a command (their source forwarder throttles again).
     fn send_keyframe_requests(&mut self, now: Instant) {
         for (key, f) in &mut self.forwarders {
-            if !f.fwd.poll_keyframe_request(now) {
+            let due = f.fwd.poll_keyframe_requests(now);
+            if due == 0 {
                 continue;
             }
             match &f.source {
-                Source::Local { conn, mid, .. } => {
+                Source::Local {
+                    conn, mid, layers, ..
+                } => {
                     let Some(c) = self.conns.get_mut(conn) else {
                         continue;
                     };
                     let mut api = c.rtc.direct_api();
-                    if let Some(rx) = api.stream_rx_by_mid(*mid, None) {
-                        rx.request_keyframe(KeyframeRequestKind::Pli);
-                        self.tally.keyframe_requests += 1;
-                        // Sent with everything else written this turn.
-                        mark_dirty(&mut self.dirty, *conn, c);
+                    for layer in 0..layers.len().max(1) {
+                        if due & 1 << layer == 0 {
+                            continue;
+                        }
+                        if let Some(rx) = api.stream_rx_by_mid(*mid, layers.get(layer).copied()) {
+                            rx.request_keyframe(KeyframeRequestKind::Pli);
+                            self.tally.keyframe_requests += 1;
+                        }
                     }
+                    // Sent with everything else written this turn.
+                    mark_dirty(&mut self.dirty, *conn, c);
                 }
                 Source::Relayed { worker } => {
                     let _ = self.workers[*worker]
                         .commands
-                        .send(Command::KeyframeRequest { key: *key });
+                        .send(Command::KeyframeRequest {
+                            key: *key,
+                            layers: due,
+                        });
                 }
             }
         }
@@ -746,10 +784,17 @@ impl Worker {
                 continue;
             };
             out.live = Some(LiveDownTrack::new(ssrc, &self.metrics));
-            started.push((ssrc, pt, out.sub.route, out.sub.codec.mime_type.clone()));
+            started.push((ssrc, pt, out.sub.clone()));
         }
-        for (ssrc, pt, route, mime) in started {
-            let rewriter = Rewriter::new(pt, rand::random::<u16>() >> 1, rand::random());
+        let any_started = !started.is_empty();
+        for (ssrc, pt, sub) in started {
+            let route = sub.route;
+            let rewriter = Rewriter::new(
+                pt,
+                sub.codec.clock_rate,
+                rand::random::<u16>() >> 1,
+                rand::random(),
+            );
             let forwarder = match self.forwarders.entry(route.key) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(e) => {
@@ -764,15 +809,76 @@ impl Worker {
                             worker: self.index,
                         });
                     e.insert(Forwarder {
-                        fwd: TrackForwarder::new(&mime, KeyframeThrottle::DEFAULT_INTERVAL),
+                        fwd: TrackForwarder::new(
+                            &sub.codec.mime_type,
+                            sub.layers,
+                            KeyframeThrottle::DEFAULT_INTERVAL,
+                        ),
                         source: Source::Relayed {
                             worker: route.worker,
                         },
                     })
                 }
             };
-            forwarder.fwd.add_downtrack((id, ssrc), rewriter);
+            // Video waits paused for its first layer choice, just below.
+            let layer = (sub.kind == MediaKind::Audio).then_some(0);
+            forwarder.fwd.add_downtrack((id, ssrc), rewriter, layer);
             // A relay-fed forwarder asks the source on its next poll.
+        }
+        if any_started {
+            self.allocate_layers(id, Instant::now());
+        }
+    }
+
+    /// Chooses the layer of every video this connection receives (see [`allocate`]), and tells
+    /// the engine's bandwidth estimator what full quality would take, so it probes for it.
+    fn allocate_layers(&mut self, id: ConnId, now: Instant) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let mut audio = 0;
+        let mut videos: Vec<(usize, Vec<LayerView>)> = Vec::new();
+        for (i, out) in conn.outbound.iter().enumerate() {
+            let Some(f) = out
+                .live
+                .as_ref()
+                .and_then(|_| self.forwarders.get(&out.sub.route.key))
+            else {
+                continue;
+            };
+            if f.fwd.is_video() {
+                videos.push((i, f.fwd.layer_views(now)));
+            } else {
+                audio += f.fwd.layer_bitrate(0, now);
+            }
+        }
+        if videos.is_empty() {
+            return;
+        }
+        let mut demands: Vec<Demand<'_>> = Vec::with_capacity(videos.len());
+        let mut outs = conn.outbound.iter_mut().enumerate();
+        for (i, layers) in &videos {
+            let Some((_, out)) = outs.find(|(j, _)| j == i) else {
+                break;
+            };
+            demands.push(Demand {
+                layers,
+                priority: Priority::Normal,
+                choice: &mut out.choice,
+            });
+        }
+        let desired = audio + allocate(conn.estimate, audio, &mut demands, now);
+        drop(demands);
+        conn.rtc
+            .bwe()
+            .set_bitrate(Bitrate::ZERO, Bitrate::bps(desired));
+        for (i, _) in &videos {
+            let out = &conn.outbound[*i];
+            if let (Some(live), Some(f)) = (&out.live, self.forwarders.get_mut(&out.sub.route.key))
+                && f.fwd.set_layer((id, live.ssrc), out.choice.layer)
+            {
+                tracing::debug!(participant = %conn.participant, track = %out.sub.track_id, layer = ?out.choice.layer, estimate = ?conn.estimate, "layer chosen");
+            }
         }
     }
 
@@ -804,7 +910,7 @@ impl Worker {
         let Some(conn) = self.conns.get_mut(&id) else {
             return;
         };
-        if let Some(Inbound::Published(key)) = conn.inbound.remove(&mid) {
+        if let Some(Inbound::Published(key, _)) = conn.inbound.remove(&mid) {
             conn.emit(MediaEvent::TrackEnded(IncomingTrackId(mid)));
             self.forwarders.remove(&key);
         }
@@ -890,8 +996,8 @@ impl Worker {
             Command::Close { conn } => self.close(conn),
             Command::AttachRelay { key, worker } => {
                 if let Some(f) = self.forwarders.get_mut(&key) {
+                    // The other worker's downtracks ask for the keyframes they wait for.
                     f.fwd.add_relay(worker);
-                    f.fwd.request_keyframe();
                 } else {
                     // The track is gone here: let the other worker drop its relay-fed copy.
                     let _ = self.workers[worker].commands.send(Command::DetachRelay {
@@ -905,9 +1011,13 @@ impl Worker {
                     f.fwd.remove_relay(worker);
                 }
             }
-            Command::KeyframeRequest { key } => {
+            Command::KeyframeRequest { key, layers } => {
                 if let Some(f) = self.forwarders.get_mut(&key) {
-                    f.fwd.request_keyframe();
+                    for layer in 0..u32::BITS as u8 {
+                        if layers & 1 << layer != 0 {
+                            f.fwd.request_keyframe(layer);
+                        }
+                    }
                 }
             }
             Command::Shutdown => self.stop = true,
@@ -950,11 +1060,17 @@ impl Worker {
         let Some(conn) = self.conns.get_mut(&id) else {
             return;
         };
-        let Some(Inbound::Announced(codec)) = conn.inbound.get(&mid) else {
+        let Some(Inbound::Announced(codec, layers)) = conn.inbound.get(&mid) else {
             return;
         };
-        let fwd = TrackForwarder::new(&codec.mime_type, KeyframeThrottle::DEFAULT_INTERVAL);
-        conn.inbound.insert(mid, Inbound::Published(key));
+        let layers = layers.clone();
+        let fwd = TrackForwarder::new(
+            &codec.mime_type,
+            layers.len().max(1) as u8,
+            KeyframeThrottle::DEFAULT_INTERVAL,
+        );
+        conn.inbound
+            .insert(mid, Inbound::Published(key, layers.clone()));
         self.forwarders.insert(
             key,
             Forwarder {
@@ -962,6 +1078,7 @@ impl Worker {
                 source: Source::Local {
                     conn: id,
                     mid,
+                    layers,
                     _gauge: GaugeGuard::new(&self.metrics, |m| &m.forwarders),
                 },
             },
@@ -979,7 +1096,7 @@ impl Worker {
         self.exported.connections.set(self.conns.len() as i64);
         self.demux.remove(id);
         for inbound in conn.inbound.values() {
-            if let Inbound::Published(key) = inbound {
+            if let Inbound::Published(key, _) = inbound {
                 self.forwarders.remove(key);
             }
         }
@@ -1012,6 +1129,13 @@ impl Worker {
                 tracing::debug!(conn = id, "timeout: {e}");
             }
             self.drive(id, now);
+        }
+        if now >= self.next_allocation {
+            self.next_allocation = now + ALLOCATION_INTERVAL;
+            let ids: Vec<ConnId> = self.conns.keys().copied().collect();
+            for id in ids {
+                self.allocate_layers(id, now);
+            }
         }
         self.send_keyframe_requests(now);
         self.send_written(now);
@@ -1105,6 +1229,26 @@ impl Worker {
                 counter.inc_by(n);
             }
         }
+    }
+}
+
+/// The VP8 descriptor patch that gives a packet the subscriber's picture numbering (None: it
+/// cannot be built, the packet goes as it is). A 7-bit picture id keeps the low bits of the
+/// 15-bit count.
+fn vp8_patch(desc: &Vp8Descriptor, ids: Vp8Ids) -> Option<Vp8Patch> {
+    let build = |picture_id: Option<u16>| {
+        let mut builder = desc.patch();
+        if let (Some(_), Some(p)) = (desc.picture_id(), picture_id) {
+            builder = builder.picture_id(p);
+        }
+        if let (Some(_), Some(t)) = (desc.tl0_pic_idx(), ids.tl0_pic_idx) {
+            builder = builder.tl0_pic_idx(t);
+        }
+        builder.build()
+    };
+    match build(ids.picture_id) {
+        Err(Vp8PatchError::PictureIdTooLarge) => build(ids.picture_id.map(|p| p & 0x7f)).ok(),
+        patch => patch.ok(),
     }
 }
 

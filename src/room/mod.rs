@@ -29,6 +29,17 @@ pub struct Publication {
     pub route: TrackRoute,
 }
 
+/// A track a member starts publishing.
+#[derive(Debug, Clone)]
+pub struct NewTrack {
+    pub kind: MediaKind,
+    /// Index of the publisher's stream it belongs to (`{publisher}-{index}`).
+    pub stream_index: usize,
+    pub codec: TrackCodec,
+    /// Simulcast rids, lowest first (empty: one stream).
+    pub layers: Vec<String>,
+}
+
 /// What a member hears from its room.
 #[derive(Debug, Clone)]
 pub enum RoomEvent {
@@ -152,12 +163,16 @@ impl Room {
     pub fn publish(
         &self,
         publisher: &ParticipantId,
-        kind: MediaKind,
-        stream_index: usize,
-        codec: TrackCodec,
+        track: NewTrack,
         publisher_worker: usize,
         max_tracks: usize,
     ) -> Result<Arc<Publication>, PublishError> {
+        let NewTrack {
+            kind,
+            stream_index,
+            codec,
+            layers,
+        } = track;
         let mut state = self.lock();
         if !state.members.contains_key(publisher) {
             return Err(PublishError::NotAMember);
@@ -178,6 +193,7 @@ impl Room {
                 stream_id: format!("{publisher}-{stream_index}"),
                 kind,
                 codec: codec.mime_type.clone(),
+                layers,
             },
             publisher: publisher.clone(),
             track_id: track_id.clone(),
@@ -438,6 +454,15 @@ mod tests {
         }
     }
 
+    fn new_track(kind: MediaKind) -> NewTrack {
+        NewTrack {
+            kind,
+            stream_index: 0,
+            codec: codec(),
+            layers: Vec::new(),
+        }
+    }
+
     #[test]
     fn join_announce_leave_and_drop_empty_room() {
         let reg = registry(10);
@@ -453,7 +478,7 @@ mod tests {
 
         let publication = b
             .room
-            .publish(&b.participant_id, MediaKind::Video, 0, codec(), 0, 8)
+            .publish(&b.participant_id, new_track(MediaKind::Video), 0, 8)
             .unwrap();
         assert_eq!(
             publication.info.stream_id,
@@ -482,11 +507,11 @@ mod tests {
             Err(JoinError::RoomFull(..))
         ));
         a.room
-            .publish(&a.participant_id, MediaKind::Audio, 0, codec(), 0, 1)
+            .publish(&a.participant_id, new_track(MediaKind::Audio), 0, 1)
             .unwrap();
         assert_eq!(
             a.room
-                .publish(&a.participant_id, MediaKind::Audio, 0, codec(), 0, 1)
+                .publish(&a.participant_id, new_track(MediaKind::Audio), 0, 1)
                 .unwrap_err(),
             PublishError::TooManyTracks(1)
         );

@@ -39,6 +39,10 @@ pub struct TrackInfo {
     pub kind: MediaKind,
     /// e.g. `video/VP8`.
     pub codec: String,
+    /// Simulcast layers by rid, lowest resolution first; absent for a track sent as one
+    /// stream (protocol 2).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<String>,
 }
 
 /// Messages a client sends.

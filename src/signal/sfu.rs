@@ -7,7 +7,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 
 use crate::media::{IncomingTrack, IncomingTrackId, MediaEvent, MediaHandle, Subscription};
-use crate::room::{Publication, Room};
+use crate::room::{NewTrack, Publication, Room};
 use crate::types::{ParticipantId, TrackId};
 
 pub struct SfuMedia {
@@ -53,6 +53,7 @@ impl SfuMedia {
             codec: publication.codec.clone(),
             stream_id: publication.info.stream_id.clone(),
             track_id: publication.track_id.clone(),
+            layers: publication.info.layers.len().clamp(1, 8) as u8,
         };
         if let Err(e) = self.handle.subscribe(sub) {
             tracing::warn!(track = %publication.track_id, "subscribe failed: {e}");
@@ -74,14 +75,14 @@ impl SfuMedia {
         let next_index = self.streams.len();
         let stream_index = *self.streams.entry(track.stream_id).or_insert(next_index);
         let kind = track.kind;
-        let publication = match room.publish(
-            publisher,
+        let new_track = NewTrack {
             kind,
             stream_index,
-            track.codec,
-            self.handle.worker(),
-            max_tracks,
-        ) {
+            codec: track.codec,
+            layers: track.layers,
+        };
+        let publication = match room.publish(publisher, new_track, self.handle.worker(), max_tracks)
+        {
             Ok(publication) => publication,
             Err(e) => {
                 tracing::warn!(participant = %publisher, "track not published: {e}");

@@ -43,6 +43,7 @@ use quinn_udp::{Transmit, UdpSocketState};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::media::MediaKind as StrMediaKind;
 use str0m::net::{Protocol, Receive};
+use str0m::rtp::Extension;
 use str0m::rtp::RtpPacket;
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig};
 use switchboard::client::payload;
@@ -213,6 +214,19 @@ impl Engine {
             .enable_h264(true);
         for params in config.codec_config().iter_mut() {
             params.set_fb_nack(false);
+        }
+        // No transport-wide congestion control: a lite receiver hands str0m only a sample of
+        // its packets, and feedback on a sample would read as heavy loss to the server's
+        // bandwidth estimator. Without it the server has no estimate and does not limit them.
+        let kept: Vec<(u8, Extension)> = config
+            .extension_map()
+            .iter()
+            .filter(|(_, e)| **e != Extension::TransportSequenceNumber)
+            .map(|(id, e)| (id, e.clone()))
+            .collect();
+        config = config.clear_extension_map();
+        for (id, e) in kept {
+            config = config.set_extension(id, e);
         }
         let (commands, commands_rx) = mpsc::channel(COMMAND_QUEUE);
         let stats = Arc::new(EngineStats::default());
