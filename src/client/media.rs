@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use rtc::media_stream::MediaStreamTrack;
 use rtc::rtcp::payload_feedbacks::full_intra_request::FullIntraRequest;
 use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
@@ -62,7 +62,18 @@ pub struct MediaProfile {
     /// browser's pacer does (libwebrtc sends at 2.5× the target bitrate), instead of writing them
     /// back to back.
     pub paced: bool,
+    /// Video to the SFU goes as three simulcast layers ([`SIMULCAST_RIDS`]), as the browser
+    /// client sends its camera: each with the frame's packets, at a quarter, half and all of
+    /// `video_packet_size`.
+    pub simulcast: bool,
 }
+
+/// The rids of the synthetic simulcast layers, lowest first (the browser client's too).
+pub const SIMULCAST_RIDS: [&str; 3] = ["q", "h", "f"];
+/// Each layer's packet size as a divisor of the profile's.
+const LAYER_SIZE_DIVISORS: [usize; 3] = [4, 2, 1];
+const MID_EXTENSION: &str = "urn:ietf:params:rtp-hdrext:sdes:mid";
+const RID_EXTENSION: &str = "urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id";
 
 /// Share of a frame interval a paced frame's packets are spread over: a 2.5× pacing factor.
 pub const PACED_SHARE: f64 = 1.0 / 2.5;
@@ -79,6 +90,7 @@ impl Default for MediaProfile {
             keyframe_interval_frames: 0,
             plain_add_track: false,
             paced: true,
+            simulcast: false,
         }
     }
 }
@@ -86,11 +98,91 @@ impl Default for MediaProfile {
 /// How often an output that cannot send yet re-checks whether it can.
 const READY_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 
+/// What became of one packet written to an output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Written {
+    Sent,
+    /// The output has no such layer, or it is switched off.
+    Skipped,
+    Failed,
+}
+
+impl Output {
+    /// Writes one packet of `layer`, if the output has it and it is active.
+    async fn write(
+        &self,
+        layer: usize,
+        marker: bool,
+        sequence_number: u16,
+        timestamp: u32,
+        payload: &Bytes,
+    ) -> Written {
+        let Some(l) = self.layers.get(layer) else {
+            return Written::Skipped;
+        };
+        if !l.active.load(Ordering::Relaxed) {
+            return Written::Skipped;
+        }
+        let mut packet = rtp::Packet {
+            header: rtp::header::Header {
+                version: 2,
+                marker,
+                payload_type: self.payload_type.load(Ordering::Acquire) as u8,
+                sequence_number,
+                timestamp,
+                ssrc: l.ssrc,
+                ..Default::default()
+            },
+            payload: payload.clone(),
+        };
+        if let Some(rid) = l.rid {
+            let tags = self.tags.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if let Some(LayerTags { mid, rid: rid_id }) = tags {
+                if let Some((id, mid)) = mid {
+                    let _ = packet.header.set_extension(id, mid);
+                }
+                if let Some(id) = rid_id {
+                    let _ = packet
+                        .header
+                        .set_extension(id, Bytes::from_static(rid.as_bytes()));
+                }
+            }
+        }
+        match self.track.write_rtp(packet).await {
+            Ok(()) => Written::Sent,
+            Err(e) => {
+                debug!("write_rtp: {e}");
+                Written::Failed
+            }
+        }
+    }
+}
+
+/// One simulcast layer (or the only stream) of an output.
+struct OutputLayer {
+    rid: Option<&'static str>,
+    ssrc: u32,
+    /// Cleared when the server says no subscriber receives the layer (dynacast).
+    active: AtomicBool,
+}
+
+/// What simulcast packets must carry for the receiver to tell the layers apart: the mid and
+/// rid header extensions, under the ids negotiated.
+#[derive(Debug, Clone)]
+struct LayerTags {
+    mid: Option<(u8, Bytes)>,
+    rid: Option<u8>,
+}
+
 /// One published track on one peer connection.
 pub(crate) struct Output {
     track: Arc<TrackLocalStaticRTP>,
     transceiver: Arc<dyn RtpTransceiver>,
-    ssrc: u32,
+    layers: Vec<OutputLayer>,
+    /// Known once ready (simulcast only).
+    tags: Mutex<Option<LayerTags>>,
+    /// The transceiver's mid, once negotiated.
+    mid: Mutex<Option<String>>,
     link: Arc<LinkState>,
     mime_type: &'static str,
     /// Negotiated payload type; `u16::MAX` until known.
@@ -107,6 +199,22 @@ impl Output {
 
     fn is_detached(&self) -> bool {
         self.detached.load(Ordering::Acquire)
+    }
+
+    /// The transceiver's mid, once negotiated.
+    pub fn mid(&self) -> Option<String> {
+        self.mid.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Encodes only the layers named (dynacast); a single-stream output ignores this.
+    pub fn set_active_layers(&self, active: &[String]) {
+        if self.layers.len() < 2 {
+            return;
+        }
+        for layer in &self.layers {
+            let on = layer.rid.is_some_and(|rid| active.iter().any(|a| a == rid));
+            layer.active.store(on, Ordering::Relaxed);
+        }
     }
 
     /// Whether packets can go out: connected, the transceiver negotiated to send, and the
@@ -144,6 +252,25 @@ impl Output {
         else {
             return false;
         };
+        if self.layers.len() > 1 {
+            let id = |uri: &str| {
+                parameters
+                    .rtp_parameters
+                    .header_extensions
+                    .iter()
+                    .find(|e| e.uri == uri)
+                    .and_then(|e| u8::try_from(e.id).ok())
+            };
+            let mid = self.transceiver.mid().await.ok().flatten();
+            let tags = LayerTags {
+                mid: id(MID_EXTENSION).zip(mid.map(Bytes::from)),
+                rid: id(RID_EXTENSION),
+            };
+            *self.tags.lock().unwrap_or_else(|e| e.into_inner()) = Some(tags);
+        }
+        if let Ok(Some(mid)) = self.transceiver.mid().await {
+            *self.mid.lock().unwrap_or_else(|e| e.into_inner()) = Some(mid);
+        }
         self.payload_type
             .store(u16::from(codec.payload_type), Ordering::Release);
         self.ready.store(true, Ordering::Release);
@@ -183,7 +310,6 @@ impl LocalTrack {
     /// Adds this track to `link`'s connection as a send-only transceiver (never re-using a
     /// receiving one) and starts counting the keyframe requests it gets.
     pub async fn attach(self: &Arc<Self>, link: &mut Link) -> anyhow::Result<()> {
-        let ssrc: u32 = rand::random();
         let (codec, rtp_kind, mime_type) = match self.kind {
             MediaKind::Audio => (opus_codec(), RtpCodecKind::Audio, "audio/opus"),
             MediaKind::Video => match self.profile.video_codec {
@@ -191,7 +317,19 @@ impl LocalTrack {
                 VideoCodec::H264 => (h264_codec(), RtpCodecKind::Video, "video/H264"),
             },
         };
-        let track = new_rtp_track(&self.stream_id, &self.track_id, rtp_kind, codec, ssrc);
+        // Simulcast to the SFU only: a mesh peer gets one stream, as from a browser.
+        let simulcast =
+            self.profile.simulcast && self.kind == MediaKind::Video && link.state.peer.is_none();
+        let rids: &[&'static str] = if simulcast { &SIMULCAST_RIDS } else { &[""] };
+        let layers: Vec<OutputLayer> = rids
+            .iter()
+            .map(|rid| OutputLayer {
+                rid: (!rid.is_empty()).then_some(*rid),
+                ssrc: rand::random(),
+                active: AtomicBool::new(true),
+            })
+            .collect();
+        let track = new_rtp_track(&self.stream_id, &self.track_id, rtp_kind, codec, &layers);
         let transceiver = if self.profile.plain_add_track {
             add_track_plainly(link.pc.as_ref(), &track).await?
         } else {
@@ -200,7 +338,9 @@ impl LocalTrack {
         let output = Arc::new(Output {
             track: track.clone(),
             transceiver,
-            ssrc,
+            layers,
+            tags: Mutex::new(None),
+            mid: Mutex::new(None),
             link: link.state.clone(),
             mime_type,
             payload_type: AtomicU16::new(u16::MAX),
@@ -289,8 +429,9 @@ impl LocalTrack {
         };
         let mut ticker = tokio::time::interval(period);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut seq: u64 = 0;
-        let mut rtp_seq: u16 = rand::random();
+        // Per layer: the payload sequence and the RTP sequence of its own SSRC.
+        let mut seq = [0u64; SIMULCAST_RIDS.len()];
+        let mut rtp_seq: [u16; SIMULCAST_RIDS.len()] = rand::random();
         let mut timestamp: u32 = rand::random();
         let mut ready = Vec::new();
         let mut buf = BytesMut::new();
@@ -326,83 +467,91 @@ impl LocalTrack {
             requests_seen = requests;
             frame += 1;
             let h264 = self.profile.video_codec == VideoCodec::H264;
+            let layer_count = ready.iter().map(|o| o.layers.len()).max().unwrap_or(1);
             for i in 0..packets_per_tick {
                 if i > 0 && !gap.is_zero() {
                     tokio::time::sleep(gap).await;
                 }
-                let header = PayloadHeader {
-                    sender: self.sender_hash,
-                    kind: self.kind,
-                    seq,
-                    sent_at_us: payload::now_micros(),
-                };
-                payload::write_payload(&header, size, &mut buf);
-                if self.kind == MediaKind::Video {
-                    if h264 {
-                        buf[0] = payload::H264_IDR_BYTE;
-                    }
-                    if !key {
-                        payload::mark_delta(&mut buf, h264);
-                    }
-                }
-                let payload = buf.split().freeze();
                 let marker = self.kind == MediaKind::Video && i + 1 == packets_per_tick;
-                for output in &ready {
-                    let packet = rtp::Packet {
-                        header: rtp::header::Header {
-                            version: 2,
-                            marker,
-                            payload_type: output.payload_type.load(Ordering::Acquire) as u8,
-                            sequence_number: rtp_seq,
-                            timestamp,
-                            ssrc: output.ssrc,
-                            ..Default::default()
-                        },
-                        payload: payload.clone(),
+                for layer in 0..layer_count {
+                    let header = PayloadHeader {
+                        sender: self.sender_hash,
+                        kind: self.kind,
+                        layer: layer as u8,
+                        seq: seq[layer],
+                        sent_at_us: payload::now_micros(),
                     };
-                    if let Err(e) = output.track.write_rtp(packet).await {
-                        self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
-                        debug!(track = %self.track_id, "write_rtp: {e}");
+                    let divisor = if layer_count > 1 {
+                        LAYER_SIZE_DIVISORS[layer]
+                    } else {
+                        1
+                    };
+                    payload::write_payload(&header, size / divisor, &mut buf);
+                    if self.kind == MediaKind::Video {
+                        if h264 {
+                            buf[0] = payload::H264_IDR_BYTE;
+                        }
+                        if !key {
+                            payload::mark_delta(&mut buf, h264);
+                        }
                     }
+                    let payload = buf.split().freeze();
+                    let mut sent = false;
+                    for output in &ready {
+                        match output
+                            .write(layer, marker, rtp_seq[layer], timestamp, &payload)
+                            .await
+                        {
+                            Written::Sent => sent = true,
+                            Written::Skipped => {}
+                            Written::Failed => {
+                                self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    if !sent {
+                        continue;
+                    }
+                    self.stats.sent_packets.fetch_add(1, Ordering::Relaxed);
+                    self.stats
+                        .sent_bytes
+                        .fetch_add(payload.len() as u64, Ordering::Relaxed);
+                    self.stats.last_seq.store(seq[layer], Ordering::Relaxed);
+                    seq[layer] += 1;
+                    rtp_seq[layer] = rtp_seq[layer].wrapping_add(1);
                 }
-                self.stats.sent_packets.fetch_add(1, Ordering::Relaxed);
-                self.stats
-                    .sent_bytes
-                    .fetch_add(payload.len() as u64, Ordering::Relaxed);
-                self.stats.last_seq.store(seq, Ordering::Relaxed);
-                seq += 1;
-                rtp_seq = rtp_seq.wrapping_add(1);
             }
             self.stats.frames.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
 
-/// Adds a send-only transceiver carrying a new RTP track with one encoding under `ssrc`.
-/// A fresh transceiver each time: `add_track` may re-use a receiving one, which mixes the
-/// directions of unrelated tracks on one m-line.
-/// A new RTP track with one encoding under `ssrc`.
+/// A new RTP track with one encoding per layer (one, without simulcast).
 fn new_rtp_track(
     stream_id: &str,
     track_id: &str,
     kind: RtpCodecKind,
     codec: RTCRtpCodec,
-    ssrc: u32,
+    layers: &[OutputLayer],
 ) -> Arc<TrackLocalStaticRTP> {
     Arc::new(TrackLocalStaticRTP::new(MediaStreamTrack::new(
         stream_id.to_string(),
         track_id.to_string(),
         track_id.to_string(),
         kind,
-        vec![RTCRtpEncodingParameters {
-            rtp_coding_parameters: RTCRtpCodingParameters {
-                ssrc: Some(ssrc),
+        layers
+            .iter()
+            .map(|layer| RTCRtpEncodingParameters {
+                rtp_coding_parameters: RTCRtpCodingParameters {
+                    rid: layer.rid.unwrap_or_default().to_string(),
+                    ssrc: Some(layer.ssrc),
+                    ..Default::default()
+                },
+                active: true,
+                codec: codec.clone(),
                 ..Default::default()
-            },
-            active: true,
-            codec,
-            ..Default::default()
-        }],
+            })
+            .collect(),
     )))
 }
 

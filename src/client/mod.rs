@@ -28,6 +28,7 @@ mod keyframe;
 mod media;
 pub mod payload;
 mod peer;
+pub mod relay;
 mod session;
 mod stats;
 
@@ -44,13 +45,15 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 
-pub use media::{MediaProfile, VideoCodec};
+pub use media::{MediaProfile, SIMULCAST_RIDS, VideoCodec};
 pub use peer::{CHAT_LABEL, publisher_of_stream};
 pub use stats::{
     ChatMessage, ClientSnapshot, LinkSnapshot, LocalTrackSnapshot, RemoteTrackSnapshot,
 };
 
-use crate::signal::protocol::{ClientMessage, MediaKind, RoomMode, ServerMessage};
+use crate::signal::protocol::{
+    ClientMessage, MediaKind, PROTOCOL_VERSION, RoomMode, ServerMessage,
+};
 use session::{Event, LinkRegistry, Session};
 use stats::Shared;
 
@@ -72,6 +75,8 @@ pub struct ClientOptions {
     pub join_timeout: Duration,
     /// Called for every intact media packet received (the load generator's latency histograms).
     pub probe: Option<Arc<dyn MediaProbe>>,
+    /// Reach the server's media through this relay (a shaped link) instead of directly.
+    pub media_relay: Option<relay::MediaRelay>,
 }
 
 /// Sees every intact media packet a client receives, on the receive task, right after its
@@ -93,6 +98,7 @@ impl Default for ClientOptions {
             loopback_only: true,
             join_timeout: Duration::from_secs(10),
             probe: None,
+            media_relay: None,
         }
     }
 }
@@ -200,6 +206,7 @@ impl Client {
             room: room.to_owned(),
             name: name.to_owned(),
             mode: opts.mode,
+            protocol: Some(PROTOCOL_VERSION),
         };
         sink.send(Message::Text(serde_json::to_string(&join)?.into()))
             .await

@@ -8,7 +8,7 @@
 //! offset  size  field
 //!      0     4  magic            PAYLOAD_MAGIC
 //!      4     4  sender           participant_hash(publisher participant id), big endian
-//!      8     1  kind             0 = audio, 1 = video
+//!      8     1  kind             0 = audio, 1 + simulcast layer = video (1: lowest or only)
 //!      9     8  seq              per-track payload sequence, from 0, big endian
 //!     17     8  sent_at_us       microseconds since the UNIX epoch, big endian
 //!     25     …  padding          byte at offset i is (seq + i) mod 256
@@ -59,7 +59,10 @@ pub struct PayloadHeader {
     /// [`participant_hash`] of the publishing participant's id.
     pub sender: u32,
     pub kind: MediaKind,
-    /// Per-track payload sequence number, counting every packet the publisher sent from 0.
+    /// Simulcast layer of a video packet (0: the lowest, or the only one).
+    pub layer: u8,
+    /// Per-layer payload sequence number, counting every packet the publisher sent on that
+    /// layer from 0.
     pub seq: u64,
     /// Send time, microseconds since the UNIX epoch.
     pub sent_at_us: u64,
@@ -78,10 +81,13 @@ pub enum PayloadError {
     BadPadding(usize),
 }
 
-fn kind_byte(kind: MediaKind) -> u8 {
+/// Video layers the kind byte can carry.
+const MAX_LAYERS: u8 = 8;
+
+fn kind_byte(kind: MediaKind, layer: u8) -> u8 {
     match kind {
         MediaKind::Audio => 0,
-        MediaKind::Video => 1,
+        MediaKind::Video => 1 + layer.min(MAX_LAYERS - 1),
     }
 }
 
@@ -91,7 +97,7 @@ pub fn write_payload(header: &PayloadHeader, size: usize, out: &mut BytesMut) {
     out.reserve(size);
     out.put_slice(&PAYLOAD_MAGIC);
     out.put_u32(header.sender);
-    out.put_u8(kind_byte(header.kind));
+    out.put_u8(kind_byte(header.kind, header.layer));
     out.put_u64(header.seq);
     out.put_u64(header.sent_at_us);
     let base = header.seq as usize;
@@ -118,9 +124,9 @@ pub fn parse_payload(buf: &[u8]) -> Result<PayloadHeader, PayloadError> {
         return Err(PayloadError::BadMagic);
     }
     let sender = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]);
-    let kind = match buf[8] {
-        0 => MediaKind::Audio,
-        1 => MediaKind::Video,
+    let (kind, layer) = match buf[8] {
+        0 => (MediaKind::Audio, 0),
+        b @ 1..=MAX_LAYERS => (MediaKind::Video, b - 1),
         other => return Err(PayloadError::BadKind(other)),
     };
     let mut seq = [0u8; 8];
@@ -138,6 +144,7 @@ pub fn parse_payload(buf: &[u8]) -> Result<PayloadHeader, PayloadError> {
     Ok(PayloadHeader {
         sender,
         kind,
+        layer,
         seq,
         sent_at_us,
     })
@@ -170,6 +177,7 @@ mod tests {
         let header = PayloadHeader {
             sender: participant_hash("p1"),
             kind: MediaKind::Video,
+            layer: 2,
             seq: 123_456,
             sent_at_us: 1_700_000_000_000_000,
         };
@@ -187,6 +195,7 @@ mod tests {
         let header = PayloadHeader {
             sender: 7,
             kind: MediaKind::Audio,
+            layer: 0,
             seq: 9,
             sent_at_us: 1,
         };

@@ -31,6 +31,7 @@ use webrtc::runtime::TokioRuntime;
 
 use super::media::Output;
 use super::payload;
+use super::relay::MediaRelay;
 use super::session::Event;
 use super::stats::{ChatMessage, LinkSnapshot, RemoteTrackStats, Shared};
 use super::{ClientOptions, MediaProbe};
@@ -397,6 +398,8 @@ pub(crate) struct Link {
     pending_candidates: Vec<RTCIceCandidateInit>,
     pub outputs: Vec<Arc<Output>>,
     loopback_only: bool,
+    /// The SFU link's media goes through this relay: the server's candidates are rewritten.
+    media_relay: Option<MediaRelay>,
 }
 
 impl Link {
@@ -409,6 +412,7 @@ impl Link {
         shared: Arc<Shared>,
         events: mpsc::UnboundedSender<Event>,
     ) -> anyhow::Result<Self> {
+        let media_relay = opts.media_relay.filter(|_| peer.is_none());
         let state = Arc::new(LinkState::new(peer.clone(), shared.clone()));
         let handler = Arc::new(LinkHandler {
             state: state.clone(),
@@ -437,6 +441,7 @@ impl Link {
             pending_candidates: Vec::new(),
             outputs: Vec::new(),
             loopback_only: opts.loopback_only,
+            media_relay,
         })
     }
 
@@ -469,6 +474,7 @@ impl Link {
     /// Applies a remote offer (rolling back our own if polite) and answers it; may follow with
     /// our own pending offer.
     pub async fn on_offer(&mut self, sdp: String) -> anyhow::Result<Vec<Outgoing>> {
+        let sdp = self.via_relay(sdp);
         let offer = RTCSessionDescription::offer(sdp).context("parsing the remote offer")?;
         if self.have_local_offer {
             if !self.polite {
@@ -506,6 +512,7 @@ impl Link {
             debug!(peer = ?self.state.peer, "answer without an outstanding offer; ignored");
             return Ok(None);
         }
+        let sdp = self.via_relay(sdp);
         let answer = RTCSessionDescription::answer(sdp).context("parsing the remote answer")?;
         self.pc
             .set_remote_description(answer)
@@ -517,6 +524,14 @@ impl Link {
             return self.offer().await;
         }
         Ok(None)
+    }
+
+    /// Remote SDP (or a candidate line) naming the relay where it named the server.
+    fn via_relay(&self, sdp: String) -> String {
+        match &self.media_relay {
+            Some(relay) => relay.rewrite(&sdp),
+            None => sdp,
+        }
     }
 
     /// Adds a remote candidate, or keeps it until a remote description is set.
@@ -531,7 +546,7 @@ impl Link {
             return;
         }
         let init = RTCIceCandidateInit {
-            candidate: candidate.candidate,
+            candidate: self.via_relay(candidate.candidate),
             sdp_mid: candidate.sdp_mid,
             sdp_mline_index: candidate.sdp_mline_index,
             username_fragment: candidate.username_fragment,

@@ -457,6 +457,22 @@ impl Session {
                     .update(|r| r.announced_tracks.retain(|t| t.track_id != id));
                 self.shared.push_event(message);
             }
+            ServerMessage::SubscriptionState { .. } => self.shared.push_event(message),
+            ServerMessage::PublisherLayers {
+                ref mid,
+                ref active,
+                ..
+            } => {
+                // Dynacast: the SFU link's output on that transceiver encodes only these.
+                if let Some(link) = self.links.get(&None) {
+                    for output in &link.outputs {
+                        if output.mid().as_deref() == Some(mid.as_str()) {
+                            output.set_active_layers(active);
+                        }
+                    }
+                }
+                self.shared.push_event(message);
+            }
             ServerMessage::Error {
                 code,
                 message: ref text,

@@ -40,8 +40,15 @@ pub(crate) struct RemoteTrackStats {
     latency_max_us: AtomicU64,
     /// The first intact packet: 0 none yet, 1 labelled key frame, 2 delta frame.
     first_key: AtomicU8,
+    /// Intact packets by the simulcast layer the publisher sent them on.
+    layer_packets: [AtomicU64; LAYERS],
+    /// The layer of the last intact packet, `u8::MAX` before the first.
+    last_layer: AtomicU8,
     ended: AtomicBool,
 }
+
+/// Simulcast layers counted apart.
+pub const LAYERS: usize = 4;
 
 const NONE: u64 = u64::MAX;
 
@@ -73,6 +80,8 @@ impl RemoteTrackStats {
             latency_sum_us: AtomicU64::new(0),
             latency_max_us: AtomicU64::new(0),
             first_key: AtomicU8::new(0),
+            layer_packets: Default::default(),
+            last_layer: AtomicU8::new(u8::MAX),
             ended: AtomicBool::new(false),
         }
     }
@@ -100,6 +109,9 @@ impl RemoteTrackStats {
                     };
                     self.first_key.store(label, Ordering::Relaxed);
                 }
+                let layer = usize::from(header.layer).min(LAYERS - 1);
+                self.layer_packets[layer].fetch_add(1, Ordering::Relaxed);
+                self.last_layer.store(layer as u8, Ordering::Relaxed);
                 let _ = self.first_seq.compare_exchange(
                     NONE,
                     header.seq,
@@ -159,6 +171,11 @@ impl RemoteTrackStats {
                 0 => None,
                 label => Some(label == 1),
             },
+            layer_packets: std::array::from_fn(|i| self.layer_packets[i].load(Ordering::Relaxed)),
+            last_layer: match self.last_layer.load(Ordering::Relaxed) {
+                u8::MAX => None,
+                l => Some(l),
+            },
             ended: self.ended.load(Ordering::Relaxed),
         }
     }
@@ -215,6 +232,10 @@ pub struct RemoteTrackSnapshot {
     pub max_latency_us: u64,
     /// Whether the first intact packet was labelled a key frame (None before one arrived).
     pub first_packet_key: Option<bool>,
+    /// Intact packets by the simulcast layer they were sent on (0: lowest or only).
+    pub layer_packets: [u64; LAYERS],
+    /// The layer of the last intact packet.
+    pub last_layer: Option<u8>,
     /// The track's event stream reported it ended (webrtc-rs 0.21 rarely does; see
     /// [`super::Client::remote_track_count`]).
     pub ended: bool,

@@ -38,6 +38,15 @@ pub enum Visibility {
     Hidden,
 }
 
+/// Why a video a subscriber wants is not forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PauseCause {
+    /// Its lowest layer does not fit the subscriber's downlink.
+    Bandwidth,
+    /// The subscriber does not show it.
+    Hidden,
+}
+
 /// The layer-choice state of one video downtrack.
 #[derive(Debug, Clone, Default)]
 pub struct LayerChoice {
@@ -48,6 +57,19 @@ pub struct LayerChoice {
     pub paused_for_bandwidth: bool,
     /// When it was last lowered for bandwidth.
     lowered_at: Option<Instant>,
+}
+
+impl LayerChoice {
+    /// Why nothing is forwarded, if nothing is.
+    pub fn paused(&self) -> Option<PauseCause> {
+        if self.visibility == Visibility::Hidden {
+            Some(PauseCause::Hidden)
+        } else if self.paused_for_bandwidth {
+            Some(PauseCause::Bandwidth)
+        } else {
+            None
+        }
+    }
 }
 
 /// One video downtrack in a subscriber's allocation.
@@ -137,7 +159,11 @@ pub fn allocate(budget: Option<u64>, audio: u64, demands: &mut [Demand<'_>], now
             }
             let extra = cost(d, layer).saturating_sub(base_rate);
             if extra <= left {
-                left -= (d.layers[layer as usize].bitrate - base_rate).min(left);
+                // A higher layer may measure below a lower one for a moment (just resumed).
+                left -= d.layers[layer as usize]
+                    .bitrate
+                    .saturating_sub(base_rate)
+                    .min(left);
                 chosen[i] = Some(layer);
                 break;
             }
@@ -293,6 +319,14 @@ mod tests {
         assert_eq!(run(Some(3_000_000), &mut t, t2), vec![Some(2)]);
         // At the current layer no headroom is needed to stay.
         assert_eq!(run(Some(1_800_000), &mut t, t2), vec![Some(2)]);
+    }
+
+    #[test]
+    fn a_higher_layer_measuring_below_a_lower_one_is_no_trouble() {
+        let now = Instant::now();
+        let mut t = vec![track(Priority::Normal, Visibility::Unknown)];
+        t[0].0[2].bitrate = 10_000;
+        assert_eq!(run(Some(1_000_000), &mut t, now), vec![Some(2)]);
     }
 
     #[test]

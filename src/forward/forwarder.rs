@@ -34,6 +34,9 @@ pub struct TrackForwarder<K> {
     layers: Vec<LayerState>,
     /// Padding removal per layer: each layer has its own sequence space (source only).
     padding: Vec<PaddingRemover>,
+    /// Layers the publisher was asked to switch off (dynacast; bit i: layer i). Layer choice
+    /// counts them as sent: asking for one switches it back on.
+    suspended: u32,
 }
 
 impl<K: Copy + Eq> TrackForwarder<K> {
@@ -48,7 +51,12 @@ impl<K: Copy + Eq> TrackForwarder<K> {
             relays: Vec::new(),
             layers: vec![LayerState::new(keyframe_interval); layers],
             padding: (0..layers).map(|_| PaddingRemover::default()).collect(),
+            suspended: 0,
         }
+    }
+
+    pub fn layer_count(&self) -> u8 {
+        self.layers.len() as u8
     }
 
     pub fn is_video(&self) -> bool {
@@ -66,7 +74,16 @@ impl<K: Copy + Eq> TrackForwarder<K> {
 
     /// The layers as layer choice sees them, lowest first.
     pub fn layer_views(&self, now: Instant) -> Vec<LayerView> {
-        layer::views(&self.layers, now)
+        let mut views = layer::views(&self.layers, now);
+        for (i, v) in views.iter_mut().enumerate() {
+            v.sending |= self.suspended & 1 << i != 0;
+        }
+        views
+    }
+
+    /// The publisher was asked to switch these layers off (bit i: layer i).
+    pub fn set_suspended(&mut self, layers: u32) {
+        self.suspended = layers;
     }
 
     /// Bits per second the track's layer `layer` carries (measured or nominal).
@@ -80,7 +97,8 @@ impl<K: Copy + Eq> TrackForwarder<K> {
     pub fn wanted_layers(&self) -> u32 {
         self.downtracks
             .iter()
-            .filter_map(|d| d.target())
+            .flat_map(|d| [d.target(), d.current()])
+            .flatten()
             .fold(0, |set, l| set | 1 << l)
     }
 
@@ -401,13 +419,18 @@ mod tests {
         assert!(f.set_layer(1, Some(1)));
         assert!(f.set_layer(2, Some(1)));
         assert!(!f.set_layer(2, Some(1)), "no change");
-        assert_eq!(f.wanted_layers(), 0b010);
+        assert_eq!(
+            f.wanted_layers(),
+            0b111,
+            "the old layers flow until the switch"
+        );
         feed(&mut f, vp8(1, 5001, 301, false)); // not a keyframe: both stay
         feed(&mut f, vp8(0, 102, 12, false));
         feed(&mut f, vp8(2, 9002, 7002, false));
         feed(&mut f, vp8(1, 5002, 302, true)); // both switch
         feed(&mut f, vp8(0, 103, 13, false)); // gone
         feed(&mut f, vp8(1, 5004, 304, false)); // 5003 lost: the gap stays
+        assert_eq!(f.wanted_layers(), 0b010);
         let of = |to: u32| -> Vec<(u64, u16)> {
             got.iter()
                 .filter(|g| g.0 == to)

@@ -6,6 +6,7 @@
 //! publisher sends), the per-subscriber header rewrite ([`Rewriter`]: payload type, sequence
 //! number, timestamp, VP8 picture ids, spliced at every switch), keyframe recognition
 //! ([`VideoFormat`]) so a subscriber starts and switches on a keyframe,
+//! which layers nobody wants so the publisher can stop encoding them ([`Dynacast`]),
 //! keyframe-request throttling ([`KeyframeThrottle`]), padding removal (`padding.rs`), and how a track is found
 //! on the packet path ([`TrackRoute`]).
 //!
@@ -17,6 +18,7 @@
 mod allocate;
 mod codec;
 mod downtrack;
+mod dynacast;
 mod forwarder;
 mod keyframe;
 mod layer;
@@ -25,9 +27,10 @@ mod padding;
 mod rewrite;
 mod route;
 
-pub use allocate::{Demand, LayerChoice, Priority, Visibility, allocate};
+pub use allocate::{Demand, LayerChoice, PauseCause, Priority, Visibility, allocate};
 pub use codec::VideoFormat;
 use downtrack::DownTrack;
+pub use dynacast::Dynacast;
 pub use forwarder::{Delivery, TrackForwarder};
 pub use keyframe::KeyframeThrottle;
 pub use layer::LayerView;

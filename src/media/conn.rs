@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 
 use super::codec::str0m_kind;
 use super::{MediaError, MediaEvent, OfferOutcome, Subscription};
-use crate::forward::{LayerChoice, TrackKey};
+use crate::forward::{LayerChoice, PauseCause, TrackKey};
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::types::{MediaKind, ParticipantId, TrackCodec};
 
@@ -96,6 +96,8 @@ pub struct Outbound {
 #[derive(Debug)]
 pub struct LiveDownTrack {
     pub ssrc: Ssrc,
+    /// The layer and pause cause last told to the session.
+    pub reported: Option<(Option<u8>, Option<PauseCause>)>,
     _gauge: GaugeGuard,
 }
 
@@ -103,6 +105,7 @@ impl LiveDownTrack {
     pub fn new(ssrc: Ssrc, metrics: &Arc<Metrics>) -> Self {
         LiveDownTrack {
             ssrc,
+            reported: None,
             _gauge: GaugeGuard::new(metrics, |m| &m.downtracks),
         }
     }

@@ -26,6 +26,7 @@ use str0m::media::Mid;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Config;
+pub use crate::forward::{PauseCause, Visibility};
 use crate::forward::{TrackKey, TrackRoute};
 use crate::metrics::Metrics;
 use crate::types::{IceCandidate, MediaKind, ParticipantId, TrackCodec, TrackId};
@@ -53,9 +54,16 @@ pub enum MediaError {
     Io(#[from] std::io::Error),
 }
 
-/// A track a participant started sending, as its m-line names it (opaque to the session).
+/// A track a participant started sending, as its m-line names it (opaque to the session, but
+/// for the mid the client knows its transceiver by).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IncomingTrackId(Mid);
+
+impl std::fmt::Display for IncomingTrackId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
 
 /// A track a participant started sending.
 #[derive(Debug, Clone)]
@@ -82,6 +90,19 @@ pub enum MediaEvent {
     ClosedByPeer,
     /// The connection failed: its media is gone.
     Failed(String),
+    /// What the participant receives of a subscribed video changed: the layer forwarded (its
+    /// rid; None for a single-stream track or while paused), or why it is paused.
+    DownTrackChanged {
+        track: TrackId,
+        layer: Option<String>,
+        paused: Option<PauseCause>,
+    },
+    /// The simulcast layers of a published track that anyone receives changed (dynacast):
+    /// the participant should encode only these.
+    LayersWanted {
+        track: IncomingTrackId,
+        active: Vec<String>,
+    },
 }
 
 /// What became of a client's offer.
@@ -103,8 +124,14 @@ pub struct Subscription {
     /// The stream the subscriber sees the track in (`{publisher}-{n}`).
     pub stream_id: String,
     pub track_id: TrackId,
-    /// Simulcast layers the publisher sends (1: one stream).
-    pub layers: u8,
+    /// Simulcast layers by rid, lowest first (empty: one stream).
+    pub layers: Arc<[String]>,
+}
+
+impl Subscription {
+    pub fn layer_count(&self) -> u8 {
+        self.layers.len().clamp(1, 8) as u8
+    }
 }
 
 /// The running media workers.
@@ -353,6 +380,15 @@ impl MediaHandle {
         self.send(Command::Subscribe {
             conn: self.conn,
             sub,
+        })
+    }
+
+    /// How the participant shows a subscribed track (its tile's size, or hidden).
+    pub fn track_settings(&self, key: TrackKey, visibility: Visibility) -> Result<(), MediaError> {
+        self.send(Command::TrackSettings {
+            conn: self.conn,
+            key,
+            visibility,
         })
     }
 

@@ -31,8 +31,8 @@ use super::demux::{ConnId, Demux, is_stun};
 use super::udp;
 use super::{IncomingTrack, IncomingTrackId, MediaError, MediaEvent, OfferOutcome, Subscription};
 use crate::forward::{
-    Delivery, Demand, KeyframeThrottle, LayerView, MediaPacket, Priority, Rewriter, TrackForwarder,
-    TrackKey, Vp8Ids, allocate,
+    Delivery, Demand, Dynacast, KeyframeThrottle, LayerView, MediaPacket, Priority, Rewriter,
+    TrackForwarder, TrackKey, Visibility, Vp8Ids, allocate,
 };
 use crate::metrics::{GaugeGuard, Metrics, WorkerLabel};
 use crate::types::{MediaKind, ParticipantId};
@@ -138,6 +138,11 @@ pub enum Command {
         conn: ConnId,
         key: TrackKey,
     },
+    TrackSettings {
+        conn: ConnId,
+        key: TrackKey,
+        visibility: Visibility,
+    },
     Publish {
         conn: ConnId,
         mid: Mid,
@@ -161,6 +166,17 @@ pub enum Command {
     },
     /// From another worker: subscribers there want keyframes of these layers (bit i: layer i).
     KeyframeRequest {
+        key: TrackKey,
+        layers: u32,
+    },
+    /// From another worker: the layers its subscribers of this track receive (dynacast).
+    RelayWants {
+        key: TrackKey,
+        worker: usize,
+        layers: u32,
+    },
+    /// From the publisher's worker: the layers the publisher was asked to switch off.
+    Suspended {
         key: TrackKey,
         layers: u32,
     },
@@ -208,10 +224,15 @@ enum Source {
         mid: Mid,
         /// Its rids, to ask for a layer's keyframe.
         layers: Layers,
+        dynacast: Dynacast,
         _gauge: GaugeGuard,
     },
     /// Relayed from the publisher's worker.
-    Relayed { worker: usize },
+    Relayed {
+        worker: usize,
+        /// The layers last reported wanted to the publisher's worker.
+        reported: u32,
+    },
 }
 
 /// A worker's own series of the per-worker metrics, looked up once.
@@ -742,7 +763,7 @@ impl Worker {
                     // Sent with everything else written this turn.
                     mark_dirty(&mut self.dirty, *conn, c);
                 }
-                Source::Relayed { worker } => {
+                Source::Relayed { worker, .. } => {
                     let _ = self.workers[*worker]
                         .commands
                         .send(Command::KeyframeRequest {
@@ -811,11 +832,12 @@ impl Worker {
                     e.insert(Forwarder {
                         fwd: TrackForwarder::new(
                             &sub.codec.mime_type,
-                            sub.layers,
+                            sub.layer_count(),
                             KeyframeThrottle::DEFAULT_INTERVAL,
                         ),
                         source: Source::Relayed {
                             worker: route.worker,
+                            reported: 0,
                         },
                     })
                 }
@@ -873,11 +895,75 @@ impl Worker {
             .bwe()
             .set_bitrate(Bitrate::ZERO, Bitrate::bps(desired));
         for (i, _) in &videos {
-            let out = &conn.outbound[*i];
-            if let (Some(live), Some(f)) = (&out.live, self.forwarders.get_mut(&out.sub.route.key))
+            let out = &mut conn.outbound[*i];
+            let Some(live) = &mut out.live else { continue };
+            if let Some(f) = self.forwarders.get_mut(&out.sub.route.key)
                 && f.fwd.set_layer((id, live.ssrc), out.choice.layer)
             {
                 tracing::debug!(participant = %conn.participant, track = %out.sub.track_id, layer = ?out.choice.layer, estimate = ?conn.estimate, "layer chosen");
+            }
+            let state = (out.choice.layer, out.choice.paused());
+            if live.reported != Some(state) {
+                live.reported = Some(state);
+                let layer = state
+                    .0
+                    .and_then(|l| out.sub.layers.get(usize::from(l)).cloned());
+                let _ = conn.events.send(MediaEvent::DownTrackChanged {
+                    track: out.sub.track_id.clone(),
+                    layer,
+                    paused: state.1,
+                });
+            }
+        }
+    }
+
+    /// Dynacast, once per allocation pass: relay-fed forwarders tell the publisher's worker
+    /// which layers their subscribers receive; source forwarders work out which layers anyone
+    /// receives, and tell the publisher (and the relays) when that changes.
+    fn update_dynacast(&mut self, now: Instant) {
+        for (key, f) in &mut self.forwarders {
+            match &mut f.source {
+                Source::Relayed { worker, reported } => {
+                    let wanted = f.fwd.wanted_layers();
+                    if wanted != *reported {
+                        *reported = wanted;
+                        let _ = self.workers[*worker].commands.send(Command::RelayWants {
+                            key: *key,
+                            worker: self.index,
+                            layers: wanted,
+                        });
+                    }
+                }
+                Source::Local {
+                    conn,
+                    mid,
+                    layers,
+                    dynacast,
+                    ..
+                } => {
+                    let Some(active) = dynacast.update(f.fwd.wanted_layers(), now) else {
+                        continue;
+                    };
+                    let suspended = dynacast.suspended();
+                    f.fwd.set_suspended(suspended);
+                    for &w in f.fwd.relays() {
+                        let _ = self.workers[w].commands.send(Command::Suspended {
+                            key: *key,
+                            layers: suspended,
+                        });
+                    }
+                    if let Some(c) = self.conns.get(conn) {
+                        let active = (0..layers.len())
+                            .filter(|l| active & 1 << l != 0)
+                            .map(|l| layers[l].to_string())
+                            .collect();
+                        tracing::debug!(participant = %c.participant, ?active, "dynacast");
+                        c.emit(MediaEvent::LayersWanted {
+                            track: IncomingTrackId(*mid),
+                            active,
+                        });
+                    }
+                }
             }
         }
     }
@@ -893,7 +979,7 @@ impl Worker {
 
     fn drop_if_idle(&mut self, key: TrackKey) {
         let idle_relay = self.forwarders.get(&key).and_then(|f| match f.source {
-            Source::Relayed { worker } if f.fwd.is_idle() => Some(worker),
+            Source::Relayed { worker, .. } if f.fwd.is_idle() => Some(worker),
             _ => None,
         });
         if let Some(worker) = idle_relay {
@@ -973,6 +1059,18 @@ impl Worker {
                     c.subscribe(sub);
                 }
             }
+            Command::TrackSettings {
+                conn,
+                key,
+                visibility,
+            } => {
+                if let Some(c) = self.conns.get_mut(&conn)
+                    && let Some(out) = c.outbound.iter_mut().find(|o| o.sub.route.key == key)
+                {
+                    out.choice.visibility = visibility;
+                    self.allocate_layers(conn, now);
+                }
+            }
             Command::Unsubscribe { conn, key } => {
                 let stopped = self.conns.get_mut(&conn).and_then(|c| c.unsubscribe(key));
                 if let Some(ssrc) = stopped {
@@ -1009,6 +1107,24 @@ impl Worker {
             Command::DetachRelay { key, worker } => {
                 if let Some(f) = self.forwarders.get_mut(&key) {
                     f.fwd.remove_relay(worker);
+                }
+            }
+            Command::RelayWants {
+                key,
+                worker,
+                layers,
+            } => {
+                if let Some(Forwarder {
+                    source: Source::Local { dynacast, .. },
+                    ..
+                }) = self.forwarders.get_mut(&key)
+                {
+                    dynacast.set_relayed(worker, layers);
+                }
+            }
+            Command::Suspended { key, layers } => {
+                if let Some(f) = self.forwarders.get_mut(&key) {
+                    f.fwd.set_suspended(layers);
                 }
             }
             Command::KeyframeRequest { key, layers } => {
@@ -1078,6 +1194,7 @@ impl Worker {
                 source: Source::Local {
                     conn: id,
                     mid,
+                    dynacast: Dynacast::new(layers.len() as u8),
                     layers,
                     _gauge: GaugeGuard::new(&self.metrics, |m| &m.forwarders),
                 },
@@ -1136,6 +1253,7 @@ impl Worker {
             for id in ids {
                 self.allocate_layers(id, now);
             }
+            self.update_dynacast(now);
         }
         self.send_keyframe_requests(now);
         self.send_written(now);

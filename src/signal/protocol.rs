@@ -6,8 +6,11 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Version of the protocol, sent in `joined` so a client can tell what it talks to.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version of the protocol, sent in `joined` so a client can tell what it talks to. A client
+/// says in `join` which version it speaks; messages added since are sent only to clients that
+/// speak them (version 2: simulcast layers, `track-settings`, `subscription-state`,
+/// `publisher-layers`).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// How a room carries media.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -55,6 +58,9 @@ pub enum ClientMessage {
         name: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         mode: Option<RoomMode>,
+        /// The protocol version the client speaks (absent: 1).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        protocol: Option<u32>,
     },
     /// SDP offer. In SFU rooms to the server (omit `to`); in mesh rooms to participant `to`.
     Offer {
@@ -74,6 +80,19 @@ pub enum ClientMessage {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         to: Option<String>,
     },
+    /// How this participant shows a track it receives (SFU rooms, protocol 2): the size of
+    /// its tile in device pixels, or not at all. The server forwards the smallest simulcast
+    /// layer that covers the tile, and nothing while it is hidden. Without a report: the
+    /// largest layer the downlink allows.
+    TrackSettings {
+        track_id: String,
+        #[serde(default = "yes")]
+        visible: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        width: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        height: Option<u32>,
+    },
     /// Leave the room; the server answers `left` and keeps the socket open for another `join`.
     Leave,
     /// Liveness check; answered by `pong`.
@@ -82,8 +101,29 @@ pub enum ClientMessage {
 
 impl ClientMessage {
     /// The wire names of all client message types, for telling "unknown type" from "bad fields".
-    pub const TYPES: &'static [&'static str] =
-        &["join", "offer", "answer", "candidate", "leave", "ping"];
+    pub const TYPES: &'static [&'static str] = &[
+        "join",
+        "offer",
+        "answer",
+        "candidate",
+        "track-settings",
+        "leave",
+        "ping",
+    ];
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Why a track you receive is paused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PauseReason {
+    /// Your downlink has no room for its lowest layer; it resumes when it has.
+    Bandwidth,
+    /// You reported it hidden (`track-settings` with `visible: false`).
+    Hidden,
 }
 
 /// Messages the server sends.
@@ -131,6 +171,24 @@ pub enum ServerMessage {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         from: Option<String>,
     },
+    /// What you receive of a track changed (SFU rooms, protocol 2): the simulcast layer
+    /// forwarded (its rid; absent for a track sent as one stream or while paused), or why it
+    /// is paused.
+    SubscriptionState {
+        track_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        layer: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        paused: Option<PauseReason>,
+    },
+    /// To a publisher (SFU rooms, protocol 2): the simulcast layers of its track (by the
+    /// transceiver's `mid`) that some subscriber receives. Encode only these (dynacast:
+    /// `RTCRtpEncodingParameters.active`); the others are off until named again.
+    PublisherLayers {
+        track_id: String,
+        mid: String,
+        active: Vec<String>,
+    },
     /// Answer to `leave`.
     Left,
     Pong,
@@ -166,6 +224,8 @@ pub enum ErrorCode {
     BadCandidate,
     /// `to` names no participant of this room.
     UnknownParticipant,
+    /// `track_id` names no track this participant receives.
+    UnknownTrack,
     /// The message does not fit the room's mode (e.g. `to` in an SFU room, no `to` in mesh).
     WrongMode,
     /// The server could not carry out the request (logged server-side).
@@ -242,7 +302,8 @@ mod tests {
             ClientMessage::Join {
                 room: "a".into(),
                 name: "b".into(),
-                mode: None
+                mode: None,
+                protocol: None,
             }
         );
         let msg =
@@ -269,6 +330,35 @@ mod tests {
             ErrorCode::MissingField
         );
         assert_eq!(code(r#"{"type":"offer"}"#), ErrorCode::MissingField);
+    }
+
+    #[test]
+    fn track_settings_default_to_visible_at_no_particular_size() {
+        let msg = parse_client_message(r#"{"type":"track-settings","track_id":"t1"}"#).unwrap();
+        assert_eq!(
+            msg,
+            ClientMessage::TrackSettings {
+                track_id: "t1".into(),
+                visible: true,
+                width: None,
+                height: None
+            }
+        );
+        let text = r#"{"type":"track-settings","track_id":"t1","visible":false,"width":-3}"#;
+        assert_eq!(
+            parse_client_message(text).unwrap_err().code,
+            ErrorCode::MissingField
+        );
+        let text = serde_json::to_string(&ServerMessage::SubscriptionState {
+            track_id: "t1".into(),
+            layer: None,
+            paused: Some(PauseReason::Bandwidth),
+        })
+        .unwrap();
+        assert_eq!(
+            text,
+            r#"{"type":"subscription-state","track_id":"t1","paused":"bandwidth"}"#
+        );
     }
 
     #[test]

@@ -13,15 +13,15 @@ use tokio::sync::{mpsc, watch};
 
 use super::admission::admit_to_forwarding_cap;
 use super::protocol::{
-    ChatRelay, ClientMessage, ErrorCode, PROTOCOL_VERSION, RoomMode, ServerMessage,
+    ChatRelay, ClientMessage, ErrorCode, PROTOCOL_VERSION, PauseReason, RoomMode, ServerMessage,
     parse_client_message,
 };
 use super::sfu::SfuMedia;
 use crate::config::Limits;
-use crate::media::{MediaError, MediaEvent, MediaPlane, OfferOutcome};
+use crate::media::{MediaError, MediaEvent, MediaPlane, OfferOutcome, PauseCause, Visibility};
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::room::{JoinError, MemberChannels, Registry, Room, RoomEvent};
-use crate::types::{IceCandidate, ParticipantId, RoomName};
+use crate::types::{IceCandidate, ParticipantId, RoomName, TrackId};
 
 /// Chat lines queued per participant before new ones are dropped.
 const CHAT_QUEUE: usize = 64;
@@ -72,6 +72,8 @@ struct Membership {
     /// Chat lines from the room for this participant's `chat` data channel.
     chat_out: mpsc::Receiver<Arc<str>>,
     media: Option<SfuMedia>,
+    /// The protocol version the client speaks: newer messages are not sent to older clients.
+    protocol: u32,
     _gauge: GaugeGuard,
 }
 
@@ -209,7 +211,28 @@ impl Session {
 
     async fn on_message(&mut self, message: ClientMessage) -> Result<(), Close> {
         match message {
-            ClientMessage::Join { room, name, mode } => self.join(&room, &name, mode).await,
+            ClientMessage::Join {
+                room,
+                name,
+                mode,
+                protocol,
+            } => {
+                let protocol = protocol.unwrap_or(1).clamp(1, PROTOCOL_VERSION);
+                self.join(&room, &name, mode, protocol).await
+            }
+            ClientMessage::TrackSettings {
+                track_id,
+                visible,
+                width,
+                height,
+            } => {
+                let visibility = match (visible, width, height) {
+                    (false, _, _) => Visibility::Hidden,
+                    (true, Some(width), Some(height)) => Visibility::Tile { width, height },
+                    (true, _, _) => Visibility::Unknown,
+                };
+                self.track_settings(&track_id, visibility).await
+            }
             ClientMessage::Ping => self.send(&ServerMessage::Pong).await,
             ClientMessage::Leave => {
                 if self.joined.is_none() {
@@ -226,7 +249,13 @@ impl Session {
         }
     }
 
-    async fn join(&mut self, room: &str, name: &str, mode: Option<RoomMode>) -> Result<(), Close> {
+    async fn join(
+        &mut self,
+        room: &str,
+        name: &str,
+        mode: Option<RoomMode>,
+        protocol: u32,
+    ) -> Result<(), Close> {
         if self.joined.is_some() {
             return self
                 .error(ErrorCode::AlreadyJoined, "already in a room; `leave` first")
@@ -291,6 +320,7 @@ impl Session {
             events,
             chat_out,
             media: None,
+            protocol,
             _gauge: GaugeGuard::new(&self.ctx.metrics, |m| &m.participants),
         };
         if room.mode() == RoomMode::Sfu {
@@ -325,6 +355,47 @@ impl Session {
             protocol: PROTOCOL_VERSION,
         })
         .await
+    }
+
+    /// How the participant shows a track it receives: passed to its media connection, which
+    /// chooses the layer from it.
+    async fn track_settings(
+        &mut self,
+        track_id: &str,
+        visibility: Visibility,
+    ) -> Result<(), Close> {
+        let Some(membership) = self.membership("track-settings").await? else {
+            return Ok(());
+        };
+        let refused = match membership.media.as_ref() {
+            None => Some((
+                ErrorCode::WrongMode,
+                "`track-settings` is for SFU rooms".into(),
+            )),
+            Some(media) => match membership
+                .room
+                .publication(&TrackId::from(track_id))
+                .filter(|p| p.publisher != membership.id)
+            {
+                Some(publication) => {
+                    if let Err(e) = media
+                        .handle
+                        .track_settings(publication.route.key, visibility)
+                    {
+                        tracing::debug!("track settings: {e}");
+                    }
+                    None
+                }
+                None => Some((
+                    ErrorCode::UnknownTrack,
+                    format!("no track `{track_id}` to receive in this room"),
+                )),
+            },
+        };
+        match refused {
+            Some((code, message)) => self.error(code, message).await,
+            None => Ok(()),
+        }
     }
 
     /// Removes the participant from its room and ends everything it owned. Idempotent.
@@ -599,6 +670,40 @@ impl Session {
                 // the watchdog ends the session if no `leave` follows soon.
                 media.closed_by_peer_at = Some(Instant::now());
                 Ok(())
+            }
+            MediaEvent::DownTrackChanged {
+                track,
+                layer,
+                paused,
+            } => {
+                if membership.protocol < 2 {
+                    return Ok(());
+                }
+                let paused = paused.map(|p| match p {
+                    PauseCause::Bandwidth => PauseReason::Bandwidth,
+                    PauseCause::Hidden => PauseReason::Hidden,
+                });
+                self.send(&ServerMessage::SubscriptionState {
+                    track_id: track.to_string(),
+                    layer,
+                    paused,
+                })
+                .await
+            }
+            MediaEvent::LayersWanted { track, active } => {
+                let Some(track_id) = media.published_id(track) else {
+                    return Ok(());
+                };
+                if membership.protocol < 2 {
+                    return Ok(());
+                }
+                tracing::debug!(participant = %membership.id, %track_id, ?active, "dynacast");
+                self.send(&ServerMessage::PublisherLayers {
+                    track_id: track_id.to_string(),
+                    mid: track.to_string(),
+                    active,
+                })
+                .await
             }
             MediaEvent::Failed(why) => {
                 tracing::warn!(participant = %membership.id, why, "media connection failed or closed");

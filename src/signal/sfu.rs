@@ -53,7 +53,7 @@ impl SfuMedia {
             codec: publication.codec.clone(),
             stream_id: publication.info.stream_id.clone(),
             track_id: publication.track_id.clone(),
-            layers: publication.info.layers.len().clamp(1, 8) as u8,
+            layers: publication.info.layers.clone().into(),
         };
         if let Err(e) = self.handle.subscribe(sub) {
             tracing::warn!(track = %publication.track_id, "subscribe failed: {e}");
@@ -100,6 +100,14 @@ impl SfuMedia {
         }
         self.published
             .push((track.id, publication.track_id.clone()));
+    }
+
+    /// The room's id for a track the participant publishes.
+    pub fn published_id(&self, id: IncomingTrackId) -> Option<TrackId> {
+        self.published
+            .iter()
+            .find(|(p, _)| *p == id)
+            .map(|(_, t)| t.clone())
     }
 
     /// The participant stopped sending a track: unpublish it.

@@ -113,7 +113,7 @@ pub fn summary(s: &ClientSnapshot) -> String {
     );
     for t in &s.remote_tracks {
         out += &format!(
-            "  recv {} {:?} from {} packets {} intact {} corrupt {} mismatched {} markers {} seq {:?}..{:?}\n",
+            "  recv {} {:?} from {} packets {} intact {} corrupt {} mismatched {} markers {} seq {:?}..{:?} layers {:?}\n",
             t.stream_id,
             t.kind,
             t.publisher_id,
@@ -123,7 +123,8 @@ pub fn summary(s: &ClientSnapshot) -> String {
             t.mismatched,
             t.markers,
             t.first_seq,
-            t.max_seq
+            t.max_seq,
+            t.layer_packets
         );
     }
     for t in &s.local_tracks {

@@ -77,6 +77,7 @@ pub fn video_profile(
         keyframe_interval_frames: fps * 2,
         plain_add_track: false,
         paced: true,
+        simulcast: false,
     }
 }
 

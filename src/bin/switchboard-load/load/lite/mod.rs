@@ -19,7 +19,7 @@ use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt as _, StreamExt as _};
 use switchboard::client::wait_for_joined;
 use switchboard::signal::protocol::{
-    ClientMessage, ErrorCode, IceCandidate, MediaKind, RoomMode, ServerMessage,
+    ClientMessage, ErrorCode, IceCandidate, MediaKind, PROTOCOL_VERSION, RoomMode, ServerMessage,
 };
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -116,6 +116,7 @@ impl Receiver {
                 room: room.to_owned(),
                 name: name.to_owned(),
                 mode: Some(RoomMode::Sfu),
+                protocol: Some(PROTOCOL_VERSION),
             },
         )
         .await?;
