@@ -20,6 +20,12 @@ pub struct WorkerLabel {
     pub worker: u32,
 }
 
+/// The label of a per-simulcast-layer series (0: the lowest layer, or a single stream).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LayerLabel {
+    pub layer: u32,
+}
+
 /// Upper bounds of the forwarding latency buckets, in seconds.
 const LATENCY_BUCKETS: [f64; 16] = [
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002, 0.003, 0.004, 0.005, 0.007_5, 0.01, 0.015,
@@ -41,6 +47,8 @@ macro_rules! metrics {
             pub worker_load_ratio: Family<WorkerLabel, Gauge<f64, AtomicU64>>,
             /// Datagrams the kernel dropped at each media worker's socket, its receive buffer full.
             pub worker_receive_drops: Family<WorkerLabel, Counter>,
+            /// Video packets queued to subscribers, by the simulcast layer they came from.
+            pub packets_out_by_layer: Family<LayerLabel, Counter>,
             registry: Registry,
         }
 
@@ -60,6 +68,7 @@ macro_rules! metrics {
                     worker_connections: Family::default(),
                     worker_load_ratio: Family::default(),
                     worker_receive_drops: Family::default(),
+                    packets_out_by_layer: Family::default(),
                     registry: Registry::with_prefix("switchboard"),
                 };
                 let r = &mut m.registry;
@@ -85,6 +94,11 @@ macro_rules! metrics {
                     "Datagrams the kernel dropped at each media worker's socket because its receive buffer was full (the worker fell behind)",
                     m.worker_receive_drops.clone(),
                 );
+                r.register(
+                    "video_packets_out_by_layer",
+                    "Video RTP packets queued to subscribers, by the simulcast layer they came from (0 is the lowest, or the only one)",
+                    m.packets_out_by_layer.clone(),
+                );
                 m
             }
 
@@ -108,6 +122,8 @@ metrics! {
         downtracks: "Subscriber tracks being forwarded to",
         media_workers: "Media worker threads, each with one UDP socket",
         forward_rate: "RTP packets per second queued to subscribers, over the last second",
+        downtracks_paused_bandwidth: "Subscribed videos paused because the subscriber's downlink has no room for their lowest layer",
+        downtracks_paused_hidden: "Subscribed videos paused because the subscriber does not show them",
     }
     counters {
         packets_in: "RTP packets received from publishers",

@@ -168,6 +168,16 @@ async fn each_subscriber_gets_the_layer_its_tile_needs() {
         small.snapshot().intact_from(&pid, MediaKind::Audio) > 0,
         "audio goes on"
     );
+    assert_eq!(
+        server.metrics.snapshot().downtracks_paused_hidden,
+        1,
+        "the saving shows in the metrics"
+    );
+    let text = server.metrics.render();
+    for layer in 0..3 {
+        let series = format!("switchboard_video_packets_out_by_layer_total{{layer=\"{layer}\"}}");
+        assert!(text.contains(&series), "{series} missing");
+    }
 
     close_all(&[&publisher, &small, &large]).await;
     assert_all_clean(&server, "sim").await;

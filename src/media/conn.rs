@@ -98,6 +98,8 @@ pub struct LiveDownTrack {
     pub ssrc: Ssrc,
     /// The layer and pause cause last told to the session.
     pub reported: Option<(Option<u8>, Option<PauseCause>)>,
+    /// Raises the paused gauge of its cause while paused.
+    pub paused: Option<GaugeGuard>,
     _gauge: GaugeGuard,
 }
 
@@ -106,6 +108,7 @@ impl LiveDownTrack {
         LiveDownTrack {
             ssrc,
             reported: None,
+            paused: None,
             _gauge: GaugeGuard::new(metrics, |m| &m.downtracks),
         }
     }

@@ -29,12 +29,14 @@ use super::codec::{kind_of, payload_type_for, track_codec};
 use super::conn::{Conn, Inbound, Layers, LiveDownTrack, OutState, layer_of, layers_of};
 use super::demux::{ConnId, Demux, is_stun};
 use super::udp;
-use super::{IncomingTrack, IncomingTrackId, MediaError, MediaEvent, OfferOutcome, Subscription};
+use super::{
+    IncomingTrack, IncomingTrackId, MediaError, MediaEvent, OfferOutcome, PauseCause, Subscription,
+};
 use crate::forward::{
     Delivery, Demand, Dynacast, KeyframeThrottle, LayerView, MediaPacket, Priority, Rewriter,
     TrackForwarder, TrackKey, Visibility, Vp8Ids, allocate,
 };
-use crate::metrics::{GaugeGuard, Metrics, WorkerLabel};
+use crate::metrics::{GaugeGuard, LayerLabel, Metrics, WorkerLabel};
 use crate::types::{MediaKind, ParticipantId};
 
 /// Relayed batches queued per worker before new ones are dropped.
@@ -235,11 +237,15 @@ enum Source {
     },
 }
 
-/// A worker's own series of the per-worker metrics, looked up once.
+/// Simulcast layers counted apart in the per-layer metrics.
+const COUNTED_LAYERS: usize = 4;
+
+/// A worker's own series of the per-worker metrics, and the per-layer ones, looked up once.
 struct WorkerSeries {
     connections: Gauge,
     load: Gauge<f64, AtomicU64>,
     receive_drops: Counter,
+    out_by_layer: [Counter; COUNTED_LAYERS],
 }
 
 impl WorkerSeries {
@@ -251,6 +257,14 @@ impl WorkerSeries {
             connections: metrics.worker_connections.get_or_create(&label).clone(),
             load: metrics.worker_load_ratio.get_or_create(&label).clone(),
             receive_drops: metrics.worker_receive_drops.get_or_create(&label).clone(),
+            out_by_layer: std::array::from_fn(|layer| {
+                metrics
+                    .packets_out_by_layer
+                    .get_or_create(&LayerLabel {
+                        layer: layer as u32,
+                    })
+                    .clone()
+            }),
         }
     }
 }
@@ -264,6 +278,7 @@ struct Tally {
     unroutable: u64,
     keyframe_requests: u64,
     turns: u64,
+    video_out_by_layer: [u64; COUNTED_LAYERS],
 }
 
 pub struct Worker {
@@ -731,6 +746,10 @@ impl Worker {
             }
             stream.write_rtp(write);
             self.tally.packets_out += 1;
+            if nackable {
+                self.tally.video_out_by_layer[usize::from(packet.layer).min(COUNTED_LAYERS - 1)] +=
+                    1;
+            }
             mark_dirty(&mut self.dirty, conn_id, conn);
         }
     }
@@ -905,6 +924,15 @@ impl Worker {
             let state = (out.choice.layer, out.choice.paused());
             if live.reported != Some(state) {
                 live.reported = Some(state);
+                live.paused = state.1.map(|cause| {
+                    GaugeGuard::new(
+                        &self.metrics,
+                        match cause {
+                            PauseCause::Bandwidth => |m| &m.downtracks_paused_bandwidth,
+                            PauseCause::Hidden => |m| &m.downtracks_paused_hidden,
+                        },
+                    )
+                });
                 let layer = state
                     .0
                     .and_then(|l| out.sub.layers.get(usize::from(l)).cloned());
@@ -1343,6 +1371,11 @@ impl Worker {
             (&m.keyframe_requests, t.keyframe_requests),
             (&m.media_loop_turns, t.turns),
         ] {
+            if n > 0 {
+                counter.inc_by(n);
+            }
+        }
+        for (counter, n) in self.exported.out_by_layer.iter().zip(t.video_out_by_layer) {
             if n > 0 {
                 counter.inc_by(n);
             }

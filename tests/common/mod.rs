@@ -154,6 +154,8 @@ pub async fn assert_all_clean(server: &ServerHandle, room: &str) {
             && m.peer_connections == 0
             && m.forwarders == 0
             && m.downtracks == 0
+            && m.downtracks_paused_hidden == 0
+            && m.downtracks_paused_bandwidth == 0
     })
     .await;
     if let Err(e) = result {
