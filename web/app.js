@@ -197,7 +197,14 @@ async function connectAndJoin(phase) {
   // exists; nothing may be lost between the two.
   const early = [];
   const offEarly = sig.on("message", (msg) => early.push(msg));
-  sig.send({ type: "join", room: state.room, name: state.name, ...(state.mode ? { mode: state.mode } : {}) });
+  // Protocol 2: simulcast layers, tile sizes, dynacast (src/signal/protocol.rs).
+  sig.send({
+    type: "join",
+    room: state.room,
+    name: state.name,
+    protocol: 2,
+    ...(state.mode ? { mode: state.mode } : {}),
+  });
   let reply;
   try {
     reply = await sig.waitFor((m) => m.type === "joined" || m.type === "error", 10000);
@@ -253,6 +260,9 @@ function enterCall(sig, joined, pending) {
     ui.setChatEnabled(ready);
   });
   session.on("state", onMediaState);
+  session.on("subscription", ({ key, kind, paused }) => {
+    if (kind === "video") ui.tiles.get(tileIdForStream(key))?.setVideoPaused(paused);
+  });
   ui.setChatEnabled(false);
   sig.on("message", onMessage);
   sig.on("close", onSignalingClosed);
@@ -294,6 +304,8 @@ function onMessage(msg) {
     case "candidate":
     case "track-published":
     case "track-unpublished":
+    case "subscription-state":
+    case "publisher-layers":
       session?.handle(msg);
       break;
     case "error":
@@ -334,6 +346,8 @@ function onRemoteStream({ key, participantId, stream, screen }) {
     : addParticipantTile(p);
   streamTiles.set(key, tile.id);
   tile.setStream(stream);
+  // SFU: the server sends the layer that fits this tile, and nothing while it is out of sight.
+  session?.watchTile?.(key, tile.video);
   watchRemoteAudio(tile, stream);
   stream.addEventListener("addtrack", () => watchRemoteAudio(tile, stream));
 }
@@ -351,8 +365,10 @@ function watchRemoteAudio(tile, stream) {
 function onRemoteStreamEnded({ key, screen }) {
   const id = streamTiles.get(key);
   streamTiles.delete(key);
+  session?.unwatchTile?.(key);
   if (!id) return;
   levels.unwatch(id);
+  ui.tiles.get(id)?.setVideoPaused(null);
   if (screen) ui.removeTile(id);
   else ui.tiles.get(id)?.setStream(null); // the person stays, their camera is gone
 }
@@ -579,11 +595,33 @@ window.switchboard = {
         speaking: t.speaking,
         micOff: t.micOff,
         camOff: t.camOff,
+        videoPaused: t.videoPaused,
         stats: t.stats,
       })),
     };
   },
   leave,
+  /**
+   * The RTP streams of our peer connections from getStats(): inbound video (decoded size per
+   * track) and outbound video (per simulcast rid: whether it is active and the size it sends).
+   */
+  async rtp() {
+    const out = [];
+    for (const { pc } of session?.peers() ?? []) {
+      const report = await pc.getStats();
+      for (const s of report.values()) {
+        if (s.kind !== "video") continue;
+        if (s.type === "inbound-rtp") {
+          out.push({ type: "inbound", trackIdentifier: s.trackIdentifier, frameWidth: s.frameWidth ?? 0,
+            frameHeight: s.frameHeight ?? 0, framesDecoded: s.framesDecoded ?? 0 });
+        } else if (s.type === "outbound-rtp") {
+          out.push({ type: "outbound", rid: s.rid ?? null, active: s.active ?? null, frameWidth: s.frameWidth ?? 0,
+            framesEncoded: s.framesEncoded ?? 0, bytesSent: s.bytesSent ?? 0 });
+        }
+      }
+    }
+    return out;
+  },
   /** The current SDPs and states of our peer connections (debugging aid). */
   sdp() {
     return (session?.peers() ?? []).map(({ pc, participantId }) => ({

@@ -11,7 +11,8 @@
 
 import { Emitter } from "/emitter.js";
 
-const VIDEO = { width: { ideal: 640 }, height: { ideal: 360 }, frameRate: { ideal: 30 } };
+// 720p: the top of the three simulcast layers the SFU client sends (sfu.js CAMERA_LAYERS).
+const VIDEO = { width: { ideal: 1280 }, height: { ideal: 720 }, frameRate: { ideal: 30 } };
 const AUDIO = { echoCancellation: true, noiseSuppression: true, autoGainControl: true };
 
 /** A sentence for the user about a getUserMedia/getDisplayMedia failure. */

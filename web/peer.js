@@ -120,22 +120,63 @@ export class PeerLink extends Emitter {
    * Puts `track` (or nothing, with null) on the sender that carries `kind` for `stream`: a
    * replaceTrack when we already have one (no renegotiation), else a new addTrack (renegotiates).
    */
-  async setTrack(kind, track, stream) {
+  async setTrack(kind, track, stream, sendEncodings = null) {
     const sender = this.#senders.get(`${stream.id}:${kind}`);
     if (sender && this.pc.getSenders().includes(sender)) {
       await sender.replaceTrack(track);
     } else if (track) {
-      this.addTrack(track, stream);
+      this.addTrack(track, stream, sendEncodings);
     }
   }
 
-  /** Adds `track` in `stream` (renegotiates) and remembers its sender. */
-  addTrack(track, stream) {
-    const sender = this.publishOnly
-      ? this.pc.addTransceiver(track, { direction: "sendonly", streams: [stream] }).sender
-      : this.pc.addTrack(track, stream);
+  /**
+   * Adds `track` in `stream` (renegotiates) and remembers its sender. `sendEncodings` (SFU
+   * only): simulcast layers or a scalability mode; a browser that refuses them sends one plain
+   * stream instead.
+   */
+  addTrack(track, stream, sendEncodings = null) {
+    let sender;
+    if (this.publishOnly) {
+      const init = { direction: "sendonly", streams: [stream] };
+      let transceiver;
+      try {
+        transceiver = this.pc.addTransceiver(track, sendEncodings ? { ...init, sendEncodings } : init);
+      } catch (err) {
+        console.warn(`[${this.label}] encodings refused, sending one stream`, err);
+        transceiver = this.pc.addTransceiver(track, init);
+      }
+      sender = transceiver.sender;
+    } else {
+      sender = this.pc.addTrack(track, stream);
+    }
     this.#senders.set(`${stream.id}:${track.kind}`, sender);
     return sender;
+  }
+
+  /**
+   * Dynacast: the sender on transceiver `mid` encodes only the simulcast layers named in
+   * `active` (rids); the others are switched off until named again.
+   */
+  async setActiveLayers(mid, active) {
+    const sender = this.pc.getTransceivers().find((t) => t.mid === mid)?.sender;
+    if (!sender) return;
+    const params = sender.getParameters();
+    if (!params.encodings || params.encodings.length < 2) return;
+    let changed = false;
+    for (const encoding of params.encodings) {
+      const on = active.includes(encoding.rid);
+      if (encoding.active !== on) {
+        encoding.active = on;
+        changed = true;
+      }
+    }
+    if (!changed) return;
+    try {
+      await sender.setParameters(params);
+      console.info(`[${this.label}] sending layers ${active.join(",") || "none"} of ${mid}`);
+    } catch (err) {
+      console.warn(`[${this.label}] switching layers failed`, err);
+    }
   }
 
   /** Stops sending every track of `stream` (renegotiates), e.g. when a screen share ends. */

@@ -8,6 +8,12 @@
 // Chat: plain text out on the `chat` data channel; the server relays it to the others as JSON
 // {from, name, text}.
 //
+// Simulcast: the camera goes out as three layers (CAMERA_LAYERS); the server forwards each of
+// us the one that fits our downlink and the size we show it at, which we report per remote
+// video (`track-settings`: tile size in device pixels, or hidden when scrolled away or the tab
+// is in the background). It tells us what we get (`subscription-state`) and which of our own
+// layers anyone receives (`publisher-layers`: the others are switched off).
+//
 // Events (same as mesh.js, so app.js does not care which one it drives):
 //   'stream'       {key, participantId, stream, screen}  a remote stream appeared (or came back)
 //   'stream-changed' {key}                                its set of tracks changed
@@ -15,9 +21,24 @@
 //   'chat'         {from, name, text}
 //   'chat-ready'   boolean                                whether chat can be sent
 //   'state'        connecting | connected | reconnecting | failed
+//   'subscription' {key, kind, layer, paused}               what we receive of a stream's video
 
 import { Emitter } from "/emitter.js";
 import { PeerLink } from "/peer.js";
+
+/**
+ * The camera's simulcast layers, lowest first: rids and rates as the server's layer ladder
+ * (src/forward/layer.rs) assumes them. A browser or codec that cannot simulcast sends fewer.
+ */
+export const CAMERA_LAYERS = [
+  { rid: "q", scaleResolutionDownBy: 4, maxBitrate: 150_000 },
+  { rid: "h", scaleResolutionDownBy: 2, maxBitrate: 500_000 },
+  { rid: "f", scaleResolutionDownBy: 1, maxBitrate: 1_700_000 },
+];
+/** Screen shares: one high-resolution layer, with temporal layers where the browser has them. */
+const SCREEN_ENCODINGS = [{ scalabilityMode: "L1T3" }];
+/** A tile's reported size must change by this share before it is reported again. */
+const SIZE_CHANGE = 0.15;
 
 /** Splits a forwarded stream id `{participant}-{n}` into its parts. */
 export function parseStreamId(id) {
@@ -35,6 +56,8 @@ export class SfuSession extends Emitter {
   #channel = null;
   #streams = new Map(); // stream id -> MediaStream currently shown
   #published = new Map(); // track_id -> TrackInfo (from `joined` / `track-published`)
+  #views = new Map(); // stream id -> {element, visible, width, height, sent: Map(track_id -> key)}
+  #observers;
 
   /**
    * @param {{signaling: import('./signaling.js').Signaling,
@@ -57,12 +80,20 @@ export class SfuSession extends Emitter {
       if (channel.label === "chat") this.#wireChannel(channel, false);
     });
     this.#link.on("state", (state) => this.emit("state", mapState(state)));
+    this.#observers = {
+      resize: new ResizeObserver((entries) => entries.forEach((e) => this.#measure(e.target))),
+      intersection: new IntersectionObserver((entries) =>
+        entries.forEach((e) => this.#measure(e.target, e.isIntersecting)),
+      ),
+      visibility: () => this.#views.forEach((view) => this.#report(view)),
+    };
+    document.addEventListener("visibilitychange", this.#observers.visibility);
   }
 
   /** Adds our media and the chat channel; negotiation starts by itself (negotiationneeded). */
   start() {
     const media = this.#media;
-    for (const track of media.stream.getTracks()) this.#link.addTrack(track, media.stream);
+    for (const track of media.stream.getTracks()) this.#addCameraOrMic(track, media.stream);
     if (media.screen) this.startScreen(media.screen);
     this.#wireChannel(this.#link.pc.createDataChannel("chat", { ordered: true }), true);
     this.syncLocalTracks();
@@ -79,11 +110,49 @@ export class SfuSession extends Emitter {
         break;
       case "track-published":
         this.#published.set(msg.track.track_id, msg.track);
+        // A tile may be up already (the track came before its announcement): report it now.
+        for (const view of this.#views.values()) this.#report(view);
         break;
       case "track-unpublished":
         this.#onUnpublished(msg);
         break;
+      case "subscription-state": {
+        const info = this.#published.get(msg.track_id);
+        if (info) {
+          this.emit("subscription", {
+            key: info.stream_id,
+            kind: info.kind,
+            layer: msg.layer ?? null,
+            paused: msg.paused ?? null,
+          });
+        }
+        break;
+      }
+      case "publisher-layers":
+        this.#link.setActiveLayers(msg.mid, msg.active);
+        break;
     }
+  }
+
+  /**
+   * Reports the size `element` shows the video of stream `key` at, now and whenever it changes
+   * or goes out of sight, so the server sends the layer that fits. Returns a function that
+   * stops watching.
+   */
+  watchTile(key, element) {
+    this.unwatchTile(key);
+    this.#views.set(key, { element, visible: true, width: 0, height: 0, sent: new Map() });
+    this.#observers.resize.observe(element);
+    this.#observers.intersection.observe(element);
+    return () => this.unwatchTile(key);
+  }
+
+  unwatchTile(key) {
+    const view = this.#views.get(key);
+    if (!view) return;
+    this.#views.delete(key);
+    this.#observers.resize.unobserve(view.element);
+    this.#observers.intersection.unobserve(view.element);
   }
 
   /** Makes the senders follow LocalMedia: mic muted / camera off means sending nothing. */
@@ -91,12 +160,14 @@ export class SfuSession extends Emitter {
     const m = this.#media;
     await Promise.all([
       this.#link.setTrack("audio", m.micOn ? m.audioTrack : null, m.stream),
-      this.#link.setTrack("video", m.camOn ? m.videoTrack : null, m.stream),
+      this.#link.setTrack("video", m.camOn ? m.videoTrack : null, m.stream, CAMERA_LAYERS),
     ]).catch((err) => console.warn("[sfu] updating senders failed", err));
   }
 
   startScreen(stream) {
-    for (const track of stream.getTracks()) this.#link.addTrack(track, stream);
+    for (const track of stream.getTracks()) {
+      this.#link.addTrack(track, stream, track.kind === "video" ? SCREEN_ENCODINGS : null);
+    }
   }
 
   stopScreen(stream) {
@@ -122,12 +193,58 @@ export class SfuSession extends Emitter {
   }
 
   close() {
+    document.removeEventListener("visibilitychange", this.#observers.visibility);
+    this.#observers.resize.disconnect();
+    this.#observers.intersection.disconnect();
+    this.#views.clear();
     this.#channel?.close();
     this.#link.close();
     this.#streams.clear();
   }
 
   // ---- internals --------------------------------------------------------------------------
+
+  /** Our camera as simulcast layers, our microphone as it is. */
+  #addCameraOrMic(track, stream) {
+    this.#link.addTrack(track, stream, track.kind === "video" ? CAMERA_LAYERS : null);
+  }
+
+  /** A watched element changed size or visibility: re-reports its stream. */
+  #measure(element, intersecting) {
+    for (const view of this.#views.values()) {
+      if (view.element !== element) continue;
+      if (intersecting !== undefined) view.visible = intersecting;
+      const rect = element.getBoundingClientRect();
+      const dpr = window.devicePixelRatio || 1;
+      view.width = Math.round(rect.width * dpr);
+      view.height = Math.round(rect.height * dpr);
+      this.#report(view);
+    }
+  }
+
+  /** Sends `track-settings` for the stream's video tracks whose report changed enough. */
+  #report(view) {
+    const key = [...this.#views].find(([, v]) => v === view)?.[0];
+    if (key === undefined) return;
+    const visible = view.visible && !document.hidden && view.width > 0 && view.height > 0;
+    for (const info of this.#published.values()) {
+      if (info.stream_id !== key || info.kind !== "video") continue;
+      const last = view.sent.get(info.track_id);
+      const changed =
+        !last ||
+        last.visible !== visible ||
+        (visible &&
+          (Math.abs(view.width - last.width) > last.width * SIZE_CHANGE ||
+            Math.abs(view.height - last.height) > last.height * SIZE_CHANGE));
+      if (!changed) continue;
+      view.sent.set(info.track_id, { visible, width: view.width, height: view.height });
+      this.#signaling.send(
+        visible
+          ? { type: "track-settings", track_id: info.track_id, visible, width: view.width, height: view.height }
+          : { type: "track-settings", track_id: info.track_id, visible },
+      );
+    }
+  }
 
   #wireChannel(channel, ours) {
     // Prefer the channel we created; a server-created `chat` channel is used only for receiving

@@ -55,6 +55,7 @@ export class Tile {
         <span class="badge mic-off" title="Microphone off" hidden>${MIC_OFF_SVG}</span>
         <span class="badge cam-off" title="Camera off" hidden>${CAM_OFF_SVG}</span>
       </div>
+      <div class="paused-note" hidden></div>
       <div class="nameplate"></div>
       <pre class="stats-overlay"></pre>`;
     this.el = el;
@@ -68,6 +69,8 @@ export class Tile {
     this.micBadge = el.querySelector(".mic-off");
     this.camBadge = el.querySelector(".cam-off");
     this.statsEl = el.querySelector(".stats-overlay");
+    this.pausedNote = el.querySelector(".paused-note");
+    this.videoPaused = null;
     this.setName(name);
     this.#refreshVideo();
   }
@@ -98,6 +101,18 @@ export class Tile {
     this.camOff = off;
     this.camBadge.hidden = !off || this.kind === "screen";
     this.#refreshVideo();
+  }
+
+  /**
+   * The server paused this tile's video: "bandwidth" (our downlink has no room for it; it comes
+   * back by itself) or "hidden" (we are not showing it). Not the same as the camera being off.
+   */
+  setVideoPaused(reason) {
+    this.videoPaused = reason ?? null;
+    const bandwidth = this.videoPaused === "bandwidth";
+    this.pausedNote.hidden = !bandwidth;
+    this.pausedNote.textContent = bandwidth ? "Video paused: low bandwidth" : "";
+    this.el.classList.toggle("video-paused", bandwidth);
   }
 
   /** Feeds an audio level (0..1); the tile glows while someone is talking, with a short tail. */
