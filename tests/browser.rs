@@ -16,6 +16,7 @@
 mod webdriver;
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
@@ -25,7 +26,7 @@ use anyhow::{Context, Result, anyhow, bail, ensure};
 use serde_json::{Value, json};
 use switchboard::config::Config;
 use switchboard::server::{Server, ServerHandle};
-use webdriver::{Driver, Session, find_executable};
+use webdriver::{Driver, NetnsDriver, Session, find_executable};
 
 /// Set in the re-executed child that already runs inside its own network namespace.
 const NETNS_CHILD_ENV: &str = "SWITCHBOARD_BROWSER_NETNS_CHILD";
@@ -35,6 +36,135 @@ const REQUIRE_ENV: &str = "SWITCHBOARD_REQUIRE_BROWSER";
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 // ---- the tests ----------------------------------------------------------------------------------
+
+/// Simulcast over a real capped link: three pages, one of them behind a 400 kbit/s downlink (a
+/// `tbf`-shaped veth into a namespace of its own). It decodes every remote video on a low layer
+/// with its audio intact while the others get larger layers; a tile shrunk on a page gets the
+/// low layer; a layer nobody needs is switched off at its publisher.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulcast_on_a_shaped_link_in_chromium() {
+    let setup = Setup {
+        shaped_downlink: Some("400kbit"),
+        ..Setup::default()
+    };
+    run_browser_test_on(
+        "simulcast_on_a_shaped_link_in_chromium",
+        setup,
+        simulcast_shaped,
+    )
+    .await;
+}
+
+/// Decoded widths of the remote camera videos on a page's tiles (0: none yet).
+fn remote_video_widths(state: &Value) -> Vec<u64> {
+    remote_cameras(state)
+        .map(|t| t["stats"]["video"]["width"].as_u64().unwrap_or(0))
+        .collect()
+}
+
+async fn simulcast_shaped(env: Arc<Env>) -> Result<()> {
+    let room = "e2e-simulcast";
+    let mut pages = env.open_pages(&["Alice", "Bob"]).await?;
+    pages.extend(env.open_shaped_pages(&["Wendy"]).await?);
+    for page in &pages {
+        page.join(&env.base, room, None).await?;
+    }
+    let ids = participant_ids(&pages).await?;
+    let (alice, wendy) = (&pages[0], &pages[2]);
+
+    step("three pages decode each other's media");
+    for page in &pages {
+        page.wait_remote_media(2, Duration::from_secs(90)).await?;
+    }
+
+    step("the capped page decodes both videos on a low layer, the others larger ones");
+    wendy
+        .wait_until(
+            "both remote videos at most 320 wide",
+            Duration::from_secs(60),
+            |s| {
+                let w = remote_video_widths(s);
+                w.len() == 2 && w.iter().all(|&w| (1..=320).contains(&w))
+            },
+        )
+        .await?;
+    wendy.wait_media_rising(2, Duration::from_secs(20)).await?;
+    for page in &pages[..2] {
+        page.wait_until(
+            "both remote videos at least 640 wide",
+            Duration::from_secs(60),
+            |s| {
+                let w = remote_video_widths(s);
+                w.len() == 2 && w.iter().all(|&w| w >= 640)
+            },
+        )
+        .await?;
+    }
+    // Still low, never paused, still decoding, audio still arriving, after the others went up.
+    for _ in 0..20 {
+        let state = wendy.state().await?;
+        let w = remote_video_widths(&state);
+        ensure!(
+            w.iter().all(|&w| (1..=320).contains(&w)),
+            "Wendy's remote videos are {w:?} wide"
+        );
+        ensure!(
+            !remote_cameras(&state).any(|t| t["videoPaused"] == "bandwidth"),
+            "a video paused for bandwidth at Wendy: {}",
+            summarize(&state)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    wendy.wait_media_rising(2, Duration::from_secs(20)).await?;
+    env.screenshot(wendy, "simulcast-shaped").await?;
+
+    step("a tile shrunk on a page gets the low layer");
+    alice
+        .session
+        .execute(
+            "const v = document.querySelector(`#grid .tile[data-participant-id='${arguments[0]}'] video`);
+             v.style.cssText = 'width: 160px; height: 90px; position: static; flex: none;';
+             return !!v;",
+            vec![json!(ids[1])],
+        )
+        .await?;
+    alice
+        .wait_until(
+            "Bob's shrunk tile at most 320 wide",
+            Duration::from_secs(30),
+            |s| {
+                remote_cameras(s).any(|t| {
+                    t["participantId"] == ids[1].as_str()
+                        && (1..=320).contains(&t["stats"]["video"]["width"].as_u64().unwrap_or(0))
+                })
+            },
+        )
+        .await?;
+
+    step("the top layer nobody needs is switched off at its publisher");
+    // Every tile is smaller than 1280 wide: nobody needs `f`.
+    let start = Instant::now();
+    loop {
+        let rtp = alice
+            .session
+            .execute("return window.switchboard.rtp();", vec![])
+            .await?;
+        let top = rtp
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["type"] == "outbound" && s["rid"] == "f");
+        if top.is_some_and(|s| s["active"] == false) {
+            break;
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(30),
+            "Alice's layer f is still active: {rtp}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    env.finish(pages).await
+}
 
 /// Three pages in an SFU room: video and audio flow everywhere, chat, screen share, leaving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -655,17 +785,31 @@ struct Env {
     /// of a failed test open after the test dropped its own handles.
     opened: Mutex<Vec<(String, Session)>>,
     server: tokio::sync::Mutex<Option<ServerHandle>>,
+    /// The shaped network of a test that asked for one, with the driver of its browsers.
+    shaped: Option<(ShapedNet, Driver)>,
 }
 
 impl Env {
     async fn open_pages(&self, names: &[&str]) -> Result<Vec<Page>> {
+        self.open_pages_with(&self.driver, names).await
+    }
+
+    /// Pages behind the shaped link (in its network namespace).
+    async fn open_shaped_pages(&self, names: &[&str]) -> Result<Vec<Page>> {
+        let (_, driver) = self
+            .shaped
+            .as_ref()
+            .ok_or_else(|| anyhow!("this test has no shaped link"))?;
+        self.open_pages_with(driver, names).await
+    }
+
+    async fn open_pages_with(&self, driver: &Driver, names: &[&str]) -> Result<Vec<Page>> {
         let mut pages = Vec::new();
         for name in names {
             let profile = self.profiles.join(name);
             std::fs::create_dir_all(&profile)?;
-            let session = self
-                .driver
-                .session(chrome_options(&self.chromium, &profile))
+            let session = driver
+                .session(chrome_options(&self.chromium, &profile, &self.base))
                 .await
                 .with_context(|| format!("opening Chromium for {name}"))?;
             self.opened
@@ -778,17 +922,21 @@ impl Env {
     }
 }
 
-fn chrome_options(chromium: &Path, profile: &Path) -> Value {
+fn chrome_options(chromium: &Path, profile: &Path, base: &str) -> Value {
     json!({
         "binary": chromium,
         "args": [
+            // The shaped-link test serves on a veth address: not a secure context by itself.
+            format!("--unsafely-treat-insecure-origin-as-secure={base}"),
             "--headless=new",
             "--no-sandbox",
             "--disable-gpu",
             "--disable-dev-shm-usage",
             "--window-size=1280,800",
             format!("--user-data-dir={}", profile.display()),
-            "--use-fake-device-for-media-stream",
+            // 15 fps: three pages encoding 720p simulcast on two cores at 30 fps make
+            // Chromium's CPU-overuse detection scale its own camera down.
+            "--use-fake-device-for-media-stream=fps=15",
             "--use-fake-ui-for-media-stream",
             "--auto-select-desktop-capture-source=Entire screen",
             "--allow-loopback-in-peer-connection",
@@ -805,7 +953,7 @@ fn chrome_options(chromium: &Path, profile: &Path) -> Value {
             "--no-first-run",
             "--no-default-browser-check",
             "--disable-quic",
-            "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE localhost , EXCLUDE 127.0.0.1",
+            "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE localhost , EXCLUDE 127.0.0.1 , EXCLUDE 10.77.0.1",
         ],
     })
 }
@@ -817,11 +965,33 @@ where
     F: FnOnce(Arc<Env>) -> Fut,
     Fut: Future<Output = Result<()>>,
 {
-    run_browser_test_with(name, 0, test).await
+    run_browser_test_on(name, Setup::default(), test).await
 }
 
 /// As [`run_browser_test`], with a participant limit per room (0: the default).
 async fn run_browser_test_with<F, Fut>(name: &str, max_participants: usize, test: F)
+where
+    F: FnOnce(Arc<Env>) -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
+    let setup = Setup {
+        max_participants,
+        ..Setup::default()
+    };
+    run_browser_test_on(name, setup, test).await
+}
+
+/// What a browser test needs around it.
+#[derive(Debug, Default, Clone, Copy)]
+struct Setup {
+    /// Participants per room (0: the default limit).
+    max_participants: usize,
+    /// A second network namespace whose downlink from the server is capped at this `tbf` rate
+    /// (e.g. "400kbit"); the server then serves on the link's address.
+    shaped_downlink: Option<&'static str>,
+}
+
+async fn run_browser_test_on<F, Fut>(name: &str, setup: Setup, test: F)
 where
     F: FnOnce(Arc<Env>) -> Fut,
     Fut: Future<Output = Result<()>>,
@@ -881,9 +1051,17 @@ where
     std::fs::create_dir_all(&profiles).expect("creating browser profiles dir");
 
     let mut config = Config::for_tests();
-    if max_participants > 0 {
-        config.limits.max_participants_per_room = max_participants;
+    if setup.max_participants > 0 {
+        config.limits.max_participants_per_room = setup.max_participants;
     }
+    let shaped = setup.shaped_downlink.map(|rate| {
+        let net = ShapedNet::create(rate).expect("creating the shaped link");
+        // Every page reaches the server at the link's server end: the pages here over
+        // loopback, the shaped ones through the capped veth.
+        config.http = SocketAddr::from((ShapedNet::SERVER, 0));
+        config.public_ip = Some(ShapedNet::SERVER.into());
+        net
+    });
     let server = Server::start(config).await.expect("starting the server");
     let base = format!("http://{}", server.http_addr);
     eprintln!(
@@ -896,6 +1074,23 @@ where
     )
     .await
     .expect("starting chromedriver");
+    let shaped = match shaped {
+        Some(net) => {
+            let driver = Driver::start_in(
+                &chromedriver,
+                &artifacts.join(format!("{name}-shaped-chromedriver.log")),
+                Some(NetnsDriver {
+                    pid: net.pid(),
+                    address: ShapedNet::CLIENT,
+                    client: ShapedNet::SERVER,
+                }),
+            )
+            .await
+            .expect("starting chromedriver behind the shaped link");
+            Some((net, driver))
+        }
+        None => None,
+    };
 
     let env = Arc::new(Env {
         test: name.to_string(),
@@ -906,6 +1101,7 @@ where
         profiles: profiles.clone(),
         opened: Mutex::new(Vec::new()),
         server: tokio::sync::Mutex::new(Some(server)),
+        shaped,
     });
     let outcome = tokio::time::timeout(Duration::from_secs(240), test(env.clone())).await;
     if !matches!(outcome, Ok(Ok(()))) {
@@ -918,6 +1114,59 @@ where
         Ok(Ok(())) => eprintln!("[browser] {name}: passed"),
         Ok(Err(e)) => panic!("{name} failed: {e:#}"),
         Err(_) => panic!("{name} timed out after 240 s"),
+    }
+}
+
+/// A veth pair from this test's namespace into a namespace of its own (held by a sleeping
+/// process), with the server-to-client direction capped by `tbf`: the recipe of
+/// ../shared/notes/testing-network.md. Removed when dropped.
+struct ShapedNet {
+    holder: std::process::Child,
+}
+
+impl ShapedNet {
+    const SERVER: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 77, 0, 1);
+    const CLIENT: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 77, 0, 2);
+
+    fn create(rate: &str) -> Result<Self> {
+        let holder = Command::new("unshare")
+            .args(["-n", "sleep", "3600"])
+            .spawn()
+            .context("starting the namespace holder")?;
+        let net = ShapedNet { holder };
+        std::thread::sleep(Duration::from_millis(300));
+        let pid = net.pid().to_string();
+        let run = |args: &[&str]| -> Result<()> {
+            let status = Command::new(args[0]).args(&args[1..]).status()?;
+            ensure!(status.success(), "`{}` failed ({status})", args.join(" "));
+            Ok(())
+        };
+        run(&[
+            "ip", "link", "add", "sbsv", "type", "veth", "peer", "name", "sbcl",
+        ])?;
+        run(&["ip", "addr", "add", "10.77.0.1/24", "dev", "sbsv"])?;
+        run(&["ip", "link", "set", "sbsv", "up"])?;
+        run(&["ip", "link", "set", "sbcl", "netns", &pid])?;
+        let inside =
+            "ip link set lo up && ip addr add 10.77.0.2/24 dev sbcl && ip link set sbcl up";
+        run(&["nsenter", "-t", &pid, "-n", "sh", "-c", inside])?;
+        run(&[
+            "tc", "qdisc", "add", "dev", "sbsv", "root", "tbf", "rate", rate, "burst", "16kbit",
+            "latency", "200ms",
+        ])?;
+        Ok(net)
+    }
+
+    fn pid(&self) -> u32 {
+        self.holder.id()
+    }
+}
+
+impl Drop for ShapedNet {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", "sbsv"]).status();
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
     }
 }
 

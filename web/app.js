@@ -310,6 +310,8 @@ function onMessage(msg) {
       break;
     case "error":
       console.warn("[app] server error", msg);
+      // A tile reported just as its track went away: nothing for the user to see.
+      if (msg.code === "unknown-track") break;
       state.error = { code: msg.code, message: msg.message };
       if (msg.code === "connection-failed") {
         startReconnect(ERROR_TEXT["connection-failed"]);

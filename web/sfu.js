@@ -31,7 +31,7 @@ import { PeerLink } from "/peer.js";
  * (src/forward/layer.rs) assumes them. A browser or codec that cannot simulcast sends fewer.
  */
 export const CAMERA_LAYERS = [
-  { rid: "q", scaleResolutionDownBy: 4, maxBitrate: 150_000 },
+  { rid: "q", scaleResolutionDownBy: 4, maxBitrate: 100_000 },
   { rid: "h", scaleResolutionDownBy: 2, maxBitrate: 500_000 },
   { rid: "f", scaleResolutionDownBy: 1, maxBitrate: 1_700_000 },
 ];

@@ -5,8 +5,10 @@
 //! its lowest layer in priority order (screen shares and active speakers first; a video that
 //! does not fit is paused for bandwidth), then the leftover raises layers in the same order, each
 //! track up to the layer its tile needs. Hysteresis: a layer above the one forwarded now must
-//! fit with [`UP_HEADROOM`], and a track that was lowered for bandwidth is not raised again for
-//! [`UP_HOLD`], so a wobbling estimate does not flap the picture.
+//! fit with [`UP_HEADROOM`] at its peak rate of the last seconds (an encoder's rate swings
+//! with the picture), a track that was lowered for bandwidth is not raised again
+//! for [`UP_HOLD`], and a video already flowing is paused only when even its lowest layer has
+//! not fitted for [`PAUSE_AFTER`], so a wobbling estimate does not flap the picture.
 
 use std::time::{Duration, Instant};
 
@@ -16,6 +18,8 @@ use super::layer::LayerView;
 pub const UP_HEADROOM: f64 = 1.25;
 /// After a downgrade for bandwidth, no upgrade for this long.
 pub const UP_HOLD: Duration = Duration::from_secs(4);
+/// A flowing video's lowest layer must have not fitted for this long before it is paused.
+pub const PAUSE_AFTER: Duration = Duration::from_secs(2);
 /// A layer serves a tile when it is at least this share of the tile's size.
 const SIZE_TOLERANCE: f64 = 0.75;
 
@@ -57,6 +61,8 @@ pub struct LayerChoice {
     pub paused_for_bandwidth: bool,
     /// When it was last lowered for bandwidth.
     lowered_at: Option<Instant>,
+    /// Since when its lowest layer has not fitted while it was flowing.
+    short_since: Option<Instant>,
 }
 
 impl LayerChoice {
@@ -97,8 +103,8 @@ fn layer_for_size(layers: &[LayerView], visibility: Visibility) -> Option<u8> {
 
 /// Chooses a layer for every demand within `budget` bits per second (None: no estimate, no
 /// limit) once `audio` bits per second are set aside. Updates each demand's choice, and returns
-/// what the videos would take at the layers their tiles need (what the estimator should probe
-/// for).
+/// what raising every video to the layer its tile needs would take (what the estimator should
+/// probe for).
 pub fn allocate(budget: Option<u64>, audio: u64, demands: &mut [Demand<'_>], now: Instant) -> u64 {
     let mut left = budget.map_or(u64::MAX, |b| b.saturating_sub(audio));
     let mut order: Vec<usize> = (0..demands.len()).collect();
@@ -118,15 +124,16 @@ pub fn allocate(budget: Option<u64>, audio: u64, demands: &mut [Demand<'_>], now
         sending
     };
     let cost = |d: &Demand<'_>, layer: u8| -> u64 {
-        let rate = d.layers[layer as usize].bitrate;
+        let view = &d.layers[layer as usize];
         if d.choice.layer.is_none_or(|current| layer > current) {
-            (rate as f64 * UP_HEADROOM) as u64
+            (view.peak as f64 * UP_HEADROOM) as u64
         } else {
-            rate
+            view.bitrate
         }
     };
     let mut chosen: Vec<Option<u8>> = vec![None; demands.len()];
     let mut wanted = vec![false; demands.len()];
+    let mut shortage: Vec<Option<Instant>> = vec![None; demands.len()];
     // Every visible track's lowest layer.
     for &i in &order {
         let d = &demands[i];
@@ -138,10 +145,21 @@ pub fn allocate(budget: Option<u64>, audio: u64, demands: &mut [Demand<'_>], now
         } else {
             0
         };
-        if need <= left {
+        let fits = need <= left;
+        // A flowing video rides out a short dip of the estimate on its lowest layer.
+        let flowing = d.choice.layer.is_some();
+        let short_since = if fits {
+            None
+        } else {
+            d.choice.short_since.or(Some(now))
+        };
+        let riding_out =
+            flowing && short_since.is_some_and(|t| now.saturating_duration_since(t) < PAUSE_AFTER);
+        if fits || riding_out {
             left -= d.layers[lowest as usize].bitrate.min(left);
             chosen[i] = Some(lowest);
         }
+        shortage[i] = short_since;
     }
     // The leftover raises layers in priority order.
     for &i in &order {
@@ -183,12 +201,13 @@ pub fn allocate(budget: Option<u64>, audio: u64, demands: &mut [Demand<'_>], now
         }
         d.choice.paused_for_bandwidth = wanted[i] && layer.is_none();
         d.choice.layer = layer;
+        d.choice.short_since = shortage[i];
     }
     demands
         .iter()
         .filter_map(|d| {
             let top = candidates(d).last().copied()?;
-            Some(d.layers[usize::from(top)].bitrate)
+            Some((d.layers[usize::from(top)].peak as f64 * UP_HEADROOM) as u64)
         })
         .sum()
 }
@@ -208,6 +227,7 @@ mod tests {
         .map(|(&(width, height, bitrate), sending)| LayerView {
             sending,
             bitrate,
+            peak: bitrate,
             width,
             height,
         })
@@ -326,7 +346,39 @@ mod tests {
         let now = Instant::now();
         let mut t = vec![track(Priority::Normal, Visibility::Unknown)];
         t[0].0[2].bitrate = 10_000;
-        assert_eq!(run(Some(1_000_000), &mut t, now), vec![Some(2)]);
+        assert_eq!(run(Some(3_000_000), &mut t, now), vec![Some(2)]);
+    }
+
+    #[test]
+    fn raising_counts_a_layer_at_its_peak_rate() {
+        let now = Instant::now();
+        let mut t = vec![track(Priority::Normal, Visibility::Unknown)];
+        // The top layer measures 400k for the moment but peaked at 1.7M: 1.25 x 1.7M does
+        // not fit.
+        t[0].0[2].bitrate = 400_000;
+        assert_eq!(run(Some(1_200_000), &mut t, now), vec![Some(1)]);
+    }
+
+    #[test]
+    fn a_flowing_video_rides_out_a_short_dip_before_it_is_paused() {
+        let t0 = Instant::now();
+        let mut t = vec![track(Priority::Normal, Visibility::Unknown)];
+        assert_eq!(run(Some(400_000), &mut t, t0), vec![Some(0)]);
+        // The estimate falls below its lowest layer: it stays on it for PAUSE_AFTER.
+        assert_eq!(run(Some(100_000), &mut t, t0), vec![Some(0)]);
+        let t1 = t0 + PAUSE_AFTER / 2;
+        assert_eq!(run(Some(100_000), &mut t, t1), vec![Some(0)]);
+        assert!(!t[0].2.paused_for_bandwidth);
+        // Recovered in time: the clock restarts.
+        assert_eq!(run(Some(400_000), &mut t, t1), vec![Some(0)]);
+        let t2 = t1 + Duration::from_millis(100);
+        assert_eq!(run(Some(100_000), &mut t, t2), vec![Some(0)]);
+        // A dip that lasts: paused.
+        assert_eq!(run(Some(100_000), &mut t, t2 + PAUSE_AFTER), vec![None]);
+        assert!(t[0].2.paused_for_bandwidth);
+        // A video not flowing yet does not wait.
+        let mut fresh = vec![track(Priority::Normal, Visibility::Unknown)];
+        assert_eq!(run(Some(100_000), &mut fresh, t0), vec![None]);
     }
 
     #[test]

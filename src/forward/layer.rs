@@ -11,9 +11,12 @@ use super::KeyframeThrottle;
 pub const LAYER_SILENCE: Duration = Duration::from_millis(1500);
 /// Bitrates are measured over windows of this length.
 const RATE_WINDOW: Duration = Duration::from_millis(500);
+/// A layer's peak rate is the highest of this many recent windows (5 s): an encoder's rate
+/// swings with the picture, and a layer is raised to only if its peaks fit.
+const PEAK_WINDOWS: usize = 10;
 /// Bitrates assumed for a layer not measured yet, from the lowest to the highest of three
 /// (the browser client's ladder; a track with fewer layers takes the top ones).
-pub const NOMINAL_BITRATES: [u64; 3] = [150_000, 500_000, 1_700_000];
+pub const NOMINAL_BITRATES: [u64; 3] = [100_000, 500_000, 1_700_000];
 /// Picture heights assumed for a layer whose keyframes do not say (codecs other than VP8).
 const NOMINAL_HEIGHTS: [u16; 3] = [180, 360, 720];
 
@@ -27,6 +30,9 @@ pub struct LayerState {
     window_bytes: u64,
     /// Bits per second over the last complete window.
     bitrate: u64,
+    /// Bits per second of the last complete windows, the newest at `recent_next - 1`.
+    recent: [u64; PEAK_WINDOWS],
+    recent_next: usize,
 }
 
 impl LayerState {
@@ -38,6 +44,8 @@ impl LayerState {
             window_start: None,
             window_bytes: 0,
             bitrate: 0,
+            recent: [0; PEAK_WINDOWS],
+            recent_next: 0,
         }
     }
 
@@ -51,6 +59,8 @@ impl LayerState {
         let elapsed = now.saturating_duration_since(start);
         if elapsed >= RATE_WINDOW {
             self.bitrate = self.window_bytes * 8 * 1000 / elapsed.as_millis().max(1) as u64;
+            self.recent[self.recent_next] = self.bitrate;
+            self.recent_next = (self.recent_next + 1) % PEAK_WINDOWS;
             self.window_start = Some(now);
             self.window_bytes = 0;
         }
@@ -70,6 +80,9 @@ pub struct LayerView {
     pub sending: bool,
     /// Bits per second: measured, or nominal until measured.
     pub bitrate: u64,
+    /// The highest of the last seconds' rates (nominal until measured): what raising to this
+    /// layer must make room for.
+    pub peak: u64,
     pub width: u16,
     pub height: u16,
 }
@@ -87,13 +100,16 @@ pub fn views(layers: &[LayerState], now: Instant) -> Vec<LayerView> {
                 let h = NOMINAL_HEIGHTS[nominal];
                 (h / 9 * 16, h)
             });
+            let measured = l.bitrate > 0;
+            let bitrate = if measured {
+                l.bitrate
+            } else {
+                NOMINAL_BITRATES[nominal]
+            };
             LayerView {
                 sending: l.is_sending(now),
-                bitrate: if l.bitrate > 0 {
-                    l.bitrate
-                } else {
-                    NOMINAL_BITRATES[nominal]
-                },
+                bitrate,
+                peak: l.recent.iter().copied().max().unwrap_or(0).max(bitrate),
                 width,
                 height,
             }
@@ -116,6 +132,12 @@ mod tests {
         }
         let v = views(std::slice::from_ref(&l), t0 + Duration::from_millis(500));
         assert_eq!(v[0].bitrate, 1_600_000);
+        // A quieter window: the rate follows, the peak remembers.
+        for i in 101..=200 {
+            l.observe(500, None, t0 + Duration::from_millis(5 * i));
+        }
+        let v = views(std::slice::from_ref(&l), t0 + Duration::from_secs(1));
+        assert_eq!((v[0].bitrate, v[0].peak), (808_000, 1_600_000));
         assert!(v[0].sending);
         assert!(!l.is_sending(t0 + Duration::from_secs(3)));
     }

@@ -21,6 +21,17 @@ use serde_json::{Value, json};
 /// How long one WebDriver command may take before chromedriver is given up on.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// Where a chromedriver runs in another network namespace.
+#[derive(Debug, Clone, Copy)]
+pub struct NetnsDriver {
+    /// A process in that namespace.
+    pub pid: u32,
+    /// The namespace's address this process reaches it at.
+    pub address: Ipv4Addr,
+    /// This process's address as the namespace sees it.
+    pub client: Ipv4Addr,
+}
+
 /// A chromedriver process; killed (with every browser it started) when dropped.
 pub struct Driver {
     url: String,
@@ -30,21 +41,43 @@ pub struct Driver {
 impl Driver {
     /// Starts `chromedriver` on a free loopback port and waits until it accepts connections.
     pub async fn start(chromedriver: &Path, log_file: &Path) -> Result<Driver> {
+        Self::start_in(chromedriver, log_file, None).await
+    }
+
+    /// As [`Driver::start`]; with `netns`, chromedriver (and the browsers it starts) run in the
+    /// network namespace of that process, listening on `address` for this process at `client`.
+    pub async fn start_in(
+        chromedriver: &Path,
+        log_file: &Path,
+        netns: Option<NetnsDriver>,
+    ) -> Result<Driver> {
         let port = {
             let probe = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
             probe.local_addr()?.port()
         };
         let log = std::fs::File::create(log_file)
             .with_context(|| format!("creating {}", log_file.display()))?;
-        let child = Command::new(chromedriver)
+        let (mut command, addr) = match netns {
+            None => (
+                Command::new(chromedriver),
+                SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+            ),
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.args(["-t", &ns.pid.to_string(), "-n", "--"])
+                    .arg(chromedriver);
+                (c, SocketAddr::from((ns.address, port)))
+            }
+        };
+        let allowed = netns.map_or(Ipv4Addr::LOCALHOST, |ns| ns.client);
+        let child = command
             .arg(format!("--port={port}"))
-            .arg("--allowed-ips=127.0.0.1")
+            .arg(format!("--allowed-ips={allowed}"))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting {}", chromedriver.display()))?;
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         let mut driver = Driver {
             url: format!("http://{addr}/"),
             child,
