@@ -312,3 +312,46 @@ async fn a_capped_downlink_gets_the_low_layer_and_moves_up_when_it_recovers() {
     close_all(&[&publisher, &weak]).await;
     assert_all_clean(&server, "bwe").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_participant_who_speaks_is_announced_as_active_speaker() {
+    let _serial = serial().await;
+    let server = start_server_with(|c| c.workers = Some(2)).await;
+    let speaking = |dbov| ClientOptions {
+        publish_video: false,
+        media: MediaProfile {
+            speaking_dbov: Some(dbov),
+            ..MediaProfile::default()
+        },
+        ..ClientOptions::default()
+    };
+    // -20 dBov is speech; -100 dBov is a quiet room.
+    let talker = join(&server, "talk", "talker", speaking(20)).await;
+    let quiet = join(&server, "talk", "quiet", speaking(100)).await;
+    let listener = join(&server, "talk", "listener", ClientOptions::silent()).await;
+    let speakers = |c: &Client| -> Option<Vec<String>> {
+        c.snapshot().events.iter().rev().find_map(|e| match e {
+            ServerMessage::ActiveSpeakers { participants } => Some(participants.clone()),
+            _ => None,
+        })
+    };
+    let expected = vec![talker.id().to_owned()];
+    for c in [&talker, &quiet, &listener] {
+        let result = eventually(
+            "the talker announced as the active speaker",
+            MEDIA,
+            || async { speakers(c).as_ref() == Some(&expected) },
+        )
+        .await;
+        result.unwrap_or_else(|e| panic!("{e:#}: {:?}", speakers(c)));
+    }
+    // The talker leaves: nobody speaks.
+    talker.close().await;
+    let result = eventually("an empty active-speaker list", MEDIA, || async {
+        speakers(&listener) == Some(Vec::new())
+    })
+    .await;
+    result.unwrap_or_else(|e| panic!("{e:#}: {:?}", speakers(&listener)));
+    close_all(&[&quiet, &listener]).await;
+    assert_all_clean(&server, "talk").await;
+}

@@ -308,6 +308,10 @@ function onMessage(msg) {
     case "publisher-layers":
       session?.handle(msg);
       break;
+    case "active-speakers":
+      state.activeSpeakers = msg.participants;
+      ui.setActiveSpeakers(msg.participants);
+      break;
     case "error":
       console.warn("[app] server error", msg);
       // A tile reported just as its track went away: nothing for the user to see.
@@ -575,6 +579,7 @@ window.switchboard = {
       participantId: state.selfId,
       participants: [...state.participants.values()],
       sharing: state.sharing,
+      activeSpeakers: state.activeSpeakers ?? [],
       micOn: media.micOn,
       camOn: media.camOn,
       media: {
@@ -623,6 +628,10 @@ window.switchboard = {
       }
     }
     return out;
+  },
+  /** Our peer connections (tests read their getStats()). */
+  peers() {
+    return session?.peers() ?? [];
   },
   /** The current SDPs and states of our peer connections (debugging aid). */
   sdp() {

@@ -11,6 +11,22 @@
 
 import { Emitter } from "/emitter.js";
 
+/**
+ * Makes Opus with RED (RFC 2198: each packet also carries the previous one, so a lost packet
+ * costs no audio) the preferred audio codec where the browser has it: browsers send RED only
+ * when it comes first. The SFU forwards it as it is, or cut to plain Opus for a narrow downlink.
+ */
+function preferRed(transceiver) {
+  const codecs = RTCRtpSender.getCapabilities?.("audio")?.codecs ?? [];
+  const red = codecs.filter((c) => c.mimeType.toLowerCase() === "audio/red");
+  if (red.length === 0 || !transceiver.setCodecPreferences) return;
+  try {
+    transceiver.setCodecPreferences([...red, ...codecs.filter((c) => c.mimeType.toLowerCase() !== "audio/red")]);
+  } catch (err) {
+    console.warn("[peer] cannot prefer RED", err);
+  }
+}
+
 export class PeerLink extends Emitter {
   /**
    * @param {object} opts
@@ -146,6 +162,7 @@ export class PeerLink extends Emitter {
         transceiver = this.pc.addTransceiver(track, init);
       }
       sender = transceiver.sender;
+      if (track.kind === "audio") preferRed(transceiver);
     } else {
       sender = this.pc.addTrack(track, stream);
     }

@@ -24,6 +24,9 @@ const MIC_OFF_SVG =
 const CAM_OFF_SVG =
   '<svg viewBox="0 0 24 24" aria-hidden="true"><path d="M17 10.5V7a1 1 0 0 0-1-1H4a1 1 0 0 0-1 1v10a1 1 0 0 0 1 1h12a1 1 0 0 0 1-1v-3.5l4 4v-11l-4 4z"/><path d="M3 3l18 18" stroke="currentColor" stroke-width="2.2"/></svg>';
 
+/** Remote cameras above which the grid shows the active speakers large and the rest small. */
+const CROWDED = 6;
+
 /** One video tile: a participant's camera, a screen share, or our own preview. */
 export class Tile {
   /**
@@ -276,6 +279,7 @@ export class UI {
       else this.grid.append(tile.el);
     } else this.grid.append(tile.el);
     this.#layout();
+    this.setActiveSpeakers(this.#speakers);
     return tile;
   }
 
@@ -288,6 +292,24 @@ export class UI {
     this.#layout();
   }
 
+  /**
+   * The server's active speakers, loudest first: their camera tiles are marked and come first
+   * after ours. In a crowded grid (more than CROWDED remote cameras) they are also shown large
+   * and everyone else small, so the server sends the others on low layers.
+   */
+  setActiveSpeakers(ids) {
+    this.#speakers = ids;
+    for (const tile of this.tiles.values()) {
+      const rank = !tile.local && tile.kind === "camera" ? ids.indexOf(tile.participantId) : -1;
+      tile.el.classList.toggle("active-speaker", rank >= 0);
+      // CSS order, not DOM moves: a video element keeps playing untouched.
+      tile.el.style.order = tile.local && tile.kind === "camera" ? "-10" : rank >= 0 ? String(rank - 5) : "";
+    }
+    this.#layout();
+  }
+
+  #speakers = [];
+
   clearTiles() {
     for (const id of [...this.tiles.keys()]) this.removeTile(id);
   }
@@ -298,7 +320,12 @@ export class UI {
 
   /** Picks a column count so that n 16:9 tiles fill the grid's box as well as possible. */
   #layout() {
-    const n = Math.max(1, this.tiles.size);
+    const cameras = [...this.tiles.values()].filter((t) => !t.local && t.kind === "camera").length;
+    const crowded = cameras > CROWDED;
+    this.grid.classList.toggle("crowded", crowded);
+    // A large speaker tile takes 2 x 2 cells.
+    const large = crowded ? this.grid.querySelectorAll(".tile.active-speaker").length : 0;
+    const n = Math.max(1, this.tiles.size + 3 * large);
     const { width, height } = this.grid.getBoundingClientRect();
     let best = { cols: 1, size: 0 };
     for (let cols = 1; cols <= n; cols++) {

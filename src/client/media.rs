@@ -66,6 +66,9 @@ pub struct MediaProfile {
     /// client sends its camera: each with the frame's packets, at a quarter, half and all of
     /// `video_packet_size`.
     pub simulcast: bool,
+    /// Audio packets carry this level (dBov below full scale, 0..=127) in the audio-level header
+    /// extension, flagged as voice: the participant "speaks" that loud. None: no extension.
+    pub speaking_dbov: Option<u8>,
 }
 
 /// The rids of the synthetic simulcast layers, lowest first (the browser client's too).
@@ -74,6 +77,7 @@ pub const SIMULCAST_RIDS: [&str; 3] = ["q", "h", "f"];
 const LAYER_SIZE_DIVISORS: [usize; 3] = [4, 2, 1];
 const MID_EXTENSION: &str = "urn:ietf:params:rtp-hdrext:sdes:mid";
 const RID_EXTENSION: &str = "urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id";
+pub(crate) const AUDIO_LEVEL_EXTENSION: &str = "urn:ietf:params:rtp-hdrext:ssrc-audio-level";
 
 /// Share of a frame interval a paced frame's packets are spread over: a 2.5× pacing factor.
 pub const PACED_SHARE: f64 = 1.0 / 2.5;
@@ -91,6 +95,7 @@ impl Default for MediaProfile {
             plain_add_track: false,
             paced: true,
             simulcast: false,
+            speaking_dbov: None,
         }
     }
 }
@@ -116,6 +121,7 @@ impl Output {
         sequence_number: u16,
         timestamp: u32,
         payload: &Bytes,
+        audio_level: Option<u8>,
     ) -> Written {
         let Some(l) = self.layers.get(layer) else {
             return Written::Skipped;
@@ -135,17 +141,21 @@ impl Output {
             },
             payload: payload.clone(),
         };
-        if let Some(rid) = l.rid {
-            let tags = self.tags.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            if let Some(LayerTags { mid, rid: rid_id }) = tags {
-                if let Some((id, mid)) = mid {
+        let tags = self.tags.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(tags) = tags {
+            if let (Some(rid), Some(id)) = (l.rid, tags.rid) {
+                let _ = packet
+                    .header
+                    .set_extension(id, Bytes::from_static(rid.as_bytes()));
+                if let Some((id, mid)) = tags.mid {
                     let _ = packet.header.set_extension(id, mid);
                 }
-                if let Some(id) = rid_id {
-                    let _ = packet
-                        .header
-                        .set_extension(id, Bytes::from_static(rid.as_bytes()));
-                }
+            }
+            if let (Some(level), Some(id)) = (audio_level, tags.audio_level) {
+                // V flag (voice) and the level.
+                let _ = packet
+                    .header
+                    .set_extension(id, Bytes::copy_from_slice(&[0x80 | (level & 0x7f)]));
             }
         }
         match self.track.write_rtp(packet).await {
@@ -168,10 +178,12 @@ struct OutputLayer {
 
 /// What simulcast packets must carry for the receiver to tell the layers apart: the mid and
 /// rid header extensions, under the ids negotiated.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 struct LayerTags {
     mid: Option<(u8, Bytes)>,
     rid: Option<u8>,
+    /// The audio-level extension's id.
+    audio_level: Option<u8>,
 }
 
 /// One published track on one peer connection.
@@ -252,22 +264,24 @@ impl Output {
         else {
             return false;
         };
+        let id = |uri: &str| {
+            parameters
+                .rtp_parameters
+                .header_extensions
+                .iter()
+                .find(|e| e.uri == uri)
+                .and_then(|e| u8::try_from(e.id).ok())
+        };
+        let mut tags = LayerTags {
+            audio_level: id(AUDIO_LEVEL_EXTENSION),
+            ..LayerTags::default()
+        };
         if self.layers.len() > 1 {
-            let id = |uri: &str| {
-                parameters
-                    .rtp_parameters
-                    .header_extensions
-                    .iter()
-                    .find(|e| e.uri == uri)
-                    .and_then(|e| u8::try_from(e.id).ok())
-            };
             let mid = self.transceiver.mid().await.ok().flatten();
-            let tags = LayerTags {
-                mid: id(MID_EXTENSION).zip(mid.map(Bytes::from)),
-                rid: id(RID_EXTENSION),
-            };
-            *self.tags.lock().unwrap_or_else(|e| e.into_inner()) = Some(tags);
+            tags.mid = id(MID_EXTENSION).zip(mid.map(Bytes::from));
+            tags.rid = id(RID_EXTENSION);
         }
+        *self.tags.lock().unwrap_or_else(|e| e.into_inner()) = Some(tags);
         if let Ok(Some(mid)) = self.transceiver.mid().await {
             *self.mid.lock().unwrap_or_else(|e| e.into_inner()) = Some(mid);
         }
@@ -498,8 +512,12 @@ impl LocalTrack {
                     let payload = buf.split().freeze();
                     let mut sent = false;
                     for output in &ready {
+                        let level = match self.kind {
+                            MediaKind::Audio => self.profile.speaking_dbov,
+                            MediaKind::Video => None,
+                        };
                         match output
-                            .write(layer, marker, rtp_seq[layer], timestamp, &payload)
+                            .write(layer, marker, rtp_seq[layer], timestamp, &payload, level)
                             .await
                         {
                             Written::Sent => sent = true,

@@ -16,7 +16,7 @@ use anyhow::Context as _;
 use rtc::ice::mdns::MulticastDnsMode;
 use rtc::peer_connection::configuration::media_engine::{MIME_TYPE_OPUS, MIME_TYPE_VP8};
 use rtc::rtp_transceiver::rtp_sender::{
-    RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RtpCodecKind,
+    RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpHeaderExtensionCapability, RtpCodecKind,
 };
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
@@ -29,7 +29,7 @@ use webrtc::peer_connection::{
 };
 use webrtc::runtime::TokioRuntime;
 
-use super::media::Output;
+use super::media::{AUDIO_LEVEL_EXTENSION, Output};
 use super::payload;
 use super::relay::MediaRelay;
 use super::session::Event;
@@ -354,6 +354,14 @@ async fn build_peer_connection(
     for (codec, kind) in codecs() {
         media_engine.register_codec(codec, kind)?;
     }
+    // The audio level of each packet (RFC 6464), from which the server tells who speaks.
+    media_engine.register_header_extension(
+        RTCRtpHeaderExtensionCapability {
+            uri: AUDIO_LEVEL_EXTENSION.to_owned(),
+        },
+        RtpCodecKind::Audio,
+        None,
+    )?;
     let registry = register_default_interceptors(Registry::new(), &mut media_engine)?;
     let registry = super::keyframe::register(registry);
     // Loopback candidates only, and no mDNS (it would multicast off the loopback interface).

@@ -116,6 +116,26 @@ fn vp8_keyframe_size(p: &[u8]) -> Option<(u16, u16)> {
     Some((width, height))
 }
 
+/// Where the primary block of an RFC 2198 RED payload starts: after the 4-byte headers of the
+/// redundant blocks (F bit set), the 1-byte header of the primary, and the redundant data.
+/// None for a payload that does not parse.
+pub fn red_primary_offset(p: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    let mut redundant = 0usize;
+    loop {
+        let b = *p.get(i)?;
+        if b & 0x80 == 0 {
+            i += 1;
+            break;
+        }
+        let len = usize::from(*p.get(i + 2)? & 0x03) << 8 | usize::from(*p.get(i + 3)?);
+        redundant += len;
+        i += 4;
+    }
+    let start = i + redundant;
+    (start <= p.len()).then_some(start)
+}
+
 /// VP9 payload descriptor (draft-ietf-payload-vp9): B = beginning of a frame, P = inter-picture
 /// predicted; a keyframe starts with B set and P clear (in spatial layer 0 when L is present).
 fn vp9_keyframe_start(p: &[u8]) -> bool {
@@ -193,6 +213,21 @@ mod tests {
         assert!(f.starts_keyframe(&[0x90, 0xc0, 0x81, 0x02, 0x07, 0x9c]));
         assert!(!f.starts_keyframe(&[0x90, 0xc0, 0x81]), "truncated");
         assert!(!f.starts_keyframe(&[]));
+    }
+
+    #[test]
+    fn red_primary_block() {
+        // One redundant block (pt 111, 3 bytes), then the primary (pt 111): "abc" then "XYZW".
+        let red = [
+            0xef, 0x03, 0xc0, 0x03, 0x6f, b'a', b'b', b'c', b'X', b'Y', b'Z', b'W',
+        ];
+        assert_eq!(red_primary_offset(&red), Some(8));
+        // Only a primary.
+        assert_eq!(red_primary_offset(&[0x6f, 1, 2]), Some(1));
+        // Lengths beyond the payload, or headers cut short.
+        assert_eq!(red_primary_offset(&[0xef, 0x03, 0xc0, 0x30, 0x6f, 1]), None);
+        assert_eq!(red_primary_offset(&[0xef, 0x03]), None);
+        assert_eq!(red_primary_offset(&[]), None);
     }
 
     #[test]

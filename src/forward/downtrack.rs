@@ -50,6 +50,11 @@ impl<K: Copy + Eq> DownTrack<K> {
         }
     }
 
+    /// Whether RED audio goes to it as RED or as its primary block.
+    pub fn set_red(&mut self, on: bool) {
+        self.rewriter.set_red(on);
+    }
+
     /// Asks for another layer (None pauses at once; a layer starts on its next keyframe).
     pub fn set_target(&mut self, target: Option<u8>) {
         self.target = target;

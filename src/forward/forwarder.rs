@@ -37,6 +37,8 @@ pub struct TrackForwarder<K> {
     /// Layers the publisher was asked to switch off (dynacast; bit i: layer i). Layer choice
     /// counts them as sent: asking for one switches it back on.
     suspended: u32,
+    /// The last packet was RED (audio with redundancy, about twice the codec's rate).
+    carries_red: bool,
 }
 
 impl<K: Copy + Eq> TrackForwarder<K> {
@@ -52,6 +54,7 @@ impl<K: Copy + Eq> TrackForwarder<K> {
             layers: vec![LayerState::new(keyframe_interval); layers],
             padding: (0..layers).map(|_| PaddingRemover::default()).collect(),
             suspended: 0,
+            carries_red: false,
         }
     }
 
@@ -79,6 +82,24 @@ impl<K: Copy + Eq> TrackForwarder<K> {
             v.sending |= self.suspended & 1 << i != 0;
         }
         views
+    }
+
+    /// Bits per second a subscriber receives of this audio track: with RED as it comes, or
+    /// about half when RED is cut to its primary block for it.
+    pub fn audio_bitrate(&self, red_on: bool, now: Instant) -> u64 {
+        let rate = self.layer_bitrate(0, now);
+        if self.carries_red && !red_on {
+            rate / 2
+        } else {
+            rate
+        }
+    }
+
+    /// Sends RED to a subscriber as RED, or as its primary block.
+    pub fn set_red(&mut self, to: K, on: bool) {
+        if let Some(d) = self.downtracks.iter_mut().find(|d| d.subscriber() == to) {
+            d.set_red(on);
+        }
     }
 
     /// The publisher was asked to switch these layers off (bit i: layer i).
@@ -238,6 +259,7 @@ impl<K: Copy + Eq> TrackForwarder<K> {
             _ => None,
         };
         layer.observe(packet.payload.len(), size, packet.received_at);
+        self.carries_red = packet.red;
         let mut waiting = 0u32;
         for downtrack in &mut self.downtracks {
             if let Some(header) = downtrack.rewrite(packet) {

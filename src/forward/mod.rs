@@ -6,7 +6,8 @@
 //! publisher sends), the per-subscriber header rewrite ([`Rewriter`]: payload type, sequence
 //! number, timestamp, VP8 picture ids, spliced at every switch), keyframe recognition
 //! ([`VideoFormat`]) so a subscriber starts and switches on a keyframe,
-//! which layers nobody wants so the publisher can stop encoding them ([`Dynacast`]),
+//! which layers nobody wants so the publisher can stop encoding them ([`Dynacast`]), who speaks
+//! ([`SpeechMeter`], from the audio-level header extension),
 //! keyframe-request throttling ([`KeyframeThrottle`]), padding removal (`padding.rs`), and how a track is found
 //! on the packet path ([`TrackRoute`]).
 //!
@@ -26,9 +27,10 @@ mod packet;
 mod padding;
 mod rewrite;
 mod route;
+mod speaker;
 
 pub use allocate::{Demand, LayerChoice, PauseCause, Priority, Visibility, allocate};
-pub use codec::VideoFormat;
+pub use codec::{VideoFormat, red_primary_offset};
 use downtrack::DownTrack;
 pub use dynacast::Dynacast;
 pub use forwarder::{Delivery, TrackForwarder};
@@ -37,3 +39,4 @@ pub use layer::LayerView;
 pub use packet::{MediaPacket, Vp8Ids};
 pub use rewrite::{Rewriter, Rewritten};
 pub use route::{TrackKey, TrackRoute};
+pub use speaker::SpeechMeter;

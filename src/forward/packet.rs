@@ -13,6 +13,8 @@ pub struct MediaPacket {
     pub marker: bool,
     /// Simulcast layer (0 = lowest resolution); 0 for a track sent as one stream.
     pub layer: u8,
+    /// The payload is RFC 2198 redundant audio (RED) wrapping the track's codec.
+    pub red: bool,
     /// The payload starts a keyframe (filled in by the publisher's forwarder from the codec).
     pub keyframe: bool,
     /// VP8 picture numbering (filled in with `keyframe`), rewritten per subscriber so that a
@@ -47,6 +49,7 @@ impl MediaPacket {
             timestamp,
             marker,
             layer,
+            red: false,
             keyframe: false,
             vp8: None,
             payload,

@@ -21,6 +21,8 @@ pub struct Rewritten {
     pub timestamp: u32,
     /// VP8 picture numbering on the subscriber's stream (None: leave the payload as is).
     pub vp8: Option<Vp8Ids>,
+    /// A RED packet for a subscriber without RED: send only its primary block.
+    pub primary_only: bool,
 }
 
 /// The newest packet sent: where the next segment continues from.
@@ -46,6 +48,10 @@ struct Segment {
 #[derive(Debug, Clone)]
 pub struct Rewriter {
     payload_type: u8,
+    /// The subscriber's payload type for RED (RFC 2198) around the codec, if it took RED.
+    red_payload_type: Option<u8>,
+    /// RED is sent as RED (not cut to its primary block): off on a narrow downlink.
+    red_on: bool,
     /// Timestamp ticks per millisecond, to advance the timestamp across a splice by the time
     /// that passed.
     ticks_per_ms: u32,
@@ -60,12 +66,27 @@ impl Rewriter {
     pub fn new(payload_type: u8, clock_rate: u32, seq_base: u16, ts_base: u32) -> Self {
         Rewriter {
             payload_type,
+            red_payload_type: None,
+            red_on: true,
             ticks_per_ms: (clock_rate / 1000).max(1),
             seq_base: u64::from(seq_base) + (1 << 15),
             ts_base,
             last: None,
             segment: None,
         }
+    }
+
+    /// The subscriber takes RED (RFC 2198) under this payload type: RED packets go to it as they
+    /// are. Without it, they go as their primary block.
+    pub fn with_red(mut self, red_payload_type: Option<u8>) -> Self {
+        self.red_payload_type = red_payload_type;
+        self
+    }
+
+    /// Whether RED goes to the subscriber as RED (true) or as its primary block, which halves
+    /// what its audio costs.
+    pub fn set_red(&mut self, on: bool) {
+        self.red_on = on;
     }
 
     /// The next packet starts a new segment (another layer, or after a pause): it continues the
@@ -99,11 +120,17 @@ impl Rewriter {
                 vp8,
             });
         }
+        let (payload_type, primary_only) = match (packet.red, self.red_payload_type) {
+            (true, Some(red)) if self.red_on => (red, false),
+            (true, _) => (self.payload_type, true),
+            (false, _) => (self.payload_type, false),
+        };
         Some(Rewritten {
-            payload_type: self.payload_type,
+            payload_type,
             seq,
             timestamp,
             vp8,
+            primary_only,
         })
     }
 
@@ -180,6 +207,28 @@ mod tests {
         assert_eq!(c.seq, 33769);
         // One from before the segment's first packet has no place.
         assert_eq!(r.rewrite(&pkt(65530, 0, t)), None);
+    }
+
+    #[test]
+    fn red_goes_as_red_where_taken_and_as_its_primary_elsewhere() {
+        let t = Instant::now();
+        let mut red = pkt(1, 0, t);
+        red.red = true;
+        let mut with = Rewriter::new(111, 48_000, 0, 0).with_red(Some(63));
+        let h = with.rewrite(&red).unwrap();
+        assert_eq!((h.payload_type, h.primary_only), (63, false));
+        let mut without = Rewriter::new(111, 48_000, 0, 0);
+        let h = without.rewrite(&red).unwrap();
+        assert_eq!((h.payload_type, h.primary_only), (111, true));
+        let h = with.rewrite(&pkt(2, 960, t)).unwrap();
+        assert_eq!((h.payload_type, h.primary_only), (111, false), "plain Opus");
+        with.set_red(false);
+        let h = with.rewrite(&red).unwrap();
+        assert_eq!(
+            (h.payload_type, h.primary_only),
+            (111, true),
+            "a narrow downlink"
+        );
     }
 
     #[test]

@@ -4,7 +4,8 @@
 
 use str0m::Rtc;
 use str0m::format::PayloadParams;
-use str0m::media::{MediaKind as StrMediaKind, Mid};
+
+use str0m::media::{MediaKind as StrMediaKind, Mid, Pt};
 
 use crate::types::{MediaKind, TrackCodec};
 
@@ -37,15 +38,28 @@ pub fn track_codec(kind: MediaKind, params: &PayloadParams) -> TrackCodec {
 }
 
 /// The payload type `rtc` negotiated on `mid` for `codec`, if the remote accepted that codec.
-pub fn payload_type_for(rtc: &Rtc, mid: Mid, kind: MediaKind, codec: &TrackCodec) -> Option<u8> {
+/// Also the payload type of RED around it, if the remote accepted that too.
+pub fn payload_type_for(
+    rtc: &Rtc,
+    mid: Mid,
+    kind: MediaKind,
+    codec: &TrackCodec,
+) -> Option<(u8, Option<u8>)> {
     let accepted = rtc.media(mid)?.remote_pts();
-    let negotiated = rtc
-        .codec_config()
-        .params()
+    let taken = |pt: &Pt| accepted.is_empty() || accepted.contains(pt);
+    let params = rtc.codec_config().params();
+    let negotiated = params
         .iter()
-        .filter(|p| accepted.is_empty() || accepted.contains(&p.pt()))
+        .filter(|p| taken(&p.pt()))
         .map(|p| (track_codec(kind, p), *p.pt()));
-    negotiated_payload_type(codec, negotiated)
+    let pt = negotiated_payload_type(codec, negotiated)?;
+    let red = params
+        .iter()
+        .find(|p| *p.pt() == pt)
+        .and_then(|p| p.red())
+        .filter(|red| !accepted.is_empty() && taken(red))
+        .map(|red| *red);
+    Some((pt, red))
 }
 
 /// The payload type for `codec` among `negotiated`: same MIME type, and for codecs with

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 
 use super::codec::str0m_kind;
 use super::{MediaError, MediaEvent, OfferOutcome, Subscription};
-use crate::forward::{LayerChoice, PauseCause, TrackKey};
+use crate::forward::{LayerChoice, PauseCause, Priority, TrackKey};
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::types::{MediaKind, ParticipantId, TrackCodec};
 
@@ -28,10 +28,13 @@ pub enum Inbound {
     /// Negotiated; its codec is known from the first packet.
     AwaitingFirstPacket(MediaKind),
     /// Announced to the session, which has not published it yet.
-    Announced(TrackCodec, Layers),
+    Announced(TrackCodec, Layers, RedPt),
     /// Published: packets go to the forwarder of this key.
-    Published(TrackKey, Layers),
+    Published(TrackKey, Layers, RedPt),
 }
+
+/// The payload type under which the publisher may wrap the track's codec in RFC 2198 RED.
+pub type RedPt = Option<u8>;
 
 /// A track's simulcast layers: the rids it is sent with, lowest resolution first (empty for a
 /// track sent as one stream).
@@ -89,6 +92,18 @@ pub struct Outbound {
     pub live: Option<LiveDownTrack>,
     /// Video: the layer chosen for this subscriber, and what it is chosen from.
     pub choice: LayerChoice,
+    /// Whether it goes first in the subscriber's downlink (an active speaker's video).
+    pub speaking: bool,
+}
+
+impl Outbound {
+    pub fn priority(&self) -> Priority {
+        if self.speaking || self.sub.screen {
+            Priority::High
+        } else {
+            Priority::Normal
+        }
+    }
 }
 
 /// A subscription packets flow to: the SSRC of its send stream (a hash lookup on the packet
@@ -268,6 +283,7 @@ impl Conn {
             state: OutState::ToOpen,
             live: None,
             choice: LayerChoice::default(),
+            speaking: false,
         });
     }
 

@@ -97,6 +97,9 @@ pub enum MediaEvent {
         layer: Option<String>,
         paused: Option<PauseCause>,
     },
+    /// How loud the participant speaks (0: not speaking), when that changed: smoothed over
+    /// half-second readings of the audio-level header extension.
+    Speech { loudness: f32 },
     /// The simulcast layers of a published track that anyone receives changed (dynacast):
     /// the participant should encode only these.
     LayersWanted {
@@ -126,6 +129,8 @@ pub struct Subscription {
     pub track_id: TrackId,
     /// Simulcast layers by rid, lowest first (empty: one stream).
     pub layers: Arc<[String]>,
+    /// A screen share: first in the subscriber's downlink with the active speakers.
+    pub screen: bool,
 }
 
 impl Subscription {
@@ -389,6 +394,15 @@ impl MediaHandle {
             conn: self.conn,
             key,
             visibility,
+        })
+    }
+
+    /// The videos that go first in this participant's downlink now (the active speakers');
+    /// screen shares always do.
+    pub fn prioritize(&self, keys: Vec<TrackKey>) -> Result<(), MediaError> {
+        self.send(Command::Prioritize {
+            conn: self.conn,
+            keys,
         })
     }
 

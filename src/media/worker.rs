@@ -33,8 +33,8 @@ use super::{
     IncomingTrack, IncomingTrackId, MediaError, MediaEvent, OfferOutcome, PauseCause, Subscription,
 };
 use crate::forward::{
-    Delivery, Demand, Dynacast, KeyframeThrottle, LayerView, MediaPacket, Priority, Rewriter,
-    TrackForwarder, TrackKey, Visibility, Vp8Ids, allocate,
+    Delivery, Demand, Dynacast, KeyframeThrottle, LayerView, MediaPacket, Rewriter, SpeechMeter,
+    TrackForwarder, TrackKey, Visibility, Vp8Ids, allocate, red_primary_offset,
 };
 use crate::metrics::{GaugeGuard, LayerLabel, Metrics, WorkerLabel};
 use crate::types::{MediaKind, ParticipantId};
@@ -54,6 +54,8 @@ const CHAT_BUFFER_LIMIT: usize = 256 * 1024;
 const RTX_CACHE_VIDEO: usize = 128;
 /// How often the load figure is refreshed.
 const LOAD_WINDOW: Duration = Duration::from_secs(1);
+/// Below this downlink estimate, RED audio goes to a subscriber as its primary block only.
+const RED_MIN_DOWNLINK: u64 = 1_000_000;
 /// How often every subscriber's layers are chosen again (estimates, tile sizes and what
 /// publishers send change meanwhile).
 const ALLOCATION_INTERVAL: Duration = Duration::from_millis(500);
@@ -145,6 +147,10 @@ pub enum Command {
         key: TrackKey,
         visibility: Visibility,
     },
+    Prioritize {
+        conn: ConnId,
+        keys: Vec<TrackKey>,
+    },
     Publish {
         conn: ConnId,
         mid: Mid,
@@ -202,6 +208,8 @@ pub fn rtc_config(dtls_cert: DtlsCert, start_bitrate_kbps: u64) -> RtcConfig {
         .set_rtp_mode(true)
         .set_dtls_cert(dtls_cert)
         .set_send_buffer_video(RTX_CACHE_VIDEO)
+        // Opus with RED (RFC 2198) where the client takes it; RED is forwarded as it comes.
+        .enable_opus(true, true)
         .enable_bwe((start_bitrate_kbps > 0).then(|| Bitrate::kbps(start_bitrate_kbps)))
 }
 
@@ -227,6 +235,8 @@ enum Source {
         /// Its rids, to ask for a layer's keyframe.
         layers: Layers,
         dynacast: Dynacast,
+        /// Audio: who speaks, and the loudness last told to the session.
+        speech: Option<(SpeechMeter, f32)>,
         _gauge: GaugeGuard,
     },
     /// Relayed from the publisher's worker.
@@ -646,18 +656,25 @@ impl Worker {
         else {
             return;
         };
-        let (key, layer) = match conn.inbound.get_mut(&mid) {
-            Some(Inbound::Published(key, layers)) => match layer_of(layers, rid) {
-                Some(layer) => (*key, layer),
+        let (key, layer, red) = match conn.inbound.get_mut(&mid) {
+            Some(Inbound::Published(key, layers, red)) => match layer_of(layers, rid) {
+                Some(layer) => (*key, layer, *red == Some(*packet.header.payload_type)),
                 None => return,
             },
             Some(Inbound::AwaitingFirstPacket(kind)) => {
                 // The codec is whatever the first packet's payload type names.
                 let kind = *kind;
                 let pt = packet.header.payload_type;
-                let Some(params) = conn.rtc.codec_config().find(|p| p.pt() == pt).copied() else {
+                // A RED packet names its codec by the RED payload type paired with it.
+                let Some(params) = conn
+                    .rtc
+                    .codec_config()
+                    .find(|p| p.pt() == pt || p.red() == Some(pt))
+                    .copied()
+                else {
                     return;
                 };
+                let red = params.red().map(|pt| *pt);
                 let codec = track_codec(kind, &params);
                 let (stream_id, layers) = conn.rtc.media(mid).map_or_else(
                     || (String::new(), Layers::from([])),
@@ -670,7 +687,8 @@ impl Worker {
                     stream_id,
                     layers: layers.iter().map(|r| r.to_string()).collect(),
                 }));
-                conn.inbound.insert(mid, Inbound::Announced(codec, layers));
+                conn.inbound
+                    .insert(mid, Inbound::Announced(codec, layers, red));
                 return;
             }
             Some(Inbound::Announced(..)) | None => return,
@@ -683,10 +701,21 @@ impl Worker {
             packet.payload,
             now,
         );
+        media.red = red;
         let Some(f) = self.forwarders.get_mut(&key) else {
             return;
         };
         self.tally.packets_in += 1;
+        if let (
+            Source::Local {
+                speech: Some((meter, _)),
+                ..
+            },
+            Some(level),
+        ) = (&mut f.source, packet.header.ext_vals.audio_level)
+        {
+            meter.observe(level, now);
+        }
         if !f.fwd.ingest(&mut media) {
             return;
         }
@@ -711,6 +740,13 @@ impl Worker {
         }
         let nackable = f.fwd.is_video();
         self.forwarded_at.push(packet.received_at);
+        // A RED packet's primary block, cut out once for every subscriber without RED.
+        let primary: Option<Arc<[u8]>> =
+            if packet.red && self.deliveries.iter().any(|d| d.header.primary_only) {
+                red_primary_offset(&packet.payload).map(|at| Arc::from(&packet.payload[at..]))
+            } else {
+                None
+            };
         // Parsed once for every subscriber whose picture ids are rewritten.
         let vp8 = if self.deliveries.iter().any(|d| d.header.vp8.is_some()) {
             Vp8Descriptor::parse(&packet.payload).ok()
@@ -730,12 +766,21 @@ impl Worker {
                 self.tally.packets_dropped += 1;
                 continue;
             };
+            let payload = if d.header.primary_only {
+                let Some(primary) = &primary else {
+                    self.tally.packets_dropped += 1; // RED that does not parse
+                    continue;
+                };
+                primary.clone()
+            } else {
+                packet.payload.clone()
+            };
             let mut write = RtpWrite::new(
                 d.header.payload_type.into(),
                 d.header.seq.into(),
                 d.header.timestamp,
                 packet.received_at,
-                packet.payload.clone(),
+                payload,
             )
             .marker(d.marker)
             .nackable(nackable);
@@ -810,7 +855,8 @@ impl Worker {
             if out.live.is_some() {
                 continue;
             }
-            let Some(pt) = payload_type_for(&conn.rtc, mid, out.sub.kind, &out.sub.codec) else {
+            let Some((pt, red)) = payload_type_for(&conn.rtc, mid, out.sub.kind, &out.sub.codec)
+            else {
                 tracing::warn!(participant = %conn.participant, codec = %out.sub.codec.mime_type, "subscriber did not accept the codec");
                 continue;
             };
@@ -824,17 +870,18 @@ impl Worker {
                 continue;
             };
             out.live = Some(LiveDownTrack::new(ssrc, &self.metrics));
-            started.push((ssrc, pt, out.sub.clone()));
+            started.push((ssrc, pt, red, out.sub.clone()));
         }
         let any_started = !started.is_empty();
-        for (ssrc, pt, sub) in started {
+        for (ssrc, pt, red, sub) in started {
             let route = sub.route;
             let rewriter = Rewriter::new(
                 pt,
                 sub.codec.clock_rate,
                 rand::random::<u16>() >> 1,
                 rand::random(),
-            );
+            )
+            .with_red(red);
             let forwarder = match self.forwarders.entry(route.key) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(e) => {
@@ -877,20 +924,20 @@ impl Worker {
         let Some(conn) = self.conns.get_mut(&id) else {
             return;
         };
+        // Redundant audio doubles what audio costs: a narrow downlink gets the primary only.
+        let red_on = conn.estimate.is_none_or(|e| e >= RED_MIN_DOWNLINK);
         let mut audio = 0;
         let mut videos: Vec<(usize, Vec<LayerView>)> = Vec::new();
         for (i, out) in conn.outbound.iter().enumerate() {
-            let Some(f) = out
-                .live
-                .as_ref()
-                .and_then(|_| self.forwarders.get(&out.sub.route.key))
-            else {
+            let Some(live) = &out.live else { continue };
+            let Some(f) = self.forwarders.get_mut(&out.sub.route.key) else {
                 continue;
             };
             if f.fwd.is_video() {
                 videos.push((i, f.fwd.layer_views(now)));
             } else {
-                audio += f.fwd.layer_bitrate(0, now);
+                f.fwd.set_red((id, live.ssrc), red_on);
+                audio += f.fwd.audio_bitrate(red_on, now);
             }
         }
         if videos.is_empty() {
@@ -904,7 +951,7 @@ impl Worker {
             };
             demands.push(Demand {
                 layers,
-                priority: Priority::Normal,
+                priority: out.priority(),
                 choice: &mut out.choice,
             });
         }
@@ -941,6 +988,30 @@ impl Worker {
                     layer,
                     paused: state.1,
                 });
+            }
+        }
+    }
+
+    /// Once per allocation pass: tells each publisher's session how loud it speaks, when that
+    /// changed (started, stopped, or a quarter louder or quieter).
+    fn update_speech(&mut self, now: Instant) {
+        for f in self.forwarders.values_mut() {
+            let Source::Local {
+                conn,
+                speech: Some((meter, told)),
+                ..
+            } = &mut f.source
+            else {
+                continue;
+            };
+            let Some(loudness) = meter.poll(now) else {
+                continue;
+            };
+            let changed = (loudness > 0.0) != (*told > 0.0)
+                || (loudness - *told).abs() > 0.25 * told.max(loudness);
+            if changed && let Some(c) = self.conns.get(conn) {
+                *told = loudness;
+                c.emit(MediaEvent::Speech { loudness });
             }
         }
     }
@@ -1024,7 +1095,7 @@ impl Worker {
         let Some(conn) = self.conns.get_mut(&id) else {
             return;
         };
-        if let Some(Inbound::Published(key, _)) = conn.inbound.remove(&mid) {
+        if let Some(Inbound::Published(key, ..)) = conn.inbound.remove(&mid) {
             conn.emit(MediaEvent::TrackEnded(IncomingTrackId(mid)));
             self.forwarders.remove(&key);
         }
@@ -1096,6 +1167,14 @@ impl Worker {
                     && let Some(out) = c.outbound.iter_mut().find(|o| o.sub.route.key == key)
                 {
                     out.choice.visibility = visibility;
+                    self.allocate_layers(conn, now);
+                }
+            }
+            Command::Prioritize { conn, keys } => {
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    for out in &mut c.outbound {
+                        out.speaking = keys.contains(&out.sub.route.key);
+                    }
                     self.allocate_layers(conn, now);
                 }
             }
@@ -1204,7 +1283,7 @@ impl Worker {
         let Some(conn) = self.conns.get_mut(&id) else {
             return;
         };
-        let Some(Inbound::Announced(codec, layers)) = conn.inbound.get(&mid) else {
+        let Some(&Inbound::Announced(ref codec, ref layers, red)) = conn.inbound.get(&mid) else {
             return;
         };
         let layers = layers.clone();
@@ -1213,8 +1292,13 @@ impl Worker {
             layers.len().max(1) as u8,
             KeyframeThrottle::DEFAULT_INTERVAL,
         );
+        let kind = if fwd.is_video() {
+            MediaKind::Video
+        } else {
+            MediaKind::Audio
+        };
         conn.inbound
-            .insert(mid, Inbound::Published(key, layers.clone()));
+            .insert(mid, Inbound::Published(key, layers.clone(), red));
         self.forwarders.insert(
             key,
             Forwarder {
@@ -1223,6 +1307,7 @@ impl Worker {
                     conn: id,
                     mid,
                     dynacast: Dynacast::new(layers.len() as u8),
+                    speech: (kind == MediaKind::Audio).then(|| (SpeechMeter::default(), 0.0)),
                     layers,
                     _gauge: GaugeGuard::new(&self.metrics, |m| &m.forwarders),
                 },
@@ -1241,7 +1326,7 @@ impl Worker {
         self.exported.connections.set(self.conns.len() as i64);
         self.demux.remove(id);
         for inbound in conn.inbound.values() {
-            if let Inbound::Published(key, _) = inbound {
+            if let Inbound::Published(key, ..) = inbound {
                 self.forwarders.remove(key);
             }
         }
@@ -1282,6 +1367,7 @@ impl Worker {
                 self.allocate_layers(id, now);
             }
             self.update_dynacast(now);
+            self.update_speech(now);
         }
         self.send_keyframe_requests(now);
         self.send_written(now);

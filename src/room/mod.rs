@@ -40,6 +40,14 @@ pub struct NewTrack {
     pub layers: Vec<String>,
 }
 
+impl Publication {
+    /// A screen share: any stream of its publisher but the first (camera and microphone), as
+    /// the clients here number them.
+    pub fn is_screen(&self) -> bool {
+        !self.info.stream_id.ends_with("-0")
+    }
+}
+
 /// What a member hears from its room.
 #[derive(Debug, Clone)]
 pub enum RoomEvent {
@@ -49,7 +57,12 @@ pub enum RoomEvent {
     TrackUnpublished(Arc<Publication>),
     /// A signaling message relayed from another participant (mesh rooms).
     Relay(ServerMessage),
+    /// Who speaks now, loudest first (at most [`MAX_ACTIVE_SPEAKERS`]; empty: nobody).
+    ActiveSpeakers(Arc<[ParticipantId]>),
 }
+
+/// Active speakers a room names at once.
+pub const MAX_ACTIVE_SPEAKERS: usize = 3;
 
 /// How a room reaches one member.
 #[derive(Debug, Clone)]
@@ -72,11 +85,39 @@ struct RoomState {
     /// In join order, so `joined` lists participants as they came.
     order: Vec<ParticipantId>,
     tracks: HashMap<TrackId, Arc<Publication>>,
+    /// How loud each member speaks now (absent or 0: silent).
+    loudness: HashMap<ParticipantId, f32>,
+    /// The active speakers last announced, loudest first.
+    active_speakers: Arc<[ParticipantId]>,
     /// Set when the registry dropped the room; a late joiner must pick a fresh one.
     closed: bool,
 }
 
 impl RoomState {
+    /// Announces the active speakers when the loudest members changed.
+    fn update_speakers(&mut self) {
+        let mut speaking: Vec<(&ParticipantId, f32)> = self
+            .loudness
+            .iter()
+            .filter(|(id, l)| **l > 0.0 && self.members.contains_key(*id))
+            .map(|(id, l)| (id, *l))
+            .collect();
+        speaking.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+        let active: Vec<ParticipantId> = speaking
+            .into_iter()
+            .take(MAX_ACTIVE_SPEAKERS)
+            .map(|(id, _)| id.clone())
+            .collect();
+        if *active == *self.active_speakers {
+            return;
+        }
+        self.active_speakers = active.into();
+        let event = RoomEvent::ActiveSpeakers(self.active_speakers.clone());
+        for member in self.members.values() {
+            let _ = member.channels.events.send(event.clone());
+        }
+    }
+
     /// The members in join order.
     fn participants(&self) -> Vec<ParticipantInfo> {
         self.order
@@ -210,6 +251,28 @@ impl Room {
             &RoomEvent::TrackPublished(publication.clone()),
         );
         Ok(publication)
+    }
+
+    /// The packet-path keys of the videos these members publish.
+    pub fn video_routes_of(&self, members: &[ParticipantId]) -> Vec<TrackKey> {
+        let state = self.lock();
+        state
+            .tracks
+            .values()
+            .filter(|t| t.info.kind == MediaKind::Video && members.contains(&t.publisher))
+            .map(|t| t.route.key)
+            .collect()
+    }
+
+    /// How loud a member speaks now (0: silent); the room announces its active speakers when
+    /// the loudest change.
+    pub fn set_loudness(&self, who: &ParticipantId, loudness: f32) {
+        let mut state = self.lock();
+        if !state.members.contains_key(who) {
+            return;
+        }
+        state.loudness.insert(who.clone(), loudness);
+        state.update_speakers();
     }
 
     /// Removes a track (its publisher stopped it) and tells the subscribers.
@@ -371,6 +434,9 @@ impl Registry {
                 return;
             }
             state.order.retain(|m| m != id);
+            if state.loudness.remove(id).is_some() {
+                state.update_speakers();
+            }
             let gone: Vec<TrackId> = state
                 .tracks
                 .iter()
@@ -493,6 +559,48 @@ mod tests {
         reg.leave(&b.room, &b.participant_id); // idempotent
         reg.leave(&a.room, &a.participant_id);
         assert!(reg.room_names().is_empty());
+    }
+
+    #[test]
+    fn active_speakers_are_the_loudest_and_announced_on_change() {
+        let reg = registry(10);
+        let name = RoomName::parse("talk").unwrap();
+        let mut members = Vec::new();
+        for who in ["a", "b", "c", "d"] {
+            let (ch, events, _) = channels();
+            members.push((reg.join(&name, who, RoomMode::Sfu, ch).unwrap(), events));
+        }
+        let room = members[0].0.room.clone();
+        let ids: Vec<ParticipantId> = members.iter().map(|m| m.0.participant_id.clone()).collect();
+        let id = |i: usize| ids[i].clone();
+        let speakers = |events: &mut mpsc::UnboundedReceiver<RoomEvent>| {
+            let mut last = None;
+            while let Ok(e) = events.try_recv() {
+                if let RoomEvent::ActiveSpeakers(s) = e {
+                    last = Some(s.to_vec());
+                }
+            }
+            last
+        };
+        speakers(&mut members[0].1);
+        room.set_loudness(&id(1), 0.2);
+        room.set_loudness(&id(2), 0.5);
+        assert_eq!(speakers(&mut members[0].1), Some(vec![id(2), id(1)]));
+        room.set_loudness(&id(2), 0.5);
+        assert_eq!(speakers(&mut members[0].1), None, "no change, no message");
+        room.set_loudness(&id(3), 0.1);
+        room.set_loudness(&id(0), 0.9);
+        assert_eq!(
+            speakers(&mut members[0].1),
+            Some(vec![id(0), id(2), id(1)]),
+            "at most three"
+        );
+        reg.leave(&room, &id(2));
+        assert_eq!(speakers(&mut members[0].1), Some(vec![id(0), id(1), id(3)]));
+        room.set_loudness(&id(0), 0.0);
+        room.set_loudness(&id(1), 0.0);
+        room.set_loudness(&id(3), 0.0);
+        assert_eq!(speakers(&mut members[0].1), Some(vec![]));
     }
 
     #[test]

@@ -189,6 +189,12 @@ pub enum ServerMessage {
         mid: String,
         active: Vec<String>,
     },
+    /// Who speaks in the room now, loudest first (SFU rooms, protocol 2): at most three
+    /// participant ids, sent when the list changes; empty when nobody speaks. Their videos get
+    /// priority in each subscriber's downlink.
+    ActiveSpeakers {
+        participants: Vec<String>,
+    },
     /// Answer to `leave`.
     Left,
     Pong,

@@ -636,6 +636,18 @@ impl Session {
                 self.offer_if_needed().await
             }
             RoomEvent::Relay(message) => self.send(&message).await,
+            RoomEvent::ActiveSpeakers(speakers) => {
+                if let Some(media) = membership.media.as_ref() {
+                    media.prioritize_speakers(&membership.room, &speakers);
+                }
+                if membership.protocol < 2 {
+                    return Ok(());
+                }
+                self.send(&ServerMessage::ActiveSpeakers {
+                    participants: speakers.iter().map(ToString::to_string).collect(),
+                })
+                .await
+            }
         }
     }
 
@@ -689,6 +701,10 @@ impl Session {
                     paused,
                 })
                 .await
+            }
+            MediaEvent::Speech { loudness } => {
+                membership.room.set_loudness(&membership.id, loudness);
+                Ok(())
             }
             MediaEvent::LayersWanted { track, active } => {
                 let Some(track_id) = media.published_id(track) else {

@@ -54,9 +54,18 @@ impl SfuMedia {
             stream_id: publication.info.stream_id.clone(),
             track_id: publication.track_id.clone(),
             layers: publication.info.layers.clone().into(),
+            screen: publication.is_screen(),
         };
         if let Err(e) = self.handle.subscribe(sub) {
             tracing::warn!(track = %publication.track_id, "subscribe failed: {e}");
+        }
+    }
+
+    /// The active speakers' videos go first in this participant's downlink.
+    pub fn prioritize_speakers(&self, room: &Room, speakers: &[ParticipantId]) {
+        let keys = room.video_routes_of(speakers);
+        if let Err(e) = self.handle.prioritize(keys) {
+            tracing::debug!("prioritize: {e}");
         }
     }
 

@@ -78,6 +78,7 @@ pub fn video_profile(
         plain_add_track: false,
         paced: true,
         simulcast: false,
+        speaking_dbov: None,
     }
 }
 
