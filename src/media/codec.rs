@@ -80,6 +80,47 @@ fn negotiated_payload_type(
     by_mime
 }
 
+/// `sdp` with RED listed first among each audio m-line's payload types. A browser sends with
+/// the first codec of the answer it supports, and str0m lists Opus before the RED around it:
+/// without this a browser that offered RED first still sends plain Opus.
+pub fn red_first(sdp: &str) -> String {
+    let lines: Vec<&str> = sdp.split("\r\n").collect();
+    let mut out: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+    let mut i = 0;
+    while i < lines.len() {
+        if !lines[i].starts_with("m=audio ") {
+            i += 1;
+            continue;
+        }
+        let end = (i + 1..lines.len())
+            .find(|&j| lines[j].starts_with("m="))
+            .unwrap_or(lines.len());
+        let red: Vec<&str> = lines[i + 1..end]
+            .iter()
+            .filter_map(|l| l.strip_prefix("a=rtpmap:"))
+            .filter_map(|l| l.split_once(' '))
+            .filter(|(_, codec)| codec.to_ascii_lowercase().starts_with("red/"))
+            .map(|(pt, _)| pt)
+            .collect();
+        // m=audio <port> <proto> <pt> <pt> ...
+        let mut fields: Vec<&str> = lines[i].split(' ').collect();
+        if !red.is_empty() && fields.len() > 3 {
+            let (head, pts) = fields.split_at_mut(3);
+            let mut reordered: Vec<&str> =
+                red.iter().copied().filter(|pt| pts.contains(pt)).collect();
+            reordered.extend(pts.iter().copied().filter(|pt| !red.contains(pt)));
+            out[i] = head
+                .iter()
+                .copied()
+                .chain(reordered)
+                .collect::<Vec<_>>()
+                .join(" ");
+        }
+        i = end;
+    }
+    out.join("\r\n")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -91,6 +132,21 @@ mod tests {
             channels: 0,
             sdp_fmtp_line: fmtp.into(),
         }
+    }
+
+    #[test]
+    fn red_goes_first_in_audio_m_lines_only() {
+        let sdp = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111 63 0\r\na=rtpmap:111 opus/48000/2\r\n\
+                   a=rtpmap:63 red/48000/2\r\nm=video 9 UDP/TLS/RTP/SAVPF 96 63\r\n\
+                   a=rtpmap:63 red/90000\r\n";
+        assert_eq!(
+            red_first(sdp),
+            "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 63 111 0\r\na=rtpmap:111 opus/48000/2\r\n\
+             a=rtpmap:63 red/48000/2\r\nm=video 9 UDP/TLS/RTP/SAVPF 96 63\r\n\
+             a=rtpmap:63 red/90000\r\n"
+        );
+        let plain = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=rtpmap:111 opus/48000/2\r\n";
+        assert_eq!(red_first(plain), plain);
     }
 
     #[test]

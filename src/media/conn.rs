@@ -16,7 +16,7 @@ use str0m::media::{Direction, Mid, Rid, Rids};
 use str0m::rtp::Ssrc;
 use tokio::sync::mpsc;
 
-use super::codec::str0m_kind;
+use super::codec::{red_first, str0m_kind};
 use super::{MediaError, MediaEvent, OfferOutcome, Subscription};
 use crate::forward::{LayerChoice, PauseCause, Priority, TrackKey};
 use crate::metrics::{GaugeGuard, Metrics};
@@ -194,7 +194,7 @@ impl Conn {
             .accept_offer(offer)
             .map_err(|e| MediaError::BadSdp(e.to_string()))?;
         self.established = true;
-        Ok(OfferOutcome::Answer(answer.to_sdp_string()))
+        Ok(OfferOutcome::Answer(red_first(&answer.to_sdp_string())))
     }
 
     /// Applies the client's answer to the server's offer. Returns true if m-lines opened.

@@ -55,7 +55,7 @@ const RTX_CACHE_VIDEO: usize = 128;
 /// How often the load figure is refreshed.
 const LOAD_WINDOW: Duration = Duration::from_secs(1);
 /// Below this downlink estimate, RED audio goes to a subscriber as its primary block only.
-const RED_MIN_DOWNLINK: u64 = 1_000_000;
+const RED_MIN_DOWNLINK: u64 = 600_000;
 /// How often every subscriber's layers are chosen again (estimates, tile sizes and what
 /// publishers send change meanwhile).
 const ALLOCATION_INTERVAL: Duration = Duration::from_millis(500);
