@@ -6,7 +6,10 @@
 //! outputs are drained at once: media to `forward`, events to sessions); after each received
 //! batch, drive the connections written to, send everything with `sendmmsg` and hand relayed
 //! packets to other workers in one bounded batch each. No locks and no awaits on the packet
-//! path; every queue is bounded and counts what it drops.
+//! path; every queue is bounded and counts what it drops. Every 500 ms (and on a subscriber's
+//! report) it chooses each subscriber's simulcast layers from its connection's bandwidth
+//! estimate (`forward::allocate`), works out dynacast for the tracks published here, and tells
+//! publishers' sessions how loud they speak.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
