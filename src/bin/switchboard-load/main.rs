@@ -7,6 +7,7 @@
 //! switchboard-load --mesh-table
 //! switchboard-load --subscribers 200 --subscriber-engine webrtc   # webrtc-rs subscribers
 //! switchboard-load --subscribers 600 --decrypt-every 64           # lite subscribers (default)
+//! switchboard-load --subscribers 200 --simulcast --subscriber-tile 320x180   # all on layer q
 //! ```
 //! See `--help` and the README's "Measured figures".
 
@@ -85,6 +86,16 @@ struct Args {
     /// 40 % of the frame interval (a browser's pacer sends at 2.5× the bitrate).
     #[arg(long)]
     unpaced: bool,
+    /// Publishers send their video as three simulcast layers (rids q, h, f: packets of a
+    /// quarter, half and all of the video packet size, the same packets per frame), so the top
+    /// layer is --video-kbps. The server switches off layers nobody receives (dynacast).
+    #[arg(long)]
+    simulcast: bool,
+    /// Lite subscribers report this tile size (WxH, device pixels) for every video they
+    /// receive (`track-settings`), so the server forwards the smallest layer that covers it
+    /// (320x180: layer q). Without it they report nothing and get the top layer.
+    #[arg(long, value_parser = load::parse_tile)]
+    subscriber_tile: Option<load::Tile>,
     /// What the receive-only subscribers run on: `lite` (str0m receivers on one thread and one
     /// UDP socket, every packet counted from its RTP header, a sample decrypted: cheaper per
     /// packet than the server) or `webrtc` (webrtc-rs clients, like the publishers). Mesh rooms
@@ -161,6 +172,7 @@ async fn run_main(args: Args) -> anyhow::Result<()> {
         args.audio_size,
     );
     media.paced = !args.unpaced;
+    media.simulcast = args.simulcast;
     let prefix = args
         .room_prefix
         .clone()
@@ -187,12 +199,23 @@ async fn run_main(args: Args) -> anyhow::Result<()> {
         progress: !args.quiet,
         subscriber_engine: args.subscriber_engine,
         decrypt_every: args.decrypt_every,
+        subscriber_tile: args.subscriber_tile,
     };
     let ready_timeout = |s: &Scenario| {
         args.ready_timeout.unwrap_or(
             Duration::from_secs(30) + Duration::from_millis(100) * s.participants() as u32,
         )
     };
+    if args.subscriber_tile.is_some() {
+        anyhow::ensure!(
+            !args.mesh && !args.mesh_table && !args.all_to_all,
+            "--subscriber-tile is for the receive-only subscribers of SFU rooms"
+        );
+        anyhow::ensure!(
+            base.effective_subscriber_engine() == SubscriberEngine::Lite,
+            "--subscriber-tile needs lite subscribers (--subscriber-engine lite, and --subscribers above 0)"
+        );
+    }
     check_open_files(&{
         let mut s = base.clone();
         if args.all_to_all && !args.mesh_table {
@@ -277,14 +300,21 @@ async fn run_main(args: Args) -> anyhow::Result<()> {
     s.room_prefix = format!("{prefix}-1");
     s.ready_timeout = ready_timeout(&s);
     s.label = args.label.clone().unwrap_or_else(|| {
-        if s.subscribers == 0 {
+        let mut label = if s.subscribers == 0 {
             format!("{} room(s) of {} all-to-all", s.rooms, s.publishers)
         } else {
             format!(
                 "{} room(s) of {} publisher(s) → {} subscribers",
                 s.rooms, s.publishers, s.subscribers
             )
+        };
+        if s.media.simulcast && s.video {
+            label.push_str(", simulcast");
         }
+        if let Some(tile) = s.subscriber_tile {
+            label.push_str(&format!(", tiles {tile}"));
+        }
+        label
     });
     let outcome = run::run(&s, &server).await?;
     write_json(&args, &serde_json::to_value(&outcome)?)?;

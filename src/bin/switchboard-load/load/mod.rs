@@ -6,6 +6,8 @@
 //! Receive-only subscribers run on the cheaper [`lite`] receivers by default (str0m, one thread
 //! and one socket for all, sampled decryption), so that the generator costs less per packet
 //! than the server it measures; `--subscriber-engine webrtc` makes them webrtc-rs clients too.
+//! Publishers may send simulcast (`--simulcast`) and lite subscribers report a tile size
+//! (`--subscriber-tile`), and the report gives the server's forwarded video packets by layer.
 
 pub mod histogram;
 pub mod lite;
@@ -52,6 +54,39 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(value * scale))
 }
 
+/// A tile size a subscriber reports for every video it receives (`--subscriber-tile WxH`), in
+/// device pixels: the server forwards the smallest simulcast layer that covers it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tile {
+    pub width: u32,
+    pub height: u32,
+}
+
+impl std::fmt::Display for Tile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}x{}", self.width, self.height)
+    }
+}
+
+/// `320x180` (also `320X180`, `320×180`): both sides from 1 to 16384.
+pub fn parse_tile(text: &str) -> Result<Tile, String> {
+    let text = text.trim();
+    let bad = || format!("`{text}` is not a tile size WxH (e.g. 320x180)");
+    let (w, h) = text.split_once(['x', 'X', '×']).ok_or_else(bad)?;
+    let side = |v: &str| -> Result<u32, String> {
+        let v: u32 = v.trim().parse().map_err(|_| bad())?;
+        if (1..=16_384).contains(&v) {
+            Ok(v)
+        } else {
+            Err(format!("`{text}`: each side must be 1 to 16384 pixels"))
+        }
+    };
+    Ok(Tile {
+        width: side(w)?,
+        height: side(h)?,
+    })
+}
+
 /// A media profile of `video_kbps` split into frames of `fps`, each cut into the fewest packets
 /// of at most `max_packet` payload bytes, all of equal size (so the bitrate is exact).
 pub fn video_profile(
@@ -95,6 +130,34 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn tiles() {
+        let t = |width, height| Ok(Tile { width, height });
+        assert_eq!(parse_tile("320x180"), t(320, 180));
+        assert_eq!(parse_tile(" 1280X720 "), t(1280, 720));
+        assert_eq!(parse_tile("640×360"), t(640, 360));
+        assert_eq!(
+            parse_tile("320x180").map(|t| t.to_string()),
+            Ok("320x180".into())
+        );
+        for bad in [
+            "",
+            "320",
+            "x180",
+            "320x",
+            "320x180x2",
+            "0x180",
+            "320x0",
+            "-1x180",
+            "1.5x2",
+            "99999x1",
+            "axb",
+            "320 180",
+        ] {
+            assert!(parse_tile(bad).is_err(), "{bad:?} parsed");
+        }
     }
 
     #[test]

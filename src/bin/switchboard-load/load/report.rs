@@ -100,6 +100,11 @@ pub struct MediaSummary {
     /// A frame's packets spread over 40 % of the frame interval, as a browser's pacer does;
     /// otherwise back to back.
     pub video_paced: bool,
+    /// Video sent as three simulcast layers (q, h, f: a quarter, half and all of
+    /// `video_packet_bytes`, `video_packets_per_frame` each); `video_kbps` is the top layer.
+    pub video_simulcast: bool,
+    /// The tile size the lite subscribers reported for every video (None: none reported).
+    pub subscriber_tile: Option<String>,
     pub audio_packets_per_s: u32,
     pub audio_packet_bytes: usize,
 }
@@ -121,7 +126,8 @@ pub struct Delivery {
     pub packets_per_s: f64,
     /// Packets per second the publishers generated (each counted once however many
     /// connections it went out on), against what the profile asks for: the generator falls
-    /// behind when it is overloaded.
+    /// behind when it is overloaded. With simulcast the configured figure is one layer's (the
+    /// server switches off layers nobody receives, so a publisher sends one to three).
     pub sent_packets_per_s: f64,
     pub configured_packets_per_s: f64,
     /// RTP payload bits per second received, all subscribers together.
@@ -164,6 +170,10 @@ pub struct ServerFigures {
     pub pid: Option<u32>,
     pub packets_in_per_s: f64,
     pub packets_out_per_s: f64,
+    /// Wake-ups of the media workers' event loops per second; packets out per turn is how well
+    /// sends are batched (a paced or busier server sends more per turn, which costs less per
+    /// packet).
+    pub loop_turns_per_s: f64,
     pub packets_dropped: u64,
     /// Datagrams the kernel dropped at the server's media sockets (receive buffers full).
     pub socket_drops: u64,
@@ -181,6 +191,33 @@ pub struct ServerFigures {
     /// which 50 % and 99 % of forwarded packets fall, in ms (None: not reported).
     pub in_server_p50_ms: Option<f64>,
     pub in_server_p99_ms: Option<f64>,
+    /// Video packets queued to subscribers over the window by the simulcast layer they came
+    /// from (index 0: the lowest layer, or a track sent as one stream), from the server's
+    /// `switchboard_video_packets_out_by_layer_total` (empty: not reported).
+    pub video_packets_out_by_layer: Vec<u64>,
+}
+
+/// The window's deltas of a counter family labelled `layer`, indexed by layer (a layer
+/// missing below the highest one seen counts 0). Layer labels above 63 are ignored.
+fn by_layer(start: &ServerSample, end: &ServerSample, family: &str) -> Vec<u64> {
+    let prefix = format!("switchboard_{family}{{layer=\"");
+    let mut counts: Vec<u64> = Vec::new();
+    for (key, value) in &end.metrics {
+        let Some(layer) = key
+            .strip_prefix(&prefix)
+            .and_then(|rest| rest.strip_suffix("\"}"))
+            .and_then(|l| l.parse::<usize>().ok())
+            .filter(|&l| l < 64)
+        else {
+            continue;
+        };
+        let before = start.metrics.get(key).copied().unwrap_or(0.0);
+        if counts.len() <= layer {
+            counts.resize(layer + 1, 0);
+        }
+        counts[layer] = (value - before).max(0.0) as u64;
+    }
+    counts
 }
 
 /// The bound (in ms) of the histogram bucket under which a share `q` of observations fall, from
@@ -365,6 +402,7 @@ pub(crate) fn compute(
         let mut f = ServerFigures {
             pid: server.pid,
             packets_in_per_s: d("packets_in_total") / window,
+            loop_turns_per_s: d("media_loop_turns_total") / window,
             packets_out_per_s: out / window,
             packets_dropped: d("packets_dropped_total").max(0.0) as u64,
             keyframe_requests: d("keyframe_requests_total").max(0.0) as u64,
@@ -396,6 +434,11 @@ pub(crate) fn compute(
             })
             .collect();
         buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        f.video_packets_out_by_layer = by_layer(
+            &start.server,
+            &end.server,
+            "video_packets_out_by_layer_total",
+        );
         f.in_server_p50_ms = bucket_quantile_ms(&buckets, 0.5);
         f.in_server_p99_ms = bucket_quantile_ms(&buckets, 0.99);
         if let (Some(a), Some(b)) = (start.server.process, end.server.process) {
@@ -512,6 +555,8 @@ pub(crate) fn compute(
             video_packets_per_frame: m.video_packets_per_frame,
             video_packet_bytes: m.video_packet_size,
             video_paced: m.paced,
+            video_simulcast: m.simulcast && scenario.video,
+            subscriber_tile: scenario.subscriber_tile.map(|t| t.to_string()),
             audio_packets_per_s: m.audio_packets_per_second,
             audio_packet_bytes: m.audio_packet_size,
         },
@@ -598,6 +643,49 @@ fn pct(p: &Percentiles) -> String {
     )
 }
 
+/// The video packet size, or each layer's (`MediaProfile.simulcast`: a quarter, half and all).
+fn video_sizes(m: &MediaSummary) -> String {
+    let b = m.video_packet_bytes;
+    if m.video_simulcast {
+        let min = switchboard::client::payload::PAYLOAD_HEADER_LEN;
+        format!("{}/{}/{}", (b / 4).max(min), (b / 2).max(min), b)
+    } else {
+        b.to_string()
+    }
+}
+
+/// Video packets the server forwarded by source layer: rate and share of each (layers above
+/// the highest that forwarded anything left out, but a simulcast publisher's three shown).
+fn layer_line(counts: &[u64], window_s: f64, simulcast: bool) -> String {
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return "no video packets forwarded by layer reported by the server".into();
+    }
+    let rids = switchboard::client::SIMULCAST_RIDS;
+    let shown = counts
+        .iter()
+        .rposition(|&n| n > 0)
+        .map_or(0, |i| i + 1)
+        .max(if simulcast { rids.len() } else { 0 })
+        .min(counts.len());
+    let layers: Vec<String> = counts[..shown]
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let name = match rids.get(i).filter(|_| simulcast) {
+                Some(rid) => format!("{i} ({rid})"),
+                None => i.to_string(),
+            };
+            format!(
+                "{name} {}/s ({:.1} %)",
+                thousands(n as f64 / window_s.max(1e-6)),
+                n as f64 * 100.0 / total as f64
+            )
+        })
+        .collect();
+    format!("video packets out by source layer: {}", layers.join(", "))
+}
+
 fn subscriber_line(s: &SubscriberFigures) -> String {
     match (&s.engine, &s.lite) {
         (SubscriberEngine::Lite, Some(l)) => format!(
@@ -634,18 +722,27 @@ pub fn print(o: &Outcome) {
         (
             "media",
             format!(
-                "video {:.0} kbit/s ({} fps × {} packets of {} B, {}), audio {} packets/s of {} B",
+                "video {}{:.0} kbit/s ({} fps × {} packets of {} B, {}), audio {} packets/s of {} B{}",
+                if o.media.video_simulcast {
+                    "simulcast q/h/f, top layer "
+                } else {
+                    ""
+                },
                 o.media.video_kbps,
                 o.media.video_fps,
                 o.media.video_packets_per_frame,
-                o.media.video_packet_bytes,
+                video_sizes(&o.media),
                 if o.media.video_paced {
                     "paced"
                 } else {
                     "back to back"
                 },
                 o.media.audio_packets_per_s,
-                o.media.audio_packet_bytes
+                o.media.audio_packet_bytes,
+                match &o.media.subscriber_tile {
+                    Some(tile) => format!("; subscribers report {tile} tiles"),
+                    None => String::new(),
+                }
             ),
         ),
         (
@@ -713,13 +810,15 @@ pub fn print(o: &Outcome) {
             "server",
             match o.server.pid {
                 Some(pid) => format!(
-                    "pid {pid}: {} packets/s out, {} in, {} dropped, {} lost at its sockets; CPU {:.2} cores = {:.2} CPU-s per million packets out",
+                    "pid {pid}: {} packets/s out, {} in, {} dropped, {} lost at its sockets; CPU {:.2} cores = {:.2} CPU-s per million packets out; {} loop turns/s ({:.1} packets out per turn)",
                     thousands(o.server.packets_out_per_s),
                     thousands(o.server.packets_in_per_s),
                     o.server.packets_dropped,
                     o.server.socket_drops,
                     o.server.cpu_cores,
-                    o.server.cpu_s_per_million_out
+                    o.server.cpu_s_per_million_out,
+                    thousands(o.server.loop_turns_per_s),
+                    o.server.packets_out_per_s / o.server.loop_turns_per_s.max(1e-9)
                 ),
                 None => format!(
                     "{} packets/s out, {} in (process unknown)",
@@ -727,6 +826,14 @@ pub fn print(o: &Outcome) {
                     thousands(o.server.packets_in_per_s)
                 ),
             },
+        ),
+        (
+            "by layer",
+            layer_line(
+                &o.server.video_packets_out_by_layer,
+                o.window_s,
+                o.media.video_simulcast,
+            ),
         ),
         (
             "in server",
@@ -837,6 +944,28 @@ mod tests {
         assert_eq!(thousands(999.4), "999");
         assert_eq!(thousands(1000.0), "1,000");
         assert_eq!(thousands(1_234_567.0), "1,234,567");
+    }
+
+    #[test]
+    fn layer_counts_are_window_deltas() {
+        let sample = |pairs: &[(&str, f64)]| ServerSample {
+            metrics: pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            process: None,
+        };
+        let series =
+            |l: &str| format!("switchboard_video_packets_out_by_layer_total{{layer=\"{l}\"}}");
+        let (l0, l2, bad) = (series("0"), series("2"), series("x"));
+        let start = sample(&[(&l0, 100.0), (&bad, 5.0)]);
+        let end = sample(&[(&l0, 350.0), (&l2, 40.0), (&bad, 9.0)]);
+        let counts = by_layer(&start, &end, "video_packets_out_by_layer_total");
+        assert_eq!(counts, vec![250, 0, 40]);
+        assert!(by_layer(&start, &sample(&[]), "video_packets_out_by_layer_total").is_empty());
+        let line = layer_line(&counts, 10.0, true);
+        assert!(line.contains("0 (q) 25/s (86.2 %)"), "{line}");
+        assert!(line.contains("2 (f) 4/s (13.8 %)"), "{line}");
+        assert!(layer_line(&[30, 0, 0, 0], 10.0, false).ends_with(": 0 3/s (100.0 %)"));
+        let line = layer_line(&[30, 0, 0, 0], 10.0, true);
+        assert!(line.ends_with(", 2 (f) 0/s (0.0 %)"), "{line}");
     }
 
     #[test]

@@ -14,6 +14,7 @@ use switchboard::client::{Client, ClientOptions, MediaProbe, MediaProfile};
 use switchboard::signal::protocol::{MediaKind, RoomMode};
 use tokio::sync::Semaphore;
 
+use super::Tile;
 use super::histogram::{Histogram, HistogramSnapshot};
 use super::lite;
 use super::report::{self, Outcome};
@@ -47,6 +48,9 @@ pub struct Scenario {
     /// Lite subscribers: after the first few packets of each stream, one in this many is
     /// decrypted and checked (1: all).
     pub decrypt_every: u32,
+    /// Lite subscribers report this tile size for every video they receive (None: no report,
+    /// so the server forwards the top layer).
+    pub subscriber_tile: Option<Tile>,
 }
 
 /// The implementation of the receive-only participants.
@@ -565,6 +569,7 @@ async fn connect_all(
         let start_probe = probe.clone();
         let lite_engine = engine.filter(|_| !publisher).cloned();
         let join_timeout = opts.join_timeout;
+        let tile = scenario.subscriber_tile;
         handles.push(tokio::spawn(async move {
             let _permit = permit;
             start_probe
@@ -572,7 +577,7 @@ async fn connect_all(
                 .store(payload::now_micros(), Ordering::Relaxed);
             let result = match lite_engine {
                 Some(engine) => {
-                    lite::Receiver::connect(&engine, &url, &room_name, &name, join_timeout)
+                    lite::Receiver::connect(&engine, &url, &room_name, &name, join_timeout, tile)
                         .await
                         .map(Peer::Lite)
                 }

@@ -78,6 +78,8 @@ const LAST_IP: u32 = u32::from_be_bytes([127, 255, 255, 254]);
 const TIMER_SLACK: Duration = Duration::from_millis(5);
 /// The largest SRTP trailer believed when learning it (AES-GCM: 16 bytes, HMAC-SHA1-80: 10).
 const MAX_SRTP_TRAILER: usize = 32;
+/// Simulcast layers told apart in the per-layer counts (the synthetic publisher's three).
+pub const LAYERS: usize = switchboard::client::SIMULCAST_RIDS.len();
 
 /// Counters one track of one receiver exposes (written by the engine thread only).
 #[derive(Debug)]
@@ -99,6 +101,9 @@ pub struct TrackStats {
     pub decrypted: AtomicU64,
     /// The first decrypted packet: 0 none yet, 1 labelled key frame, 2 delta frame.
     pub first_key: AtomicU8,
+    /// Decrypted intact packets by the simulcast layer their payload names (the last also
+    /// counts any higher).
+    pub decrypted_by_layer: [AtomicU64; LAYERS],
 }
 
 /// What the engine tells a receiver's handle (and the run) about it.
@@ -404,6 +409,7 @@ struct SsrcState {
     bytes: u64,
     duplicates: u64,
     decrypted: u64,
+    decrypted_by_layer: [u64; LAYERS],
     /// SRTP trailer bytes (auth tag), learnt from the first decrypted packet.
     trailer: usize,
     unmapped_feeds: u32,
@@ -420,6 +426,7 @@ impl Default for SsrcState {
             bytes: 0,
             duplicates: 0,
             decrypted: 0,
+            decrypted_by_layer: [0; LAYERS],
             trailer: 16,
             unmapped_feeds: 0,
             first_key: 0,
@@ -439,6 +446,9 @@ impl SsrcState {
         t.duplicates.store(self.duplicates, Ordering::Relaxed);
         t.decrypted.store(self.decrypted, Ordering::Relaxed);
         t.first_key.store(self.first_key, Ordering::Relaxed);
+        for (counter, n) in t.decrypted_by_layer.iter().zip(self.decrypted_by_layer) {
+            counter.store(n, Ordering::Relaxed);
+        }
         if let Some((first, max)) = self.seq.range() {
             t.first_seq.store(first, Ordering::Relaxed);
             t.max_seq.store(max, Ordering::Relaxed);
@@ -981,6 +991,7 @@ fn on_rtp(r: &mut Recv, ctx: &mut Ctx, packet: RtpPacket) {
             duplicates: AtomicU64::new(0),
             decrypted: AtomicU64::new(0),
             first_key: AtomicU8::new(0),
+            decrypted_by_layer: Default::default(),
         });
         r.shared
             .tracks
@@ -1005,6 +1016,7 @@ fn on_rtp(r: &mut Recv, ctx: &mut Ctx, packet: RtpPacket) {
     }
     match payload::parse_payload(&packet.payload) {
         Ok(h) if h.sender == track.sender && h.kind == track.kind => {
+            st.decrypted_by_layer[usize::from(h.layer).min(LAYERS - 1)] += 1;
             if st.first_key == 0 {
                 st.first_key = if payload::is_key(&packet.payload) {
                     1

@@ -3,6 +3,12 @@
 //! thread and one UDP socket ([`engine`], whose header says what a lite receiver does and does
 //! not do compared with a browser). They exist so the generator's receivers cost less per packet
 //! than the server spends forwarding it; publishers stay webrtc-rs [`switchboard::client::Client`]s.
+//!
+//! A receiver joins with protocol 2. Given a tile size, it reports it (`track-settings`) for
+//! every video track it is told of (`joined.tracks`, `track-published`), so the server forwards
+//! the simulcast layer that covers the tile; without one it reports nothing, and since it
+//! negotiates no transport-cc the server has no bandwidth estimate for it and forwards the top
+//! layer. Other messages it does not need (subscription state, participants) are ignored.
 
 pub mod engine;
 pub mod rtp;
@@ -20,6 +26,7 @@ use futures_util::{SinkExt as _, StreamExt as _};
 use switchboard::client::wait_for_joined;
 use switchboard::signal::protocol::{
     ClientMessage, ErrorCode, IceCandidate, MediaKind, PROTOCOL_VERSION, RoomMode, ServerMessage,
+    TrackInfo,
 };
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -30,7 +37,9 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub use engine::Engine;
-use engine::ReceiverShared;
+use engine::{LAYERS, ReceiverShared};
+
+use super::Tile;
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -58,6 +67,9 @@ pub struct TrackSnapshot {
     pub decrypted: u64,
     /// Whether the first decrypted packet was labelled a key frame.
     pub first_packet_key: Option<bool>,
+    /// Decrypted intact packets by the simulcast layer their payload says they were sent on
+    /// (0: the lowest, or the only one; the last also counts any higher).
+    pub decrypted_by_layer: [u64; LAYERS],
 }
 
 enum Control {
@@ -95,14 +107,16 @@ impl Signaling {
 }
 
 impl Receiver {
-    /// Opens the socket, joins `room`, makes the first offer (a `chat` data channel, as the
-    /// browser client does) and trickles its one candidate. Returns once the offer went out.
+    /// Opens the socket, joins `room`, reports `tile` for the room's video tracks (if given),
+    /// makes the first offer (a `chat` data channel, as the browser client does) and trickles
+    /// its one candidate. Returns once the offer went out.
     pub async fn connect(
         engine: &Arc<Engine>,
         ws_url: &str,
         room: &str,
         name: &str,
         join_timeout: Duration,
+        tile: Option<Tile>,
     ) -> anyhow::Result<Receiver> {
         let (socket, _) =
             tokio::time::timeout(join_timeout, tokio_tungstenite::connect_async(ws_url))
@@ -124,6 +138,7 @@ impl Receiver {
         let ServerMessage::Joined {
             participant_id,
             mode,
+            tracks,
             ..
         } = joined
         else {
@@ -131,6 +146,9 @@ impl Receiver {
         };
         if mode != RoomMode::Sfu {
             bail!("the room is a mesh room: lite receivers need SFU");
+        }
+        for track in &tracks {
+            report_tile(&mut sink, tile, track).await?;
         }
 
         let shared = Arc::new(ReceiverShared::default());
@@ -173,9 +191,12 @@ impl Receiver {
             sink,
             stream,
             early,
-            engine.clone(),
-            opened.id,
-            signaling.clone(),
+            ReceiverContext {
+                engine: engine.clone(),
+                id: opened.id,
+                signaling: signaling.clone(),
+                tile,
+            },
             control_rx,
         ));
         Ok(Receiver {
@@ -248,6 +269,9 @@ impl Receiver {
                         0 => None,
                         label => Some(label == 1),
                     },
+                    decrypted_by_layer: std::array::from_fn(|l| {
+                        t.decrypted_by_layer[l].load(Ordering::Relaxed)
+                    }),
                 }
             })
             .collect()
@@ -294,6 +318,27 @@ async fn send(
         .context("signaling socket")
 }
 
+/// Tells the server the tile a video track is shown in (nothing without a tile, or for audio).
+async fn report_tile(
+    sink: &mut SplitSink<Socket, Message>,
+    tile: Option<Tile>,
+    track: &TrackInfo,
+) -> anyhow::Result<()> {
+    let Some(tile) = tile.filter(|_| track.kind == MediaKind::Video) else {
+        return Ok(());
+    };
+    send(
+        sink,
+        &ClientMessage::TrackSettings {
+            track_id: track.track_id.clone(),
+            visible: true,
+            width: Some(tile.width),
+            height: Some(tile.height),
+        },
+    )
+    .await
+}
+
 /// Keeps only the SDP's loopback candidates: test traffic stays on 127.0.0.0/8.
 pub fn loopback_candidates_only(sdp: &str) -> String {
     sdp.split_inclusive('\n')
@@ -315,18 +360,21 @@ pub fn candidate_is_loopback(candidate: &str) -> bool {
 }
 
 /// The receiver's signaling after `connect`: answers the server's offers, passes candidates on,
-/// pings, and leaves when told.
+/// reports its tile for new video tracks, pings, and leaves when told.
 async fn run_signaling(
     mut sink: SplitSink<Socket, Message>,
     mut stream: SplitStream<Socket>,
     early: Vec<ServerMessage>,
-    engine: Arc<Engine>,
-    id: usize,
-    signaling: Arc<Signaling>,
+    receiver: ReceiverContext,
     mut control: mpsc::Receiver<Control>,
 ) {
+    let (engine, id, signaling) = (
+        receiver.engine.clone(),
+        receiver.id,
+        receiver.signaling.clone(),
+    );
     for message in early {
-        if let Err(e) = on_message(&mut sink, &engine, id, &signaling, message).await {
+        if let Err(e) = on_message(&mut sink, &receiver, message).await {
             tracing::debug!(receiver = id, "signaling: {e:#}");
         }
     }
@@ -356,7 +404,7 @@ async fn run_signaling(
                     Some(Ok(_)) => continue,
                 };
                 let is_left = matches!(message, ServerMessage::Left);
-                if let Err(e) = on_message(&mut sink, &engine, id, &signaling, message).await {
+                if let Err(e) = on_message(&mut sink, &receiver, message).await {
                     tracing::debug!(receiver = id, "signaling: {e:#}");
                 }
                 if is_left && leaving.is_some() {
@@ -401,13 +449,27 @@ async fn run_signaling(
     }
 }
 
+/// What the signaling task knows of its receiver.
+struct ReceiverContext {
+    engine: Arc<Engine>,
+    id: usize,
+    signaling: Arc<Signaling>,
+    /// Reported for every video track (None: nothing reported).
+    tile: Option<Tile>,
+}
+
 async fn on_message(
     sink: &mut SplitSink<Socket, Message>,
-    engine: &Engine,
-    id: usize,
-    signaling: &Signaling,
+    receiver: &ReceiverContext,
     message: ServerMessage,
 ) -> anyhow::Result<()> {
+    let ReceiverContext {
+        engine,
+        id,
+        signaling,
+        tile,
+    } = receiver;
+    let (id, tile) = (*id, *tile);
     match message {
         ServerMessage::Offer { sdp, from: None } => {
             let answer = engine
@@ -433,6 +495,7 @@ async fn on_message(
         } if candidate_is_loopback(&c.candidate) => {
             engine.remote_candidate(id, c.candidate).await;
         }
+        ServerMessage::TrackPublished { track } => report_tile(sink, tile, &track).await?,
         ServerMessage::Left => signaling.left.store(true, Ordering::Relaxed),
         ServerMessage::Error { code, message } => {
             if matches!(
@@ -443,8 +506,8 @@ async fn on_message(
             }
             signaling.error(format!("{code:?}: {message}"));
         }
-        // Non-loopback candidates, track and participant announcements, pongs, mesh relays:
-        // nothing to do.
+        // Non-loopback candidates, unpublished tracks, participant announcements, subscription
+        // states, pongs, mesh relays: nothing to do.
         _ => {}
     }
     Ok(())

@@ -1,4 +1,5 @@
-//! Lite receivers against an in-process server over loopback, fed by one webrtc-rs publisher.
+//! Lite receivers against an in-process server over loopback, fed by one webrtc-rs publisher
+//! (single-stream, or simulcast with tile sizes reported).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -6,11 +7,13 @@ use std::time::Duration;
 
 use switchboard::client::{Client, ClientOptions};
 use switchboard::config::Config;
+use switchboard::metrics::LayerLabel;
 use switchboard::server::{Server, ServerHandle};
 use switchboard::signal::protocol::MediaKind;
 
-use super::engine::FIRST_FEW;
+use super::engine::{FIRST_FEW, LAYERS};
 use super::{Engine, Receiver, TrackSnapshot, candidate_is_loopback, loopback_candidates_only};
+use crate::load::Tile;
 use crate::load::run::Totals;
 
 const RECEIVERS: usize = 5;
@@ -121,6 +124,7 @@ async fn lite_receivers_get_every_stream_and_leave_clean() {
             "lite",
             &format!("sub{i}"),
             Duration::from_secs(10),
+            None,
         )
         .await
         .unwrap_or_else(|e| panic!("sub{i} cannot join: {e:#}"));
@@ -224,6 +228,127 @@ async fn lite_receivers_get_every_stream_and_leave_clean() {
     .await;
 
     // Clean leave: every receiver gets `left`, and the server lets everything go.
+    for r in receivers {
+        assert!(r.close().await, "no `left` from the server");
+    }
+    publisher.close().await;
+    eventually(
+        "the server's live gauges back to zero",
+        Duration::from_secs(10),
+        || gauges_zero(&server),
+    )
+    .await;
+    drop(engine);
+    server.shutdown().await;
+}
+
+/// The server's forwarded video packets by source layer.
+fn forwarded_by_layer(server: &ServerHandle) -> [u64; LAYERS] {
+    std::array::from_fn(|layer| {
+        server
+            .metrics
+            .packets_out_by_layer
+            .get_or_create(&LayerLabel {
+                layer: layer as u32,
+            })
+            .get()
+    })
+}
+
+/// The receiver's video track, decrypted packets by layer.
+fn video_layers(r: &Receiver) -> [u64; LAYERS] {
+    r.tracks()
+        .iter()
+        .find(|t| t.kind == MediaKind::Video)
+        .map_or([0; LAYERS], |t| t.decrypted_by_layer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reported_tile_gets_the_layer_that_covers_it() {
+    init_tracing();
+    let mut config = Config::for_tests();
+    config.workers = Some(1);
+    let server = Server::start(config).await.expect("the server starts");
+    let url = format!("ws://{}/ws", server.http_addr);
+    let totals = Arc::new(Totals::default());
+    let engine = Arc::new(Engine::start(1, totals).expect("the engine starts"));
+    let tile = Some(Tile {
+        width: 320,
+        height: 180,
+    });
+    let join = |name: &'static str, tile| {
+        let (engine, url) = (engine.clone(), url.clone());
+        async move {
+            Receiver::connect(&engine, &url, "tiles", name, Duration::from_secs(10), tile)
+                .await
+                .unwrap_or_else(|e| panic!("{name} cannot join: {e:#}"))
+        }
+    };
+    // One hears of the track from `track-published`, the others from `joined`.
+    let early = join("early", tile).await;
+    let mut opts = ClientOptions::default();
+    opts.media.simulcast = true;
+    let publisher = Client::connect(&url, "tiles", "pub", opts)
+        .await
+        .expect("the publisher joins");
+    let receivers = [early, join("late", tile).await, join("untiled", None).await];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !receivers
+        .iter()
+        .all(|r| r.connected() && r.tracks().iter().filter(|t| t.intact > 0).count() == 2)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not every receiver gets both tracks:\n{}",
+            describe(&receivers)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Past the start, where the untiled receiver may begin below the top layer.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (server_before, before) = (
+        forwarded_by_layer(&server),
+        receivers.iter().map(video_layers).collect::<Vec<_>>(),
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let server_after = forwarded_by_layer(&server);
+    let delta = |a: [u64; LAYERS], b: [u64; LAYERS]| -> [u64; LAYERS] {
+        std::array::from_fn(|l| b[l].saturating_sub(a[l]))
+    };
+    for (r, before) in receivers.iter().zip(before) {
+        let window = delta(before, video_layers(r));
+        let wanted = if r.participant_id() == receivers[2].participant_id() {
+            LAYERS - 1
+        } else {
+            0
+        };
+        for (layer, n) in window.into_iter().enumerate() {
+            assert_eq!(
+                n > 0,
+                layer == wanted,
+                "{}: video packets by layer {window:?}, expected layer {wanted} only:\n{}",
+                r.participant_id(),
+                describe(&receivers)
+            );
+        }
+        if wanted == 0 {
+            // From its first packet on: the tile was known before the video went live.
+            let all = video_layers(r);
+            assert_eq!(all[1..], [0; LAYERS - 1], "{}: {all:?}", r.participant_id());
+        }
+        assert!(r.errors().is_empty(), "server errors: {:?}", r.errors());
+    }
+    // The server's count agrees: two subscribers on layer 0, one on the top layer.
+    let forwarded = delta(server_before, server_after);
+    assert!(
+        forwarded[0] > 0 && forwarded[1] == 0 && forwarded[2] > 0,
+        "forwarded by layer {forwarded:?}"
+    );
+    assert!(
+        forwarded[0].abs_diff(2 * forwarded[2]) * 5 <= forwarded[0],
+        "two layer-0 subscribers per top-layer one: {forwarded:?}"
+    );
+
     for r in receivers {
         assert!(r.close().await, "no `left` from the server");
     }
