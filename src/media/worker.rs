@@ -678,6 +678,7 @@ impl Worker {
                     return;
                 };
                 let red = params.red().map(|pt| *pt);
+                tracing::debug!(participant = %conn.participant, codec = %params.spec().codec, pt = *pt, ?red, "first packet of a track");
                 let codec = track_codec(kind, &params);
                 let (stream_id, layers) = conn.rtc.media(mid).map_or_else(
                     || (String::new(), Layers::from([])),
