@@ -1060,6 +1060,8 @@ where
         // loopback, the shaped ones through the capped veth.
         config.http = SocketAddr::from((ShapedNet::SERVER, 0));
         config.public_ip = Some(ShapedNet::SERVER.into());
+        // What the shaped link is for: layers chosen from each page's downlink estimate.
+        config.start_bitrate_kbps = 1_000;
         net
     });
     let server = Server::start(config).await.expect("starting the server");

@@ -38,15 +38,11 @@ pub async fn start_server() -> ServerHandle {
     start_server_with(|_| {}).await
 }
 
-/// A test server with some limits changed. Bandwidth estimation is off unless `adjust` turns
-/// it on: the webrtc-rs peers stamp their transport-wide feedback after their own scheduling
-/// delay, which on a loaded 2-core box under a debug build the delay-based estimator reads as
-/// congestion, and would pause single-layer video in tests that are not about bandwidth. The
-/// tests about bandwidth turn it on and shape the link for real.
+/// A test server with some limits changed. Bandwidth estimation is off (the default) unless
+/// `adjust` turns it on: the tests about bandwidth do, and shape the link for real.
 pub async fn start_server_with(adjust: impl FnOnce(&mut Config)) -> ServerHandle {
     init_tracing();
     let mut config = Config::for_tests();
-    config.start_bitrate_kbps = 0;
     adjust(&mut config);
     Server::start(config).await.expect("the server starts")
 }
