@@ -256,7 +256,7 @@ async fn layers_nobody_receives_are_switched_off_at_the_publisher() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_capped_downlink_gets_the_low_layer_and_moves_up_when_it_recovers() {
     let _serial = serial().await;
-    // The bandwidth estimator on, as in production.
+    // The bandwidth estimator on (`--start-bitrate-kbps 1000`): layers follow the estimate.
     let server = start_server_with(|c| {
         c.workers = Some(1);
         c.start_bitrate_kbps = 1_000;
