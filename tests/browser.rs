@@ -100,18 +100,12 @@ async fn simulcast_shaped(env: Arc<Env>) -> Result<()> {
         )
         .await?;
     }
-    // Still low, never paused, still decoding, audio still arriving, after the others went up.
+    // Still low and still decoding both, audio still arriving, after the others went up.
     for _ in 0..20 {
-        let state = wendy.state().await?;
-        let w = remote_video_widths(&state);
+        let w = remote_video_widths(&wendy.state().await?);
         ensure!(
             w.iter().all(|&w| (1..=320).contains(&w)),
             "Wendy's remote videos are {w:?} wide"
-        );
-        ensure!(
-            !remote_cameras(&state).any(|t| t["videoPaused"] == "bandwidth"),
-            "a video paused for bandwidth at Wendy: {}",
-            summarize(&state)
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }

@@ -19,7 +19,7 @@ pub const UP_HEADROOM: f64 = 1.25;
 /// After a downgrade for bandwidth, no upgrade for this long.
 pub const UP_HOLD: Duration = Duration::from_secs(4);
 /// A flowing video's lowest layer must have not fitted for this long before it is paused.
-pub const PAUSE_AFTER: Duration = Duration::from_secs(2);
+pub const PAUSE_AFTER: Duration = Duration::from_secs(4);
 /// A layer serves a tile when it is at least this share of the tile's size.
 const SIZE_TOLERANCE: f64 = 0.75;
 
