@@ -109,9 +109,7 @@ impl<K: Copy + Eq> TrackForwarder<K> {
 
     /// Bits per second the track's layer `layer` carries (measured or nominal).
     pub fn layer_bitrate(&self, layer: u8, now: Instant) -> u64 {
-        self.layer_views(now)
-            .get(usize::from(layer))
-            .map_or(0, |l| l.bitrate)
+        layer::view(&self.layers, usize::from(layer), now).map_or(0, |l| l.bitrate)
     }
 
     /// Which layers some local downtrack forwards or waits for, as a bit set (bit i: layer i).

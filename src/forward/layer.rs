@@ -89,32 +89,35 @@ pub struct LayerView {
 
 /// The layers of a track as layer choice sees them, lowest first.
 pub fn views(layers: &[LayerState], now: Instant) -> Vec<LayerView> {
-    let n = layers.len().min(NOMINAL_BITRATES.len());
-    let skip = NOMINAL_BITRATES.len() - n;
-    layers
-        .iter()
-        .enumerate()
-        .map(|(i, l)| {
-            let nominal = (i + skip).min(NOMINAL_BITRATES.len() - 1);
-            let (width, height) = l.size.unwrap_or_else(|| {
-                let h = NOMINAL_HEIGHTS[nominal];
-                (h / 9 * 16, h)
-            });
-            let measured = l.bitrate > 0;
-            let bitrate = if measured {
-                l.bitrate
-            } else {
-                NOMINAL_BITRATES[nominal]
-            };
-            LayerView {
-                sending: l.is_sending(now),
-                bitrate,
-                peak: l.recent.iter().copied().max().unwrap_or(0).max(bitrate),
-                width,
-                height,
-            }
-        })
+    (0..layers.len())
+        .filter_map(|i| view(layers, i, now))
         .collect()
+}
+
+/// Layer `i` of a track as layer choice sees it (a track with n layers takes the top n rungs
+/// of the nominal ladder).
+pub fn view(layers: &[LayerState], i: usize, now: Instant) -> Option<LayerView> {
+    let skip = NOMINAL_BITRATES.len() - layers.len().min(NOMINAL_BITRATES.len());
+    layers.get(i).map(|l| {
+        let nominal = (i + skip).min(NOMINAL_BITRATES.len() - 1);
+        let (width, height) = l.size.unwrap_or_else(|| {
+            let h = NOMINAL_HEIGHTS[nominal];
+            (h / 9 * 16, h)
+        });
+        let measured = l.bitrate > 0;
+        let bitrate = if measured {
+            l.bitrate
+        } else {
+            NOMINAL_BITRATES[nominal]
+        };
+        LayerView {
+            sending: l.is_sending(now),
+            bitrate,
+            peak: l.recent.iter().copied().max().unwrap_or(0).max(bitrate),
+            width,
+            height,
+        }
+    })
 }
 
 #[cfg(test)]

@@ -54,6 +54,28 @@ fn describe(receivers: &[Receiver]) -> String {
         .join("\n")
 }
 
+/// Every receiver leaves and gets `left`, the publisher leaves, and the server lets everything
+/// go (its live gauges back to zero) before it shuts down.
+async fn leave_clean(
+    receivers: impl IntoIterator<Item = Receiver>,
+    publisher: Client,
+    engine: Arc<Engine>,
+    server: ServerHandle,
+) {
+    for r in receivers {
+        assert!(r.close().await, "no `left` from the server");
+    }
+    publisher.close().await;
+    eventually(
+        "the server's live gauges back to zero",
+        Duration::from_secs(10),
+        || gauges_zero(&server),
+    )
+    .await;
+    drop(engine);
+    server.shutdown().await;
+}
+
 fn gauges_zero(server: &ServerHandle) -> bool {
     let m = server.metrics.snapshot();
     m.participants == 0 && m.peer_connections == 0 && m.forwarders == 0 && m.downtracks == 0
@@ -228,18 +250,7 @@ async fn lite_receivers_get_every_stream_and_leave_clean() {
     .await;
 
     // Clean leave: every receiver gets `left`, and the server lets everything go.
-    for r in receivers {
-        assert!(r.close().await, "no `left` from the server");
-    }
-    publisher.close().await;
-    eventually(
-        "the server's live gauges back to zero",
-        Duration::from_secs(10),
-        || gauges_zero(&server),
-    )
-    .await;
-    drop(engine);
-    server.shutdown().await;
+    leave_clean(receivers, publisher, engine, server).await;
 }
 
 /// The server's forwarded video packets by source layer.
@@ -349,18 +360,7 @@ async fn a_reported_tile_gets_the_layer_that_covers_it() {
         "two layer-0 subscribers per top-layer one: {forwarded:?}"
     );
 
-    for r in receivers {
-        assert!(r.close().await, "no `left` from the server");
-    }
-    publisher.close().await;
-    eventually(
-        "the server's live gauges back to zero",
-        Duration::from_secs(10),
-        || gauges_zero(&server),
-    )
-    .await;
-    drop(engine);
-    server.shutdown().await;
+    leave_clean(receivers, publisher, engine, server).await;
 }
 
 #[test]
