@@ -80,12 +80,11 @@ pub struct Config {
     /// SO_RCVBUF / SO_SNDBUF asked for on media sockets, in bytes.
     #[arg(long, env = "SWITCHBOARD_SOCKET_BUFFER", default_value_t = 4 * 1024 * 1024)]
     pub socket_buffer_bytes: usize,
-    /// Turns bandwidth estimation on: the downlink estimate in kbit/s a subscriber starts with,
-    /// before transport-wide congestion control feedback refines it. 0 (the default): off, and
-    /// every subscriber gets the layers its tiles ask for. Off by default because it brings
-    /// str0m's per-connection pacer, which at 200 subscribers on one core delayed video by
-    /// over a second here (README, "Known limits").
-    #[arg(long, env = "SWITCHBOARD_START_BITRATE_KBPS", default_value_t = 0)]
+    /// Bandwidth estimation: the downlink estimate in kbit/s a subscriber starts with, before
+    /// transport-wide congestion control (TWCC) feedback refines it. A client that offers no
+    /// TWCC gets no estimate (and no pacer). 0: off for everyone, and every subscriber gets the
+    /// layers its tiles ask for.
+    #[arg(long, env = "SWITCHBOARD_START_BITRATE_KBPS", default_value_t = 1000)]
     pub start_bitrate_kbps: u64,
     #[command(flatten)]
     pub limits: Limits,

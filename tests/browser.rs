@@ -289,6 +289,20 @@ async fn sfu_call(env: Arc<Env>) -> Result<()> {
     for page in &pages {
         page.wait_media_rising(2, Duration::from_secs(20)).await?;
     }
+    // The pages' audio is RED (the client prefers it, the server's answer lists it first), and
+    // the server forwards it as RED: Chromium's getStats names the codec audio/opus either way,
+    // so the server's counters are the witness.
+    let metrics = env
+        .server
+        .lock()
+        .await
+        .as_ref()
+        .map(|s| s.metrics.snapshot());
+    let (red_in, red_out) = metrics.map_or((0, 0), |m| (m.red_packets_in, m.red_packets_out));
+    ensure!(
+        red_in > 0 && red_out > 0,
+        "no RED audio: {red_in} RED packets in, {red_out} out"
+    );
 
     // 2. Chat typed into the real input reaches the two others.
     step("chat reaches the others");
@@ -992,11 +1006,21 @@ struct Setup {
     shaped_downlink: Option<&'static str>,
 }
 
+/// The server's log at `RUST_LOG` (default: warnings), shown with a failing test's output.
+fn init_tracing() {
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
 async fn run_browser_test_on<F, Fut>(name: &str, setup: Setup, test: F)
 where
     F: FnOnce(Arc<Env>) -> Fut,
     Fut: Future<Output = Result<()>>,
 {
+    init_tracing();
     let required = std::env::var_os(REQUIRE_ENV).is_some();
     let chromium = find_executable(
         "SWITCHBOARD_CHROMIUM",

@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use super::codec::VideoFormat;
-use super::layer::{self, LayerState, LayerView};
+use super::layer::{self, LayerState, LayerView, NOMINAL_AUDIO_BITRATE};
 use super::padding::PaddingRemover;
 use super::rewrite::Rewritten;
 use super::{DownTrack, MediaPacket, Rewriter};
@@ -86,8 +86,11 @@ impl<K: Copy + Eq> TrackForwarder<K> {
 
     /// Bits per second a subscriber receives of this audio track: with RED as it comes, or
     /// about half when RED is cut to its primary block for it.
-    pub fn audio_bitrate(&self, red_on: bool, now: Instant) -> u64 {
-        let rate = self.layer_bitrate(0, now);
+    pub fn audio_bitrate(&self, red_on: bool) -> u64 {
+        let rate = match self.layers.first().map_or(0, LayerState::measured_bitrate) {
+            0 => NOMINAL_AUDIO_BITRATE,
+            measured => measured,
+        };
         if self.carries_red && !red_on {
             rate / 2
         } else {
@@ -355,6 +358,26 @@ mod tests {
         a.request_keyframe(0);
         assert_eq!(a.poll_keyframe_requests(t0), 0);
         assert_eq!(run(&mut a, pkt(1, b"x")).len(), 1);
+    }
+
+    #[test]
+    fn audio_counts_its_nominal_rate_until_measured() {
+        let t0 = Instant::now();
+        let mut a: TrackForwarder<u32> = TrackForwarder::new("audio/opus", 1, INTERVAL);
+        assert_eq!(a.audio_bitrate(true), NOMINAL_AUDIO_BITRATE);
+        // 50 packets of 100 bytes a second: 40 kbit/s once a window is complete.
+        for i in 0..40u64 {
+            let p = MediaPacket::received(
+                i,
+                i as u32 * 960,
+                false,
+                0,
+                Arc::from(&[0u8; 100][..]),
+                t0 + Duration::from_millis(20 * i),
+            );
+            run(&mut a, p);
+        }
+        assert_eq!(a.audio_bitrate(true), 40_000);
     }
 
     #[test]

@@ -17,6 +17,9 @@ const PEAK_WINDOWS: usize = 10;
 /// Bitrates assumed for a layer not measured yet, from the lowest to the highest of three
 /// (the browser client's ladder; a track with fewer layers takes the top ones).
 pub const NOMINAL_BITRATES: [u64; 3] = [100_000, 500_000, 1_700_000];
+/// Bits per second assumed for an audio track not measured yet: Opus voice with its RED
+/// redundancy and headers, rounded up.
+pub const NOMINAL_AUDIO_BITRATE: u64 = 64_000;
 /// Picture heights assumed for a layer whose keyframes do not say (codecs other than VP8).
 const NOMINAL_HEIGHTS: [u16; 3] = [180, 360, 720];
 
@@ -36,6 +39,11 @@ pub struct LayerState {
 }
 
 impl LayerState {
+    /// Bits per second over the last complete window; 0 until one is complete.
+    pub fn measured_bitrate(&self) -> u64 {
+        self.bitrate
+    }
+
     pub fn new(keyframe_interval: Duration) -> Self {
         LayerState {
             keyframes: KeyframeThrottle::new(keyframe_interval),

@@ -38,12 +38,14 @@ pub fn track_codec(kind: MediaKind, params: &PayloadParams) -> TrackCodec {
 }
 
 /// The payload type `rtc` negotiated on `mid` for `codec`, if the remote accepted that codec.
-/// Also the payload type of RED around it, if the remote accepted that too.
+/// Also the payload type of RED around it, if the remote accepted RED on that m-line
+/// (`red_accepted`: str0m's negotiated payload types list primary codecs only).
 pub fn payload_type_for(
     rtc: &Rtc,
     mid: Mid,
     kind: MediaKind,
     codec: &TrackCodec,
+    red_accepted: bool,
 ) -> Option<(u8, Option<u8>)> {
     let accepted = rtc.media(mid)?.remote_pts();
     let taken = |pt: &Pt| accepted.is_empty() || accepted.contains(pt);
@@ -57,7 +59,7 @@ pub fn payload_type_for(
         .iter()
         .find(|p| *p.pt() == pt)
         .and_then(|p| p.red())
-        .filter(|red| !accepted.is_empty() && taken(red))
+        .filter(|_| red_accepted)
         .map(|red| *red);
     Some((pt, red))
 }
@@ -78,6 +80,49 @@ fn negotiated_payload_type(
         }
     }
     by_mime
+}
+
+/// The mids of the m-lines of `sdp` that list RED (RFC 2198) among their payload types, and
+/// of those that do not.
+pub fn red_by_mid(sdp: &str) -> Vec<(String, bool)> {
+    let mut out: Vec<(String, bool)> = Vec::new();
+    let mut section: Option<(Option<String>, bool)> = None;
+    let close = |section: Option<(Option<String>, bool)>, out: &mut Vec<(String, bool)>| {
+        if let Some((Some(mid), red)) = section {
+            out.push((mid, red));
+        }
+    };
+    for line in sdp.lines() {
+        if line.starts_with("m=") {
+            close(section.take(), &mut out);
+            section = Some((None, false));
+        } else if let Some((mid, red)) = &mut section {
+            if let Some(m) = line.strip_prefix("a=mid:") {
+                *mid = Some(m.trim().to_owned());
+            } else if let Some((_, codec)) = line
+                .strip_prefix("a=rtpmap:")
+                .and_then(|l| l.split_once(' '))
+            {
+                *red |= codec.to_ascii_lowercase().starts_with("red/");
+            }
+        }
+    }
+    close(section, &mut out);
+    out
+}
+
+/// Whether an SDP negotiates transport-wide congestion control (the transport-wide sequence
+/// number header extension), without which the server gets no feedback to estimate a downlink
+/// from: None if it has no audio or video m-line to say it on.
+pub fn negotiates_twcc(sdp: &str) -> Option<bool> {
+    let mut media = false;
+    for line in sdp.lines() {
+        media |= line.starts_with("m=audio") || line.starts_with("m=video");
+        if line.starts_with("a=extmap:") && line.contains("transport-wide-cc") {
+            return Some(true);
+        }
+    }
+    media.then_some(false)
 }
 
 /// `sdp` with RED listed first among each audio m-line's payload types. A browser sends with
@@ -124,6 +169,27 @@ pub fn red_first(sdp: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn red_is_read_per_m_line() {
+        let sdp = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:a\r\na=rtpmap:111 opus/48000/2\r\n\
+                   m=audio 9 UDP/TLS/RTP/SAVPF 63 111\r\na=rtpmap:63 red/48000/2\r\na=mid:b\r\n\
+                   m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=rtpmap:96 VP8/90000\r\n";
+        assert_eq!(
+            red_by_mid(sdp),
+            vec![("a".to_owned(), false), ("b".to_owned(), true)]
+        );
+    }
+
+    #[test]
+    fn twcc_is_found_in_an_extmap_line_only() {
+        let with = "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=extmap:3 http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01\r\n";
+        assert_eq!(negotiates_twcc(with), Some(true));
+        let feedback_only = "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=rtcp-fb:96 transport-cc\r\na=x-transport-wide-cc\r\n";
+        assert_eq!(negotiates_twcc(feedback_only), Some(false));
+        let data_only = "v=0\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\n";
+        assert_eq!(negotiates_twcc(data_only), None);
+    }
 
     fn codec(mime: &str, fmtp: &str) -> TrackCodec {
         TrackCodec {

@@ -5,18 +5,19 @@
 //!
 //! Owned by the worker's event loop; nothing here touches sockets or other connections.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
 use str0m::Rtc;
+use str0m::bwe::Bitrate;
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::channel::ChannelId;
 use str0m::media::{Direction, Mid, Rid, Rids};
 use str0m::rtp::Ssrc;
 use tokio::sync::mpsc;
 
-use super::codec::{red_first, str0m_kind};
+use super::codec::{negotiates_twcc, red_by_mid, red_first, str0m_kind};
 use super::{MediaError, MediaEvent, OfferOutcome, Subscription};
 use crate::forward::{LayerChoice, PauseCause, Priority, TrackKey};
 use crate::metrics::{GaugeGuard, Metrics};
@@ -129,6 +130,9 @@ impl LiveDownTrack {
     }
 }
 
+/// The pacing estimate of a connection that gives no congestion feedback: no limit.
+const UNESTIMATED: Bitrate = Bitrate::gbps(100);
+
 pub struct Conn {
     pub participant: ParticipantId,
     pub rtc: Rtc,
@@ -148,6 +152,11 @@ pub struct Conn {
     pub chat: Option<ChannelId>,
     pub inbound: HashMap<Mid, Inbound>,
     pub outbound: Vec<Outbound>,
+    /// Whether the client negotiated transport-wide congestion control (None: no audio or
+    /// video m-line negotiated yet). Its downlink estimate counts only if it did.
+    pub twcc: Option<bool>,
+    /// The m-lines on which the client's last SDP listed RED audio.
+    pub red_accepted: HashSet<Mid>,
     pending_offer: Option<SdpPendingOffer>,
     /// The client's first offer was applied: before it there is nothing to renegotiate.
     established: bool,
@@ -175,9 +184,32 @@ impl Conn {
             chat: None,
             inbound: HashMap::new(),
             outbound: Vec::new(),
+            twcc: None,
+            red_accepted: HashSet::new(),
             pending_offer: None,
             established: false,
             _gauge: gauge,
+        }
+    }
+
+    /// What the client's SDP, once applied, says about RED and congestion control.
+    fn note_remote_sdp(&mut self, sdp: &str) {
+        if self.twcc.is_none() {
+            self.twcc = negotiates_twcc(sdp);
+            if self.twcc == Some(false) {
+                // Without feedback the estimate would stay at its start value for good, and
+                // the engine's pacer would hold this connection's media to it, queueing the
+                // rest: lift it out of the way.
+                self.rtc.bwe().reset(UNESTIMATED);
+            }
+        }
+        for (mid, red) in red_by_mid(sdp) {
+            let mid = Mid::from(mid.as_str());
+            if red {
+                self.red_accepted.insert(mid);
+            } else {
+                self.red_accepted.remove(&mid);
+            }
         }
     }
 
@@ -193,6 +225,7 @@ impl Conn {
             .sdp_api()
             .accept_offer(offer)
             .map_err(|e| MediaError::BadSdp(e.to_string()))?;
+        self.note_remote_sdp(sdp);
         self.established = true;
         Ok(OfferOutcome::Answer(red_first(&answer.to_sdp_string())))
     }
@@ -212,6 +245,9 @@ impl Conn {
                     .accept_answer(pending, answer)
                     .map_err(|e| MediaError::BadSdp(e.to_string()))
             });
+        if accepted.is_ok() {
+            self.note_remote_sdp(sdp);
+        }
         let mut opened = false;
         for out in &mut self.outbound {
             out.state = match (out.state, accepted.is_ok()) {

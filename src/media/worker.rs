@@ -24,7 +24,9 @@ use str0m::bwe::{Bitrate, BweKind};
 use str0m::config::DtlsCert;
 use str0m::media::{KeyframeRequestKind, Mid};
 use str0m::net::{Protocol, Receive};
-use str0m::rtp::{RtpPacket, RtpWrite, Ssrc, Vp8Descriptor, Vp8Patch, Vp8PatchError};
+use str0m::rtp::{
+    RtpPacket, RtpWrite, Ssrc, StreamTxQueueInfo, Vp8Descriptor, Vp8Patch, Vp8PatchError,
+};
 use str0m::{Candidate, Event, IceConnectionState, IceCreds, Input, Output, Rtc, RtcConfig};
 use tokio::sync::{mpsc, oneshot};
 
@@ -216,6 +218,21 @@ pub fn rtc_config(dtls_cert: DtlsCert, start_bitrate_kbps: u64) -> RtcConfig {
         .enable_bwe((start_bitrate_kbps > 0).then(|| Bitrate::kbps(start_bitrate_kbps)))
 }
 
+/// How long a subscriber's video may wait in the engine's pacer before more of it is dropped
+/// instead of queued. The pacer sends at about the downlink estimate; the queue only grows when
+/// more is forwarded than the estimate allows, until the next layer choice (every 500 ms) fits
+/// the videos to it. str0m's own limit is 2 s, which is 2 s of added latency.
+const PACER_QUEUE_LIMIT: Duration = Duration::from_millis(500);
+
+/// How long the oldest packet of a stream's pacer queue had waited when the pacer last looked.
+fn pacer_backlog(info: Option<&dyn StreamTxQueueInfo>) -> Duration {
+    info.and_then(|q| {
+        q.first_unsent()
+            .map(|first| q.created_at().saturating_duration_since(first))
+    })
+    .unwrap_or_default()
+}
+
 /// What woke the event loop.
 enum Wake {
     Command(Option<Command>),
@@ -287,7 +304,10 @@ impl WorkerSeries {
 struct Tally {
     packets_in: u64,
     packets_out: u64,
+    red_in: u64,
+    red_out: u64,
     packets_dropped: u64,
+    packets_dropped_pacer: u64,
     unroutable: u64,
     keyframe_requests: u64,
     turns: u64,
@@ -616,7 +636,9 @@ impl Worker {
                 can_probe,
             }) => {
                 tracing::debug!(participant = %conn.participant, %estimate, can_probe, "downlink estimate");
-                conn.estimate = Some(estimate.as_u64());
+                if conn.twcc == Some(true) {
+                    conn.estimate = Some(estimate.as_u64());
+                }
             }
             Event::ChannelOpen(channel, label) => {
                 if label == "chat" {
@@ -710,6 +732,7 @@ impl Worker {
             return;
         };
         self.tally.packets_in += 1;
+        self.tally.red_in += u64::from(red);
         if let (
             Source::Local {
                 speech: Some((meter, _)),
@@ -770,6 +793,10 @@ impl Worker {
                 self.tally.packets_dropped += 1;
                 continue;
             };
+            if nackable && pacer_backlog(stream.queue_info()) > PACER_QUEUE_LIMIT {
+                self.tally.packets_dropped_pacer += 1;
+                continue;
+            }
             let payload = if d.header.primary_only {
                 let Some(primary) = &primary else {
                     self.tally.packets_dropped += 1; // RED that does not parse
@@ -795,6 +822,7 @@ impl Worker {
             }
             stream.write_rtp(write);
             self.tally.packets_out += 1;
+            self.tally.red_out += u64::from(packet.red && !d.header.primary_only);
             if nackable {
                 self.tally.video_out_by_layer[usize::from(packet.layer).min(COUNTED_LAYERS - 1)] +=
                     1;
@@ -859,7 +887,9 @@ impl Worker {
             if out.live.is_some() {
                 continue;
             }
-            let Some((pt, red)) = payload_type_for(&conn.rtc, mid, out.sub.kind, &out.sub.codec)
+            let red_accepted = conn.red_accepted.contains(&mid);
+            let Some((pt, red)) =
+                payload_type_for(&conn.rtc, mid, out.sub.kind, &out.sub.codec, red_accepted)
             else {
                 tracing::warn!(participant = %conn.participant, codec = %out.sub.codec.mime_type, "subscriber did not accept the codec");
                 continue;
@@ -873,6 +903,7 @@ impl Worker {
                 tracing::warn!(participant = %conn.participant, "negotiated m-line without a send stream");
                 continue;
             };
+            tracing::debug!(participant = %conn.participant, %mid, pt, ?red, "downtrack starts");
             out.live = Some(LiveDownTrack::new(ssrc, &self.metrics));
             started.push((ssrc, pt, red, out.sub.clone()));
         }
@@ -941,7 +972,7 @@ impl Worker {
                 videos.push((i, f.fwd.layer_views(now)));
             } else {
                 f.fwd.set_red((id, live.ssrc), red_on);
-                audio += f.fwd.audio_bitrate(red_on, now);
+                audio += f.fwd.audio_bitrate(red_on);
             }
         }
         if videos.is_empty() {
@@ -1263,6 +1294,17 @@ impl Worker {
             ufrag: ufrag.clone(),
             pass: random_token(24),
         };
+        let rtc = self.build_rtc(creds);
+        self.demux.add_ufrag(ufrag, id);
+        let gauge = GaugeGuard::new(&self.metrics, |m| &m.peer_connections);
+        self.conns
+            .insert(id, Conn::new(participant, rtc, events, chat_in, gauge));
+        self.exported.connections.set(self.conns.len() as i64);
+    }
+
+    /// A connection's engine: the worker's configuration with these ICE credentials and the
+    /// worker's host candidates.
+    fn build_rtc(&self, creds: IceCreds) -> Rtc {
         let mut rtc = self
             .rtc_config
             .clone()
@@ -1276,11 +1318,7 @@ impl Worker {
                 Err(e) => tracing::warn!(%addr, "host candidate: {e}"),
             }
         }
-        self.demux.add_ufrag(ufrag, id);
-        let gauge = GaugeGuard::new(&self.metrics, |m| &m.peer_connections);
-        self.conns
-            .insert(id, Conn::new(participant, rtc, events, chat_in, gauge));
-        self.exported.connections.set(self.conns.len() as i64);
+        rtc
     }
 
     fn publish(&mut self, id: ConnId, mid: Mid, key: TrackKey) {
@@ -1456,7 +1494,10 @@ impl Worker {
         for (counter, n) in [
             (&m.packets_in, t.packets_in),
             (&m.packets_out, t.packets_out),
+            (&m.red_packets_in, t.red_in),
+            (&m.red_packets_out, t.red_out),
             (&m.packets_dropped, t.packets_dropped),
+            (&m.packets_dropped_pacer, t.packets_dropped_pacer),
             (&m.datagrams_unroutable, t.unroutable),
             (&m.keyframe_requests, t.keyframe_requests),
             (&m.media_loop_turns, t.turns),

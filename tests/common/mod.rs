@@ -38,11 +38,14 @@ pub async fn start_server() -> ServerHandle {
     start_server_with(|_| {}).await
 }
 
-/// A test server with some limits changed. Bandwidth estimation is off (the default) unless
-/// `adjust` turns it on: the tests about bandwidth do, and shape the link for real.
+/// A test server with some limits changed. Bandwidth estimation is off unless `adjust` turns
+/// it on (the tests about bandwidth do, and shape the link for real): the webrtc-rs peers stamp
+/// their TWCC feedback after their own scheduling delay, which a loaded box under a debug build
+/// turns into congestion the link does not have.
 pub async fn start_server_with(adjust: impl FnOnce(&mut Config)) -> ServerHandle {
     init_tracing();
     let mut config = Config::for_tests();
+    config.start_bitrate_kbps = 0;
     adjust(&mut config);
     Server::start(config).await.expect("the server starts")
 }
