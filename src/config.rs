@@ -33,6 +33,11 @@ pub struct Limits {
     /// Seconds a client may take to answer the server's offer before its session is ended.
     #[arg(long, env = "SWITCHBOARD_ANSWER_TIMEOUT_SECS", default_value_t = 15)]
     pub answer_timeout_secs: u64,
+    /// How long a participant whose signaling socket dropped (without `leave` or a close frame)
+    /// stays in its room, media flowing, waiting for its client to `resume` on a new socket
+    /// (protocol 3 clients). 0: removed at once.
+    #[arg(long, env = "SWITCHBOARD_RESUME_GRACE_SECS", default_value_t = 20)]
+    pub resume_grace_secs: u64,
     /// Largest chat message relayed, in bytes.
     #[arg(long, env = "SWITCHBOARD_MAX_CHAT_BYTES", default_value_t = 4096)]
     pub max_chat_bytes: usize,

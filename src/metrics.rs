@@ -117,6 +117,7 @@ metrics! {
         rooms: "Rooms open",
         participants: "Participants joined to a room",
         sessions: "Signaling WebSocket sessions open",
+        sessions_detached: "Sessions whose socket dropped, waiting (media flowing) for their client to resume",
         peer_connections: "Server-side peer connections alive",
         forwarders: "Published tracks being forwarded",
         downtracks: "Subscriber tracks being forwarded to",

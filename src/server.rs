@@ -41,6 +41,7 @@ impl Server {
             media: media.clone(),
             metrics: metrics.clone(),
             limits: config.limits.clone(),
+            resumables: Default::default(),
             shutdown: shutdown_rx.clone(),
         });
         let listener = tokio::net::TcpListener::bind(config.http)

@@ -108,6 +108,14 @@ impl fmt::Display for RoomName {
     }
 }
 
+/// `len` random characters of A-Z a-z 0-9 (ICE credentials, resume tokens).
+pub fn random_token(len: usize) -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    (0..len)
+        .map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

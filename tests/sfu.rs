@@ -11,8 +11,8 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use common::{
-    CLEANUP, assert_all_clean, close_all, eventually, join, serial, start_server, summary,
-    wait_all, ws_url,
+    CLEANUP, assert_all_clean, close_all, eventually, join, serial, start_server,
+    start_server_with, summary, wait_all, ws_url,
 };
 use futures_util::{SinkExt, StreamExt};
 use switchboard::client::{Client, ClientOptions, ClientSnapshot};
@@ -282,7 +282,8 @@ fn video_intact_from(client: &Client, publisher: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leave_and_dropped_socket_are_cleaned_up() {
     let _serial = serial().await;
-    let server = start_server().await;
+    // A dropped socket waits this long for a resume before its participant is removed.
+    let server = start_server_with(|c| c.limits.resume_grace_secs = 2).await;
     let a = join(&server, "t3", "a", ClientOptions::default()).await;
     let b = join(&server, "t3", "b", ClientOptions::default()).await;
     let leaver = join(&server, "t3", "leaver", ClientOptions::default()).await;
@@ -299,7 +300,7 @@ async fn leave_and_dropped_socket_are_cleaned_up() {
     leaver.leave().await.expect("leave is answered with left");
     assert_departed(&server, &[&a, &b, &dropper], &gone, 4).await;
 
-    // A socket dropped without a word.
+    // A socket dropped without a word, and no resume within the grace period.
     let gone = dropper.id().to_owned();
     dropper.drop_socket();
     assert_departed(&server, &[&a, &b], &gone, 2).await;

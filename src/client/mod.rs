@@ -54,7 +54,7 @@ pub use stats::{
 use crate::signal::protocol::{
     ClientMessage, MediaKind, PROTOCOL_VERSION, RoomMode, ServerMessage,
 };
-use session::{Event, LinkRegistry, Session};
+use session::{Event, LinkRegistry, Session, SinkSwap};
 use stats::Shared;
 
 /// How a client joins and what it publishes.
@@ -178,9 +178,11 @@ pub struct Client {
     shared: Arc<Shared>,
     events: mpsc::UnboundedSender<Event>,
     outbox: mpsc::UnboundedSender<Message>,
+    /// Gives the writer a new socket, or cuts its current one.
+    sink_swap: SinkSwap,
     registry: LinkRegistry,
     session: Mutex<Option<JoinHandle<()>>>,
-    reader: JoinHandle<()>,
+    reader: Mutex<JoinHandle<()>>,
     writer: JoinHandle<()>,
     closed: AtomicBool,
 }
@@ -219,6 +221,7 @@ impl Client {
             mode,
             ref participants,
             ref tracks,
+            ref resume_token,
             ..
         } = joined
         else {
@@ -233,6 +236,7 @@ impl Client {
             r.room = joined_room.clone();
             r.mode = mode;
             r.announced_tracks = tracks.clone();
+            r.resume_token = resume_token.clone();
         });
         shared.set_participants(participants);
         let others: Vec<String> = participants.iter().map(|p| p.id.clone()).collect();
@@ -243,7 +247,8 @@ impl Client {
         for message in early {
             let _ = events.send(Event::Server(message));
         }
-        let writer = tokio::spawn(session::run_writer(sink, outbox_rx));
+        let (sink_swap, swaps) = mpsc::unbounded_channel();
+        let writer = tokio::spawn(session::run_writer(sink, outbox_rx, swaps));
         let reader = tokio::spawn(session::run_reader(stream, events.clone(), shared.clone()));
         let registry = LinkRegistry::default();
         let mut session = Session::new(
@@ -269,9 +274,10 @@ impl Client {
             shared,
             events,
             outbox,
+            sink_swap,
             registry,
             session: Mutex::new(Some(session)),
-            reader,
+            reader: Mutex::new(reader),
             writer,
             closed: AtomicBool::new(false),
         })
@@ -419,11 +425,68 @@ impl Client {
     }
 
     /// Closes the signaling socket abruptly: no `leave`, no close frame. The peer connections
-    /// stay up until [`Client::close`].
+    /// stay up until [`Client::close`]; messages sent meanwhile wait for [`Client::resume`].
     pub fn drop_socket(&self) {
-        self.reader.abort();
-        self.writer.abort();
+        self.lock_reader().abort();
+        let _ = self.sink_swap.send(None);
         self.shared.update(|r| r.socket_closed = true);
+    }
+
+    fn lock_reader(&self) -> std::sync::MutexGuard<'_, JoinHandle<()>> {
+        self.reader.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes the session up again on a new socket to `ws_url` with the resume token (protocol
+    /// 3), after [`Client::drop_socket`] or a lost connection. Returns once the server answered
+    /// `resumed`; the old socket, if still open, is cut.
+    pub async fn resume(&self, ws_url: &str) -> anyhow::Result<()> {
+        let token = self
+            .shared
+            .read(|r| r.resume_token.clone())
+            .ok_or_else(|| anyhow!("the server gave no resume token"))?;
+        let (socket, _) = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio_tungstenite::connect_async(ws_url),
+        )
+        .await
+        .map_err(|_| anyhow!("connecting to {ws_url} timed out"))?
+        .with_context(|| format!("connecting to {ws_url}"))?;
+        let (mut sink, mut stream) = socket.split();
+        let resume = ClientMessage::Resume { token };
+        sink.send(Message::Text(serde_json::to_string(&resume)?.into()))
+            .await
+            .context("sending resume")?;
+        let resumed = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match stream.next().await {
+                    Some(Ok(Message::Text(text))) => {
+                        match serde_json::from_str::<ServerMessage>(text.as_str()) {
+                            Ok(resumed @ ServerMessage::Resumed { .. }) => return Ok(resumed),
+                            Ok(ServerMessage::Error { code, message }) => {
+                                bail!("resume refused: {code:?}: {message}")
+                            }
+                            Ok(_) => {}
+                            Err(e) => bail!("unparsable answer to resume: {e}"),
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => bail!("socket failed before resumed: {e}"),
+                    None => bail!("socket closed before resumed"),
+                }
+            }
+        })
+        .await
+        .map_err(|_| anyhow!("no resumed answer within 10 s"))??;
+        let _ = self.events.send(Event::Server(resumed));
+        let reader = tokio::spawn(session::run_reader(
+            stream,
+            self.events.clone(),
+            self.shared.clone(),
+        ));
+        std::mem::replace(&mut *self.lock_reader(), reader).abort();
+        self.sink_swap
+            .send(Some(sink))
+            .map_err(|_| anyhow!("the client is closed"))
     }
 
     /// Closes everything: peer connections, publishing, and the socket (with a close frame if it
@@ -456,7 +519,7 @@ impl Client {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         self.writer.abort();
-        self.reader.abort();
+        self.lock_reader().abort();
         self.registry
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -534,7 +597,7 @@ impl Drop for Client {
         {
             session.abort();
         }
-        self.reader.abort();
+        self.lock_reader().abort();
         self.writer.abort();
         let pcs: Vec<_> = self
             .registry

@@ -58,22 +58,44 @@ pub(crate) struct LinkHandle {
 
 pub(crate) type LinkRegistry = Arc<Mutex<BTreeMap<Option<String>, LinkHandle>>>;
 
-/// Forwards outgoing frames to the socket; ends after a close frame or a write error.
+/// Replaces the writer's socket (Some) or cuts it (None: frames wait in the outbox).
+pub(crate) type SinkSwap = mpsc::UnboundedSender<Option<SplitSink<Socket, Message>>>;
+
+/// Forwards outgoing frames to the socket; ends after a close frame, or when the client is gone.
+/// While there is no socket (cut, or a write failed) frames stay queued for the next one (a
+/// resume).
 pub(crate) async fn run_writer(
-    mut sink: SplitSink<Socket, Message>,
+    sink: SplitSink<Socket, Message>,
     mut outbox: mpsc::UnboundedReceiver<Message>,
+    mut swaps: mpsc::UnboundedReceiver<Option<SplitSink<Socket, Message>>>,
 ) {
-    while let Some(message) = outbox.recv().await {
-        let is_close = matches!(message, Message::Close(_));
-        if let Err(e) = sink.send(message).await {
-            debug!("signaling write failed: {e}");
-            break;
-        }
-        if is_close {
-            break;
+    let mut sink = Some(sink);
+    loop {
+        tokio::select! {
+            biased;
+            swap = swaps.recv() => match swap {
+                // Dropping the old half without a close frame: an abrupt cut.
+                Some(next) => sink = next,
+                None => break,
+            },
+            message = outbox.recv(), if sink.is_some() => {
+                let Some(message) = message else { break };
+                let Some(current) = sink.as_mut() else { continue };
+                let is_close = matches!(message, Message::Close(_));
+                if let Err(e) = current.send(message).await {
+                    debug!("signaling write failed: {e}");
+                    sink = None;
+                    continue;
+                }
+                if is_close {
+                    break;
+                }
+            }
         }
     }
-    let _ = sink.close().await;
+    if let Some(mut sink) = sink {
+        let _ = sink.close().await;
+    }
 }
 
 /// Turns incoming frames into events; records the socket closing.
@@ -486,6 +508,23 @@ impl Session {
             }
             ServerMessage::Left => {
                 self.shared.update(|r| r.left = true);
+                self.shared.push_event(message);
+            }
+            ServerMessage::Resumed {
+                ref participants,
+                ref tracks,
+                ref resume_token,
+                ..
+            } => {
+                // Messages sent while the socket was down may be lost: take the room as it is.
+                let (participants, tracks) = (participants.clone(), tracks.clone());
+                let token = resume_token.clone();
+                self.shared.set_participants(&participants);
+                self.shared.update(|r| {
+                    r.announced_tracks = tracks;
+                    r.resume_token = Some(token);
+                    r.socket_closed = false;
+                });
                 self.shared.push_event(message);
             }
             ServerMessage::Joined { .. } | ServerMessage::Pong => {

@@ -387,6 +387,8 @@ pub(crate) struct Record {
     pub left: bool,
     pub socket_closed: bool,
     pub close_code: Option<u16>,
+    /// From `joined` or the last `resumed` (protocol 3).
+    pub resume_token: Option<String>,
 }
 
 /// State shared by the client's tasks and its handle.

@@ -42,7 +42,7 @@ use crate::forward::{
     TrackForwarder, TrackKey, Visibility, Vp8Ids, allocate, red_primary_offset,
 };
 use crate::metrics::{GaugeGuard, LayerLabel, Metrics, WorkerLabel};
-use crate::types::{MediaKind, ParticipantId};
+use crate::types::{MediaKind, ParticipantId, random_token};
 
 /// Relayed batches queued per worker before new ones are dropped.
 pub const RELAY_QUEUE_BATCHES: usize = 256;
@@ -1549,13 +1549,6 @@ fn send_relay(to: &WorkerShared, batch: &mut RelayBatch, tally: &mut Tally) {
     if to.relay.try_send(full).is_err() {
         tally.packets_dropped += n;
     }
-}
-
-fn random_token(len: usize) -> String {
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
-    (0..len)
-        .map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char)
-        .collect()
 }
 
 #[cfg(test)]

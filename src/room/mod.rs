@@ -318,6 +318,11 @@ impl Room {
         self.lock().members.get(id).map(|m| m.name.clone())
     }
 
+    /// The active speakers last announced, loudest first.
+    pub fn active_speakers(&self) -> Arc<[ParticipantId]> {
+        self.lock().active_speakers.clone()
+    }
+
     pub fn is_member(&self, id: &ParticipantId) -> bool {
         self.lock().members.contains_key(id)
     }

@@ -3,6 +3,7 @@
 
 mod admission;
 pub mod protocol;
+pub mod resume;
 pub mod session;
 mod sfu;
 

@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 /// Version of the protocol, sent in `joined` so a client can tell what it talks to. A client
 /// says in `join` which version it speaks; messages added since are sent only to clients that
 /// speak them (version 2: simulcast layers, `track-settings`, `subscription-state`,
-/// `publisher-layers`).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// `publisher-layers`, `active-speakers`; version 3: session resume, `resume`/`resumed`).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// How a room carries media.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -93,6 +93,10 @@ pub enum ClientMessage {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         height: Option<u32>,
     },
+    /// Instead of `join`, on a new socket (protocol 3): take over the session that `token` (from
+    /// `joined` or the last `resumed`) belongs to, after its socket dropped. Answered by `resumed`,
+    /// or by a `resume-failed` error (then `join` anew).
+    Resume { token: String },
     /// Leave the room; the server answers `left` and keeps the socket open for another `join`.
     Leave,
     /// Liveness check; answered by `pong`.
@@ -107,6 +111,7 @@ impl ClientMessage {
         "answer",
         "candidate",
         "track-settings",
+        "resume",
         "leave",
         "ping",
     ];
@@ -139,6 +144,22 @@ pub enum ServerMessage {
         /// Tracks already published in the room (SFU rooms).
         tracks: Vec<TrackInfo>,
         protocol: u32,
+        /// Presented in `resume` on a new socket if this one drops (protocol 3; absent when the
+        /// server keeps no session for a dropped socket).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resume_token: Option<String>,
+    },
+    /// Answer to `resume`: the session goes on on this socket. What the room holds now (messages
+    /// sent while the socket was down may be lost: reconcile with these lists); the server's
+    /// outstanding offer, `publisher-layers`, `subscription-state` and `active-speakers` follow.
+    /// The token for the next resume replaces the old one.
+    Resumed {
+        participant_id: String,
+        room: String,
+        mode: RoomMode,
+        participants: Vec<ParticipantInfo>,
+        tracks: Vec<TrackInfo>,
+        resume_token: String,
     },
     ParticipantJoined {
         participant: ParticipantInfo,
@@ -240,6 +261,9 @@ pub enum ErrorCode {
     ConnectionFailed,
     /// The client did not answer the server's offer in time; the session ends.
     NegotiationTimeout,
+    /// `resume` named no session waiting for its socket (unknown token, or its grace period
+    /// ended): `join` anew.
+    ResumeFailed,
 }
 
 /// The chat message the server puts on each other participant's `chat` data channel.

@@ -4,6 +4,10 @@
 //! down in [`Session::leave`], whatever ended the session: a `leave`, a dropped socket, a failed
 //! connection, shutdown. The SFU wiring is in `sfu.rs`, the forwarding-rate cap in
 //! `admission.rs`.
+//!
+//! A socket that drops without `leave` or a close frame does not end a protocol-3 session at
+//! once: it goes on detached (media flowing, room events applied, messages to the client
+//! dropped) until its client `resume`s on a new socket or the grace period ends (`resume.rs`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,6 +20,7 @@ use super::protocol::{
     ChatRelay, ClientMessage, ErrorCode, PROTOCOL_VERSION, PauseReason, RoomMode, ServerMessage,
     parse_client_message,
 };
+use super::resume::{Resumable, Resumables};
 use super::sfu::SfuMedia;
 use crate::config::Limits;
 use crate::media::{MediaError, MediaEvent, MediaPlane, OfferOutcome, PauseCause, Visibility};
@@ -39,6 +44,8 @@ pub struct ServerContext {
     pub media: Arc<MediaPlane>,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
+    /// Sessions that can be taken over by a `resume`.
+    pub resumables: Arc<Resumables>,
     /// Flips to true when the server shuts down.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -48,20 +55,24 @@ pub async fn run_session(socket: WebSocket, ctx: Arc<ServerContext>) {
     let _gauge = GaugeGuard::new(&ctx.metrics, |m| &m.sessions);
     let mut session = Session {
         ctx: ctx.clone(),
-        socket,
+        socket: Some(socket),
         joined: None,
+        detached: None,
     };
     let close = session.run().await;
     session.leave();
-    if let Some(frame) = close {
-        let _ = session.socket.send(Message::Close(Some(frame))).await;
+    if let (Some(frame), Some(socket)) = (close, session.socket.as_mut()) {
+        let _ = socket.send(Message::Close(Some(frame))).await;
     }
 }
 
 struct Session {
     ctx: Arc<ServerContext>,
-    socket: WebSocket,
+    /// None while detached (waiting for a resume), or after the socket was handed over.
+    socket: Option<WebSocket>,
     joined: Option<Membership>,
+    /// Since when the session has waited for its client to resume.
+    detached: Option<(Instant, GaugeGuard)>,
 }
 
 struct Membership {
@@ -74,6 +85,8 @@ struct Membership {
     media: Option<SfuMedia>,
     /// The protocol version the client speaks: newer messages are not sent to older clients.
     protocol: u32,
+    /// The session's resume token (protocol 3, resume not turned off).
+    resume: Option<Resumable>,
     _gauge: GaugeGuard,
 }
 
@@ -103,7 +116,8 @@ impl Session {
         let mut watchdog = tokio::time::interval(WATCHDOG_PERIOD);
         watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let (room_events, chat_out, media_events, chat_in) = match self.joined.as_mut() {
+            let (room_events, chat_out, media_events, chat_in, resumed) = match self.joined.as_mut()
+            {
                 Some(m) => {
                     let (events, chat_in) = match m.media.as_mut() {
                         Some(media) => (Some(&mut media.events), Some(&mut media.chat_in)),
@@ -111,13 +125,15 @@ impl Session {
                     };
                     // Mesh members chat peer to peer; only SFU members read the room's lines.
                     let chat_out = events.is_some().then_some(&mut m.chat_out);
-                    (Some(&mut m.events), chat_out, events, chat_in)
+                    let resumed = m.resume.as_mut().map(|r| &mut r.sockets);
+                    (Some(&mut m.events), chat_out, events, chat_in, resumed)
                 }
-                None => (None, None, None, None),
+                None => (None, None, None, None, None),
             };
             // Room and media channels are split borrows of `self.joined`; select on all.
             let step = tokio::select! {
-                frame = self.socket.recv() => Step::Socket(frame),
+                frame = next_or_pending(self.socket.as_mut().map(|s| s.recv())) => Step::Socket(frame),
+                socket = next_or_pending(resumed.map(|rx| rx.recv())) => Step::Resumed(socket),
                 event = next_or_pending(room_events.map(|rx| rx.recv())) => Step::Room(event),
                 event = next_or_pending(media_events.map(|rx| rx.recv())) => Step::Media(event),
                 line = next_or_pending(chat_in.map(|rx| rx.recv())) => Step::ChatIn(line),
@@ -126,11 +142,22 @@ impl Session {
                 _ = watchdog.tick() => Step::Watchdog,
             };
             let outcome = match step {
-                Step::Socket(None) => return None,
-                Step::Socket(Some(Err(e))) => {
-                    tracing::info!("websocket error, closing session: {e}");
-                    return close_frame(close_code::SIZE, "message too big or malformed frame");
+                Step::Socket(None) => {
+                    if !self.detach() {
+                        return None;
+                    }
+                    Ok(())
                 }
+                Step::Socket(Some(Err(e))) => {
+                    if !self.detach() {
+                        tracing::info!("websocket error, closing session: {e}");
+                        return close_frame(close_code::SIZE, "message too big or malformed frame");
+                    }
+                    Ok(())
+                }
+                Step::Resumed(Some(socket)) => self.resumed(socket).await,
+                // The session's own sender lives in the registry as long as its token does.
+                Step::Resumed(None) => Ok(()),
                 Step::Socket(Some(Ok(message))) => self.on_frame(message).await,
                 Step::Room(Some(event)) => self.on_room_event(event).await,
                 Step::Media(Some(event)) => self.on_media_event(event).await,
@@ -156,7 +183,14 @@ impl Session {
                 Step::Shutdown => {
                     return close_frame(close_code::AWAY, "server shutting down");
                 }
-                Step::Watchdog => self.check_negotiation().await,
+                Step::Watchdog => match self.detached {
+                    Some((since, _)) if since.elapsed() >= self.resume_grace() => {
+                        tracing::info!(participant = ?self.joined.as_ref().map(|m| &m.id), "no resume within the grace period");
+                        return None;
+                    }
+                    Some(_) => Ok(()),
+                    None => self.check_negotiation().await,
+                },
             };
             if let Err(close) = outcome {
                 return close;
@@ -164,7 +198,11 @@ impl Session {
         }
     }
 
+    /// Sends to the client; while detached the message is lost (a resume resynchronises).
     async fn send(&mut self, message: &ServerMessage) -> Result<(), Close> {
+        let Some(socket) = self.socket.as_mut() else {
+            return Ok(());
+        };
         let text = match serde_json::to_string(message) {
             Ok(text) => text,
             Err(e) => {
@@ -172,10 +210,107 @@ impl Session {
                 return Ok(());
             }
         };
-        self.socket
-            .send(Message::Text(text.into()))
-            .await
-            .map_err(|_| None)
+        if let Err(e) = socket.send(Message::Text(text.into())).await {
+            // The next read says why: the client's close frame (the session ends) or a dropped
+            // connection (it detaches).
+            tracing::debug!("signaling send failed: {e}");
+        }
+        Ok(())
+    }
+
+    fn resume_grace(&self) -> Duration {
+        Duration::from_secs(self.ctx.limits.resume_grace_secs)
+    }
+
+    /// The socket is gone. A joined session with a resume token goes on detached and returns
+    /// true; otherwise the session is over (false).
+    fn detach(&mut self) -> bool {
+        self.socket = None;
+        let resumable = self.joined.as_ref().is_some_and(|m| m.resume.is_some())
+            && !*self.ctx.shutdown.borrow();
+        if resumable && self.detached.is_none() {
+            tracing::info!(participant = ?self.joined.as_ref().map(|m| &m.id), "socket dropped; waiting for a resume");
+            self.detached = Some((
+                Instant::now(),
+                GaugeGuard::new(&self.ctx.metrics, |m| &m.sessions_detached),
+            ));
+        }
+        resumable
+    }
+
+    /// `resume` on this (new) socket: hands it to the session the token belongs to, and ends
+    /// this one; or, for an unknown token, says so and keeps the socket for a `join`.
+    async fn resume_into(&mut self, token: &str) -> Result<(), Close> {
+        if self.joined.is_some() {
+            return self
+                .error(ErrorCode::AlreadyJoined, "already in a room; `leave` first")
+                .await;
+        }
+        let Some(socket) = self.socket.take() else {
+            return Err(None);
+        };
+        match self.ctx.resumables.hand_over(token, Box::new(socket)) {
+            Ok(()) => Err(None),
+            Err(socket) => {
+                self.socket = Some(*socket);
+                self.error(
+                    ErrorCode::ResumeFailed,
+                    "no session to resume for this token (unknown, or its grace period ended): join anew",
+                )
+                .await
+            }
+        }
+    }
+
+    /// The client came back on `socket`: the session goes on with it. The client is told what
+    /// the room holds now and everything it may have missed that still matters.
+    async fn resumed(&mut self, socket: Box<WebSocket>) -> Result<(), Close> {
+        if let Some(mut old) = self.socket.replace(*socket) {
+            // The client gave up on it (its network changed): the new socket wins.
+            let _ = old
+                .send(Message::Close(close_frame(
+                    close_code::NORMAL,
+                    "replaced by a resumed connection",
+                )))
+                .await;
+        }
+        self.detached = None;
+        let Some(membership) = self.joined.as_mut() else {
+            return Err(None);
+        };
+        let Some(resume) = membership.resume.as_mut() else {
+            return Err(None);
+        };
+        resume.rotate();
+        tracing::info!(participant = %membership.id, "resumed");
+        let snapshot = membership.room.snapshot();
+        let speakers = membership.room.active_speakers();
+        let mut resync = vec![ServerMessage::Resumed {
+            participant_id: membership.id.to_string(),
+            room: snapshot.name,
+            mode: snapshot.mode,
+            participants: snapshot
+                .participants
+                .into_iter()
+                .filter(|p| p.id != membership.id.as_str())
+                .collect(),
+            tracks: snapshot
+                .tracks
+                .into_iter()
+                .filter(|t| t.participant_id != membership.id.as_str())
+                .collect(),
+            resume_token: resume.token().to_owned(),
+        }];
+        if let Some(media) = membership.media.as_mut() {
+            resync.extend(media.resync_messages());
+        }
+        resync.push(ServerMessage::ActiveSpeakers {
+            participants: speakers.iter().map(ToString::to_string).collect(),
+        });
+        for message in &resync {
+            self.send(message).await?;
+        }
+        self.offer_if_needed().await
     }
 
     async fn error(&mut self, code: ErrorCode, message: impl Into<String>) -> Result<(), Close> {
@@ -220,6 +355,7 @@ impl Session {
                 let protocol = protocol.unwrap_or(1).clamp(1, PROTOCOL_VERSION);
                 self.join(&room, &name, mode, protocol).await
             }
+            ClientMessage::Resume { token } => self.resume_into(&token).await,
             ClientMessage::TrackSettings {
                 track_id,
                 visible,
@@ -321,8 +457,11 @@ impl Session {
             chat_out,
             media: None,
             protocol,
+            resume: (protocol >= 3 && self.ctx.limits.resume_grace_secs > 0)
+                .then(|| self.ctx.resumables.register()),
             _gauge: GaugeGuard::new(&self.ctx.metrics, |m| &m.participants),
         };
+        let resume_token = membership.resume.as_ref().map(|r| r.token().to_owned());
         if room.mode() == RoomMode::Sfu {
             let (media_tx, media_events) = mpsc::unbounded_channel();
             let (handle, chat_in) = match self.ctx.media.open(id.clone(), media_tx) {
@@ -353,6 +492,7 @@ impl Session {
             participants: joined.participants,
             tracks: joined.tracks.iter().map(|t| t.info.clone()).collect(),
             protocol: PROTOCOL_VERSION,
+            resume_token,
         })
         .await
     }
@@ -466,7 +606,7 @@ impl Session {
             media.ignoring_offer = false;
             let applied = media.handle.remote_answer(sdp).await;
             if applied.is_ok() {
-                media.awaiting_answer_since = None;
+                media.awaiting_answer = None;
             }
             applied.map(|()| None)
         };
@@ -569,8 +709,8 @@ impl Session {
             .joined
             .as_ref()
             .and_then(|m| m.media.as_ref())
-            .and_then(|m| m.awaiting_answer_since)
-            .is_some_and(|since| since.elapsed() > limit);
+            .and_then(|m| m.awaiting_answer.as_ref())
+            .is_some_and(|(since, _)| since.elapsed() > limit);
         if !overdue {
             return Ok(());
         }
@@ -588,7 +728,7 @@ impl Session {
         };
         match media.handle.offer_if_needed().await {
             Ok(Some(sdp)) => {
-                media.awaiting_answer_since = Some(Instant::now());
+                media.awaiting_answer = Some((Instant::now(), sdp.clone()));
                 self.send(&ServerMessage::Offer { sdp, from: None }).await
             }
             Ok(None) => Ok(()),
@@ -625,7 +765,7 @@ impl Session {
                 self.offer_if_needed().await
             }
             RoomEvent::TrackUnpublished(publication) => {
-                if let Some(media) = membership.media.as_ref() {
+                if let Some(media) = membership.media.as_mut() {
                     media.unsubscribe(&publication);
                 }
                 self.send(&ServerMessage::TrackUnpublished {
@@ -695,12 +835,13 @@ impl Session {
                     PauseCause::Bandwidth => PauseReason::Bandwidth,
                     PauseCause::Hidden => PauseReason::Hidden,
                 });
-                self.send(&ServerMessage::SubscriptionState {
+                let message = ServerMessage::SubscriptionState {
                     track_id: track.to_string(),
                     layer,
                     paused,
-                })
-                .await
+                };
+                media.remember(&message);
+                self.send(&message).await
             }
             MediaEvent::Speech { loudness } => {
                 membership.room.set_loudness(&membership.id, loudness);
@@ -714,12 +855,13 @@ impl Session {
                     return Ok(());
                 }
                 tracing::debug!(participant = %membership.id, %track_id, ?active, "dynacast");
-                self.send(&ServerMessage::PublisherLayers {
+                let message = ServerMessage::PublisherLayers {
                     track_id: track_id.to_string(),
                     mid: track.to_string(),
                     active,
-                })
-                .await
+                };
+                media.remember(&message);
+                self.send(&message).await
             }
             MediaEvent::Failed(why) => {
                 tracing::warn!(participant = %membership.id, why, "media connection failed or closed");
@@ -757,6 +899,7 @@ impl Session {
 
 enum Step {
     Socket(Option<Result<Message, axum::Error>>),
+    Resumed(Option<Box<WebSocket>>),
     Room(Option<RoomEvent>),
     Media(Option<MediaEvent>),
     ChatIn(Option<String>),

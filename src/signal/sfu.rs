@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 
+use super::protocol::ServerMessage;
 use crate::media::{IncomingTrack, IncomingTrackId, MediaEvent, MediaHandle, Subscription};
 use crate::room::{NewTrack, Publication, Room};
 use crate::types::{ParticipantId, TrackId};
@@ -19,8 +20,11 @@ pub struct SfuMedia {
     streams: HashMap<String, usize>,
     /// What the participant publishes, by the connection's id for it.
     published: Vec<(IncomingTrackId, TrackId)>,
-    /// When the server sent the offer it waits an answer for.
-    pub awaiting_answer_since: Option<Instant>,
+    /// When the server sent the offer it waits an answer for, and that offer.
+    pub awaiting_answer: Option<(Instant, String)>,
+    /// The last `subscription-state` of each track received and `publisher-layers` of each
+    /// track published, by track id: sent again after a resume.
+    last_state: HashMap<(bool, String), ServerMessage>,
     /// A client offer was ignored for glare: its candidates may fail and that is expected.
     pub ignoring_offer: bool,
     /// When the client closed its connection; a `leave` may be on its way.
@@ -39,10 +43,38 @@ impl SfuMedia {
             chat_in,
             streams: HashMap::new(),
             published: Vec::new(),
-            awaiting_answer_since: None,
+            awaiting_answer: None,
+            last_state: HashMap::new(),
             ignoring_offer: false,
             closed_by_peer_at: None,
         }
+    }
+
+    /// Keeps the latest `subscription-state` or `publisher-layers` of a track for a resume.
+    pub fn remember(&mut self, message: &ServerMessage) {
+        let key = match message {
+            ServerMessage::SubscriptionState { track_id, .. } => (false, track_id.clone()),
+            ServerMessage::PublisherLayers { track_id, .. } => (true, track_id.clone()),
+            _ => return,
+        };
+        self.last_state.insert(key, message.clone());
+    }
+
+    /// What a resumed client must hear again: the server's outstanding offer (its answer may
+    /// have been lost, and the offer too), and the latest state of every track.
+    pub fn resync_messages(&mut self) -> Vec<ServerMessage> {
+        let mut messages: Vec<ServerMessage> = self.last_state.values().cloned().collect();
+        if let Some((since, sdp)) = self.awaiting_answer.as_mut() {
+            *since = Instant::now();
+            messages.insert(
+                0,
+                ServerMessage::Offer {
+                    sdp: sdp.clone(),
+                    from: None,
+                },
+            );
+        }
+        messages
     }
 
     /// Adds a room's publication to this participant's connection (never its own).
@@ -69,8 +101,10 @@ impl SfuMedia {
         }
     }
 
-    pub fn unsubscribe(&self, publication: &Publication) {
+    pub fn unsubscribe(&mut self, publication: &Publication) {
         let _ = self.handle.unsubscribe(publication.route.key);
+        self.last_state
+            .remove(&(false, publication.track_id.to_string()));
     }
 
     /// Publishes a new incoming track in the room and starts forwarding it.
@@ -123,6 +157,7 @@ impl SfuMedia {
     pub fn unpublish(&mut self, room: &Room, id: IncomingTrackId) {
         if let Some(i) = self.published.iter().position(|(p, _)| *p == id) {
             let (_, track_id) = self.published.swap_remove(i);
+            self.last_state.remove(&(true, track_id.to_string()));
             room.unpublish(&track_id);
         }
     }

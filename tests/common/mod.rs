@@ -150,6 +150,7 @@ pub async fn assert_all_clean(server: &ServerHandle, room: &str) {
         let m = server.metrics.snapshot();
         !server.registry.room_names().iter().any(|r| r == room)
             && m.participants == 0
+            && m.sessions_detached == 0
             && m.peer_connections == 0
             && m.forwarders == 0
             && m.downtracks == 0
