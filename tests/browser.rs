@@ -304,6 +304,55 @@ async fn sfu_call(env: Arc<Env>) -> Result<()> {
         "no RED audio: {red_in} RED packets in, {red_out} out"
     );
 
+    // The signaling sockets are cut (TCP reset, `ss -K`) while media flows: every page takes
+    // its session up again on a new socket, and nobody sees anybody leave.
+    step("cut signaling sockets are resumed; media goes on, nobody leaves");
+    let port = env.base.rsplit(':').next().unwrap_or_default().to_owned();
+    let killed = Command::new("ss")
+        .args(["-K", "dst", "127.0.0.1", "dport", "=", &port])
+        .output()
+        .context("running ss -K")?;
+    ensure!(
+        killed.status.success(),
+        "ss -K failed: {}",
+        String::from_utf8_lossy(&killed.stderr)
+    );
+    for (i, page) in pages.iter().enumerate() {
+        page.wait_until(
+            "the session resumed on a new socket",
+            Duration::from_secs(30),
+            |s| s["resumes"].as_u64().unwrap_or(0) >= 1 && s["connection"] == "connected",
+        )
+        .await?;
+        let state = page.state().await?;
+        ensure!(
+            state["participantId"] == ids[i].as_str(),
+            "{} came back as {}",
+            page.name,
+            state["participantId"]
+        );
+        let left: Vec<&Value> = state["chat"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| c["text"].as_str().is_some_and(|t| t.ends_with(" left.")))
+            .collect();
+        ensure!(left.is_empty(), "{} saw someone leave: {left:?}", page.name);
+    }
+    for page in &pages {
+        page.wait_media_rising(2, Duration::from_secs(20)).await?;
+    }
+    let metrics = env
+        .server
+        .lock()
+        .await
+        .as_ref()
+        .map(|s| s.metrics.snapshot());
+    ensure!(
+        metrics.is_some_and(|m| m.participants == 3 && m.sessions_detached == 0),
+        "after the resumes: {metrics:?}"
+    );
+
     // 2. Chat typed into the real input reaches the two others.
     step("chat reaches the others");
     chat_round(&pages, 0, "Hello from Alice, ça va?").await?;

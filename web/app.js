@@ -28,6 +28,11 @@ const ERROR_TEXT = {
 };
 
 const RECONNECT_DELAYS_MS = [1000, 2000, 4000, 8000, 8000, 8000];
+// Resuming after the signaling socket dropped (media goes on meanwhile): tries at these delays,
+// then every 7 s with jitter, for as long as the server keeps the session (20 s by default).
+const RESUME_DELAYS_MS = [0, 300, 1200, 2700, 4800];
+const RESUME_EVERY_MS = 7000;
+const RESUME_WINDOW_MS = 18000;
 
 const ui = new UI();
 const media = new LocalMedia();
@@ -42,6 +47,8 @@ const state = {
   roomMode: null, // what the server says the room is
   name: "",
   selfId: null,
+  resumeToken: null, // from `joined` / `resumed`: takes the session up again on a new socket
+  resumes: 0, // how often the session was taken up again on a new socket
   participants: new Map(), // id -> {id, name}
   chat: [], // {from, name, text, self}
   sharing: false,
@@ -52,6 +59,7 @@ const state = {
 let signaling = null;
 let session = null;
 let reconnecting = null; // {attempt, timer} while trying to get back in
+let resuming = null; // {attempt, timer, since} while the socket is down and media goes on
 const stats = new StatsMonitor({
   getPeers: () => session?.peers() ?? [],
   getTiles: () => [...ui.tiles.values()],
@@ -197,12 +205,12 @@ async function connectAndJoin(phase) {
   // exists; nothing may be lost between the two.
   const early = [];
   const offEarly = sig.on("message", (msg) => early.push(msg));
-  // Protocol 2: simulcast layers, tile sizes, dynacast (src/signal/protocol.rs).
+  // Protocol 3: simulcast layers, tile sizes, dynacast, session resume (src/signal/protocol.rs).
   sig.send({
     type: "join",
     room: state.room,
     name: state.name,
-    protocol: 2,
+    protocol: 3,
     ...(state.mode ? { mode: state.mode } : {}),
   });
   let reply;
@@ -234,6 +242,7 @@ function enterCall(sig, joined, pending) {
   state.phase = "call";
   state.error = null;
   state.selfId = joined.participant_id;
+  state.resumeToken = joined.resume_token ?? null;
   state.roomMode = joined.mode;
   state.participants = new Map(joined.participants.map((p) => [p.id, { id: p.id, name: p.name }]));
   reconnecting = null;
@@ -326,6 +335,7 @@ function onMessage(msg) {
     case "pong":
     case "left":
     case "joined":
+    case "resumed":
       break;
     default:
       console.debug("[app] unhandled message", msg.type);
@@ -388,6 +398,7 @@ function setConnection(connection, text) {
 
 function onMediaState(mediaState) {
   if (state.phase !== "call" || reconnecting) return;
+  if (resuming && mediaState !== "failed") return; // the status says "reconnecting" until resumed
   if (mediaState === "failed") {
     if (session?.mode === "mesh") {
       setConnection("failed", "A peer connection failed");
@@ -402,12 +413,97 @@ function onMediaState(mediaState) {
 
 function onSignalingClosed({ intentional }) {
   if (intentional || state.phase !== "call") return;
-  startReconnect("Lost the connection to the server.");
+  if (state.resumeToken && !reconnecting) startResume();
+  else startReconnect("Lost the connection to the server.");
+}
+
+/**
+ * The signaling socket dropped but the media connection may well be fine: keep the call as it
+ * is and take the session up again on a new socket (`resume`), with growing pauses. Only when
+ * the server no longer knows the session (or the time it keeps it is over) do we join anew.
+ */
+function startResume() {
+  if (resuming) return;
+  console.warn("[app] signaling lost; resuming");
+  signaling = null;
+  setConnection("reconnecting", "Reconnecting…");
+  ui.showBanner("warn", "Lost the connection to the server. Reconnecting… (your call goes on meanwhile)");
+  resuming = { attempt: 0, timer: null, since: Date.now() };
+  const attempt = async () => {
+    if (!resuming) return;
+    try {
+      const { sig, reply, after } = await resumeOnce();
+      if (!resuming || state.phase !== "call") {
+        sig.close();
+        return;
+      }
+      resuming = null;
+      onResumed(sig, reply, after);
+    } catch (err) {
+      if (!resuming) return;
+      const late = Date.now() - resuming.since > RESUME_WINDOW_MS;
+      if (err.code === "resume-failed" || late) {
+        resuming = null;
+        startReconnect("Lost the connection to the server.");
+        return;
+      }
+      const n = resuming.attempt++;
+      const delay = RESUME_DELAYS_MS[n] ?? RESUME_EVERY_MS + Math.round((Math.random() - 0.5) * 2000);
+      console.info(`[app] resume attempt ${n + 1} failed (${err.message}); next in ${delay} ms`);
+      resuming.timer = setTimeout(attempt, delay);
+    }
+  };
+  resuming.timer = setTimeout(attempt, RESUME_DELAYS_MS[resuming.attempt++]);
+}
+
+/** One `resume` on a new socket: resolves with the socket, `resumed` and what followed it. */
+async function resumeOnce() {
+  const sig = new Signaling();
+  await sig.connect(5000);
+  const early = [];
+  const offEarly = sig.on("message", (msg) => early.push(msg));
+  sig.send({ type: "resume", token: state.resumeToken });
+  let reply;
+  try {
+    reply = await sig.waitFor((m) => m.type === "resumed" || m.type === "error", 5000);
+  } finally {
+    offEarly();
+  }
+  if (reply.type === "error") {
+    sig.close();
+    throw Object.assign(new Error(reply.message), { code: reply.code });
+  }
+  return { sig, reply, after: early.slice(early.indexOf(reply) + 1) };
+}
+
+/** Back on a socket: the room as it is now replaces what we knew (messages may have been lost). */
+function onResumed(sig, resumed, after) {
+  signaling = sig;
+  state.resumeToken = resumed.resume_token;
+  state.resumes += 1;
+  sig.on("message", onMessage);
+  sig.on("close", onSignalingClosed);
+  const now = new Map(resumed.participants.map((p) => [p.id, p]));
+  for (const id of [...state.participants.keys()]) {
+    if (!now.has(id)) onMessage({ type: "participant-left", participant_id: id });
+  }
+  for (const p of now.values()) {
+    if (!state.participants.has(p.id)) onMessage({ type: "participant-joined", participant: p });
+  }
+  session?.resumed(sig, resumed);
+  for (const msg of after) onMessage(msg);
+  ui.hideBanner();
+  setConnection("connected");
+  addChat({ system: true, text: "Reconnected." });
 }
 
 /** Drops the current session and joins again with growing pauses, then gives up. */
 function startReconnect(reason) {
   if (reconnecting) return;
+  if (resuming) {
+    clearTimeout(resuming.timer);
+    resuming = null;
+  }
   console.warn("[app] reconnecting:", reason);
   teardownSession();
   setConnection("reconnecting", "Reconnecting…");
@@ -459,6 +555,9 @@ function teardownSession() {
 function leave() {
   if (reconnecting) clearTimeout(reconnecting.timer);
   reconnecting = null;
+  if (resuming) clearTimeout(resuming.timer);
+  resuming = null;
+  state.resumeToken = null;
   signaling?.send({ type: "leave" });
   teardownSession();
   if (state.sharing) stopScreenShare();
@@ -573,6 +672,7 @@ window.switchboard = {
     return {
       phase: state.phase,
       connection: state.connection,
+      resumes: state.resumes,
       error: state.error,
       room: state.room,
       mode: state.roomMode ?? state.mode ?? "sfu",

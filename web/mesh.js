@@ -37,6 +37,12 @@ export class MeshSession extends Emitter {
     this.#emitState();
   }
 
+  /** The session goes on over a new signaling socket (resume). */
+  resumed(signaling) {
+    this.#signaling = signaling;
+    for (const { link } of this.#peers.values()) link.resendPending();
+  }
+
   handle(msg) {
     if (!["offer", "answer", "candidate"].includes(msg.type)) return;
     if (!msg.from) {

@@ -74,15 +74,26 @@ export class PeerLink extends Emitter {
       this.#makingOffer = true;
       // Argument-less setLocalDescription creates the right offer (or answer) for the state.
       await this.pc.setLocalDescription();
-      if (this.pc.localDescription.type === "offer") {
-        console.info(`[${this.label}] sending offer`);
-        this.#send({ type: "offer", sdp: this.pc.localDescription.sdp });
-      }
+      // Whatever it made: if a remote offer arrived meanwhile, this is our answer to it, and
+      // not sending it would leave the other side waiting for good.
+      const { type, sdp } = this.pc.localDescription;
+      console.info(`[${this.label}] sending ${type}`);
+      this.#send({ type, sdp });
     } catch (err) {
       console.warn(`[${this.label}] creating an offer failed`, err);
     } finally {
       this.#makingOffer = false;
     }
+  }
+
+  /**
+   * After the signaling socket came back (a resume): our offer may have been lost with the old
+   * socket, so it goes again. (A lost answer comes back as the server's offer, sent again.)
+   */
+  resendPending() {
+    if (this.#closed || this.pc.signalingState !== "have-local-offer") return;
+    console.info(`[${this.label}] sending our offer again`);
+    this.#send({ type: "offer", sdp: this.pc.localDescription.sdp });
   }
 
   /** Applies a signaling message ({type: 'offer'|'answer', sdp} or {type: 'candidate', candidate}). */

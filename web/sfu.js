@@ -100,6 +100,25 @@ export class SfuSession extends Emitter {
     this.emit("state", "connecting");
   }
 
+  /**
+   * The session goes on over a new signaling socket (resume): `resumed` lists the room's tracks
+   * now; those announced while the socket was down are taken in, those that went are ended.
+   */
+  resumed(signaling, msg) {
+    this.#signaling = signaling;
+    const now = new Set(msg.tracks.map((t) => t.track_id));
+    for (const trackId of [...this.#published.keys()]) {
+      if (!now.has(trackId)) this.#onUnpublished({ track_id: trackId });
+    }
+    for (const t of msg.tracks) this.#published.set(t.track_id, t);
+    // Reports made while the socket was down were lost: make them again.
+    for (const view of this.#views.values()) {
+      view.sent.clear();
+      this.#report(view);
+    }
+    this.#link.resendPending();
+  }
+
   /** Handles a signaling message meant for the media session. */
   handle(msg) {
     switch (msg.type) {
