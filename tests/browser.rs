@@ -461,6 +461,21 @@ async fn mute_round(pages: &[Page], who: usize, who_id: &str) -> Result<()> {
             page.name
         );
     }
+    // The mute came through signaling: no media arriving from a muted participant is not a
+    // stall (the tile would say "Connection unstable" after 3 s of silence otherwise).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    for (i, other) in pages.iter().enumerate() {
+        if i == who {
+            continue;
+        }
+        let t = tile_of(&other.state().await?);
+        ensure!(
+            t["stalled"] == false && t["micOff"] == true,
+            "{}: {}'s muted tile shows {t}",
+            other.name,
+            page.name
+        );
+    }
     page.session.click_css("#btn-mic").await?;
     page.session.click_css("#btn-cam").await?;
     for (i, other) in pages.iter().enumerate() {

@@ -240,3 +240,93 @@ async fn read(ws: &mut Socket) -> ServerMessage {
         }
     }
 }
+
+/// Mute state goes through signaling (protocol 3): the others are told, a late joiner learns it
+/// in `joined`, a resumed client in `resumed`, and a protocol-2 client is not sent the new message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mute_state_is_signaled_to_the_others() {
+    let _serial = serial().await;
+    let server = start_server_with(|c| c.limits.resume_grace_secs = 20).await;
+    let a = join(&server, "mute", "a", ClientOptions::silent()).await;
+    let b = join(&server, "mute", "b", ClientOptions::silent()).await;
+    let a_id = a.id().to_owned();
+    let set_muted =
+        |kind, muted| switchboard::signal::protocol::ClientMessage::SetMuted { kind, muted };
+    a.send_message(&set_muted(MediaKind::Audio, true))
+        .expect("send");
+    a.send_message(&set_muted(MediaKind::Audio, true))
+        .expect("the same state again is not news");
+    a.send_message(&set_muted(MediaKind::Video, true))
+        .expect("send");
+    let updates = |client: &Client| -> Vec<(bool, bool)> {
+        client
+            .snapshot()
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                ServerMessage::ParticipantUpdated { participant } if participant.id == a_id => {
+                    Some((participant.audio_muted, participant.video_muted))
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    b.wait_for("a's mute state", CLEANUP, |_| {
+        updates(&b) == [(true, false), (true, true)]
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}: {:?}", updates(&b)));
+
+    // A late joiner is told in `joined`; a protocol-2 socket gets no `participant-updated`.
+    let c = join(&server, "mute", "c", ClientOptions::silent()).await;
+    let joined_state = c.snapshot().events.iter().find_map(|e| match e {
+        ServerMessage::Joined { participants, .. } => participants
+            .iter()
+            .find(|p| p.id == a_id)
+            .map(|p| (p.audio_muted, p.video_muted)),
+        _ => None,
+    });
+    assert_eq!(joined_state, Some((true, true)));
+    let (mut old, _) = tokio_tungstenite::connect_async(ws_url(&server))
+        .await
+        .expect("connect");
+    send(
+        &mut old,
+        r#"{"type":"join","room":"mute","name":"old","protocol":2}"#,
+    )
+    .await
+    .expect("send");
+    assert!(matches!(read(&mut old).await, ServerMessage::Joined { .. }));
+    a.send_message(&set_muted(MediaKind::Video, false))
+        .expect("send");
+    b.wait_for("a's camera back on", CLEANUP, |_| {
+        updates(&b).last() == Some(&(true, false))
+    })
+    .await
+    .expect("unmute is told");
+    send(&mut old, r#"{"type":"ping"}"#).await.expect("send");
+    assert!(
+        matches!(read(&mut old).await, ServerMessage::Pong),
+        "a protocol-2 client got something before its pong"
+    );
+
+    // After a cut and a resume, the room's mute state is in `resumed`.
+    b.drop_socket();
+    a.send_message(&set_muted(MediaKind::Audio, false))
+        .expect("send");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    b.resume(&ws_url(&server)).await.expect("b resumes");
+    b.wait_for("resumed with a's state", CLEANUP, |s| {
+        s.events.iter().any(|e| {
+            matches!(e, ServerMessage::Resumed { participants, .. }
+            if participants.iter().any(|p| p.id == a_id && !p.audio_muted && !p.video_muted))
+        })
+    })
+    .await
+    .expect("resumed carries mute state");
+
+    drop(old);
+    close_all(&[&a, &b, &c]).await;
+    assert_all_clean(&server, "mute").await;
+    server.shutdown().await;
+}

@@ -28,6 +28,8 @@ const ERROR_TEXT = {
 };
 
 const RECONNECT_DELAYS_MS = [1000, 2000, 4000, 8000, 8000, 8000];
+// Seconds without media from an unmuted participant before its tile says the connection stalls.
+const STALL_AFTER_S = 3;
 // Resuming after the signaling socket dropped (media goes on meanwhile): tries at these delays,
 // then every 7 s with jitter, for as long as the server keeps the session (20 s by default).
 const RESUME_DELAYS_MS = [0, 300, 1200, 2700, 4800];
@@ -65,10 +67,13 @@ const stats = new StatsMonitor({
   getTiles: () => [...ui.tiles.values()],
   onTile: (tile, s, text) => {
     tile.setStats(s, text);
-    // Remote badges say what actually arrives: nothing for two seconds means muted / off.
+    // Mute badges come from signaling (`participant-updated`); media that stops arriving
+    // although it is not muted (nor paused by the server) is a stall, shown as such.
     if (!tile.local && tile.kind === "camera") {
-      tile.setMicOff(s.audioQuietFor >= 2);
-      tile.setCamOff(s.videoQuietFor >= 2);
+      const p = state.participants.get(tile.participantId);
+      const audioStalled = p && !p.audio_muted && s.audioQuietFor >= STALL_AFTER_S;
+      const videoStalled = p && !p.video_muted && !tile.videoPaused && s.videoQuietFor >= STALL_AFTER_S;
+      tile.setStalled(!!(audioStalled || videoStalled));
     }
   },
 });
@@ -148,7 +153,30 @@ function onLocalTracks() {
     tile.setCamOff(!media.camOn || !media.videoTrack);
   }
   session?.syncLocalTracks();
+  sendMuteState();
   renderControls();
+}
+
+/**
+ * Tells the others (through the server) when our microphone or camera goes off or on: whatever
+ * differs from what the server last took (a message lost with a dropped socket goes again).
+ */
+function sendMuteState() {
+  if (!signaling || !state.sentMute) return;
+  const now = { audio: !media.micOn, video: !media.camOn || !media.videoTrack };
+  for (const kind of ["audio", "video"]) {
+    if (state.sentMute[kind] === now[kind]) continue;
+    if (signaling.send({ type: "set-muted", kind, muted: now[kind] })) state.sentMute[kind] = now[kind];
+  }
+}
+
+/** A participant's mute state (from `joined`, `participant-joined/updated`, `resumed`). */
+function applyMuteState(p) {
+  for (const tile of ui.tilesOf(p.id)) {
+    if (tile.local || tile.kind !== "camera") continue;
+    tile.setMicOff(!!p.audio_muted);
+    tile.setCamOff(!!p.video_muted);
+  }
 }
 
 // ---- joining ------------------------------------------------------------------------------
@@ -244,7 +272,8 @@ function enterCall(sig, joined, pending) {
   state.selfId = joined.participant_id;
   state.resumeToken = joined.resume_token ?? null;
   state.roomMode = joined.mode;
-  state.participants = new Map(joined.participants.map((p) => [p.id, { id: p.id, name: p.name }]));
+  state.participants = new Map(joined.participants.map((p) => [p.id, { ...p }]));
+  state.sentMute = { audio: false, video: false }; // what a new participant starts as
   reconnecting = null;
   ui.hideBanner();
   ui.setRoom(state.room, joined.mode);
@@ -280,6 +309,7 @@ function enterCall(sig, joined, pending) {
   else session.start();
   if (state.sharing && media.screen) addOwnScreenTile(media.screen);
   for (const msg of pending) onMessage(msg);
+  sendMuteState(); // joined with the mic or camera already off
 
   stats.start();
   renderControls();
@@ -289,10 +319,17 @@ function enterCall(sig, joined, pending) {
 function onMessage(msg) {
   switch (msg.type) {
     case "participant-joined": {
-      const p = { id: msg.participant.id, name: msg.participant.name };
+      const p = { ...msg.participant };
       state.participants.set(p.id, p);
       addParticipantTile(p);
       addChat({ system: true, text: `${p.name} joined.` });
+      break;
+    }
+    case "participant-updated": {
+      const p = { ...msg.participant };
+      if (!state.participants.has(p.id)) break;
+      state.participants.set(p.id, p);
+      applyMuteState(p);
       break;
     }
     case "participant-left": {
@@ -351,7 +388,10 @@ function tileIdForStream(key) {
 }
 
 function addParticipantTile(p) {
-  return ui.addTile({ id: `p:${p.id}`, participantId: p.id, name: p.name, kind: "camera" });
+  const tile = ui.addTile({ id: `p:${p.id}`, participantId: p.id, name: p.name, kind: "camera" });
+  tile.setMicOff(!!p.audio_muted);
+  tile.setCamOff(!!p.video_muted);
+  return tile;
 }
 
 function onRemoteStream({ key, participantId, stream, screen }) {
@@ -488,10 +528,12 @@ function onResumed(sig, resumed, after) {
     if (!now.has(id)) onMessage({ type: "participant-left", participant_id: id });
   }
   for (const p of now.values()) {
-    if (!state.participants.has(p.id)) onMessage({ type: "participant-joined", participant: p });
+    const type = state.participants.has(p.id) ? "participant-updated" : "participant-joined";
+    onMessage({ type, participant: p });
   }
   session?.resumed(sig, resumed);
   for (const msg of after) onMessage(msg);
+  sendMuteState();
   ui.hideBanner();
   setConnection("connected");
   addChat({ system: true, text: "Reconnected." });
@@ -702,6 +744,7 @@ window.switchboard = {
         speaking: t.speaking,
         micOff: t.micOff,
         camOff: t.camOff,
+        stalled: t.stalled,
         videoPaused: t.videoPaused,
         stats: t.stats,
       })),

@@ -59,6 +59,7 @@ export class Tile {
         <span class="badge cam-off" title="Camera off" hidden>${CAM_OFF_SVG}</span>
       </div>
       <div class="paused-note" hidden></div>
+      <div class="stall-note" hidden>Connection unstable</div>
       <div class="nameplate"></div>
       <pre class="stats-overlay"></pre>`;
     this.el = el;
@@ -73,7 +74,9 @@ export class Tile {
     this.camBadge = el.querySelector(".cam-off");
     this.statsEl = el.querySelector(".stats-overlay");
     this.pausedNote = el.querySelector(".paused-note");
+    this.stallNote = el.querySelector(".stall-note");
     this.videoPaused = null;
+    this.stalled = false;
     this.setName(name);
     this.#refreshVideo();
   }
@@ -116,6 +119,15 @@ export class Tile {
     this.pausedNote.hidden = !bandwidth;
     this.pausedNote.textContent = bandwidth ? "Video paused: low bandwidth" : "";
     this.el.classList.toggle("video-paused", bandwidth);
+  }
+
+  /**
+   * Media stopped arriving although the participant has not muted it (its mute state comes
+   * from the server): a network problem, not a mute.
+   */
+  setStalled(stalled) {
+    this.stalled = stalled;
+    this.stallNote.hidden = !stalled;
   }
 
   /** Feeds an audio level (0..1); the tile glows while someone is talking, with a short tail. */

@@ -479,9 +479,9 @@ impl Session {
                     .update(|r| r.announced_tracks.retain(|t| t.track_id != id));
                 self.shared.push_event(message);
             }
-            ServerMessage::SubscriptionState { .. } | ServerMessage::ActiveSpeakers { .. } => {
-                self.shared.push_event(message)
-            }
+            ServerMessage::SubscriptionState { .. }
+            | ServerMessage::ActiveSpeakers { .. }
+            | ServerMessage::ParticipantUpdated { .. } => self.shared.push_event(message),
             ServerMessage::PublisherLayers {
                 ref mid,
                 ref active,

@@ -53,6 +53,8 @@ impl Publication {
 pub enum RoomEvent {
     ParticipantJoined(ParticipantInfo),
     ParticipantLeft(ParticipantId),
+    /// A member's mute state changed.
+    ParticipantUpdated(ParticipantInfo),
     TrackPublished(Arc<Publication>),
     TrackUnpublished(Arc<Publication>),
     /// A signaling message relayed from another participant (mesh rooms).
@@ -76,7 +78,20 @@ pub struct MemberChannels {
 #[derive(Debug)]
 struct Member {
     name: String,
+    audio_muted: bool,
+    video_muted: bool,
     channels: MemberChannels,
+}
+
+impl Member {
+    fn info(&self, id: &ParticipantId) -> ParticipantInfo {
+        ParticipantInfo {
+            id: id.to_string(),
+            name: self.name.clone(),
+            audio_muted: self.audio_muted,
+            video_muted: self.video_muted,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -122,12 +137,7 @@ impl RoomState {
     fn participants(&self) -> Vec<ParticipantInfo> {
         self.order
             .iter()
-            .filter_map(|id| {
-                self.members.get(id).map(|m| ParticipantInfo {
-                    id: id.to_string(),
-                    name: m.name.clone(),
-                })
-            })
+            .filter_map(|id| self.members.get(id).map(|m| m.info(id)))
             .collect()
     }
 }
@@ -318,6 +328,24 @@ impl Room {
         self.lock().members.get(id).map(|m| m.name.clone())
     }
 
+    /// A member muted or unmuted its microphone or camera: the others are told if it changed.
+    pub fn set_muted(&self, who: &ParticipantId, kind: MediaKind, muted: bool) {
+        let mut state = self.lock();
+        let Some(member) = state.members.get_mut(who) else {
+            return;
+        };
+        let flag = match kind {
+            MediaKind::Audio => &mut member.audio_muted,
+            MediaKind::Video => &mut member.video_muted,
+        };
+        if *flag == muted {
+            return;
+        }
+        *flag = muted;
+        let event = RoomEvent::ParticipantUpdated(member.info(who));
+        Room::broadcast_except(&state, who, &event);
+    }
+
     /// The active speakers last announced, loudest first.
     pub fn active_speakers(&self) -> Arc<[ParticipantId]> {
         self.lock().active_speakers.clone()
@@ -381,20 +409,17 @@ impl Registry {
                 return Err(JoinError::RoomFull(room_name.to_string(), max));
             }
             let participant_id = ParticipantId::random();
-            let info = ParticipantInfo {
-                id: participant_id.to_string(),
+            let member = Member {
                 name: name.to_string(),
+                audio_muted: false,
+                video_muted: false,
+                channels,
             };
             let participants = state.participants();
             let tracks = state.tracks.values().cloned().collect();
-            Room::broadcast_except(&state, &participant_id, &RoomEvent::ParticipantJoined(info));
-            state.members.insert(
-                participant_id.clone(),
-                Member {
-                    name: name.to_string(),
-                    channels,
-                },
-            );
+            let joined = RoomEvent::ParticipantJoined(member.info(&participant_id));
+            Room::broadcast_except(&state, &participant_id, &joined);
+            state.members.insert(participant_id.clone(), member);
             state.order.push(participant_id.clone());
             drop(state);
             return Ok(Joined {

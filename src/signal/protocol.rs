@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 /// Version of the protocol, sent in `joined` so a client can tell what it talks to. A client
 /// says in `join` which version it speaks; messages added since are sent only to clients that
 /// speak them (version 2: simulcast layers, `track-settings`, `subscription-state`,
-/// `publisher-layers`, `active-speakers`; version 3: session resume, `resume`/`resumed`).
+/// `publisher-layers`, `active-speakers`; version 3: session resume, `resume`/`resumed`, and
+/// mute state: `set-muted`, `participant-updated`).
 pub const PROTOCOL_VERSION: u32 = 3;
 
 /// How a room carries media.
@@ -28,6 +29,16 @@ pub enum RoomMode {
 pub struct ParticipantInfo {
     pub id: String,
     pub name: String,
+    /// Its microphone is muted (protocol 3; absent: not muted).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub audio_muted: bool,
+    /// Its camera is off (protocol 3; absent: on).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub video_muted: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 pub use crate::types::{IceCandidate, MediaKind};
@@ -97,6 +108,10 @@ pub enum ClientMessage {
     /// `joined` or the last `resumed`) belongs to, after its socket dropped. Answered by `resumed`,
     /// or by a `resume-failed` error (then `join` anew).
     Resume { token: String },
+    /// This participant's microphone (`audio`) or camera (`video`) is muted or unmuted
+    /// (protocol 3): the others are told (`participant-updated`), so that a muted participant and
+    /// a stalled connection look different.
+    SetMuted { kind: MediaKind, muted: bool },
     /// Leave the room; the server answers `left` and keeps the socket open for another `join`.
     Leave,
     /// Liveness check; answered by `pong`.
@@ -112,6 +127,7 @@ impl ClientMessage {
         "candidate",
         "track-settings",
         "resume",
+        "set-muted",
         "leave",
         "ping",
     ];
@@ -166,6 +182,10 @@ pub enum ServerMessage {
     },
     ParticipantLeft {
         participant_id: String,
+    },
+    /// A participant's state changed: its microphone or camera muted or unmuted (protocol 3).
+    ParticipantUpdated {
+        participant: ParticipantInfo,
     },
     /// A track was published; the server will offer it to you shortly (SFU rooms).
     TrackPublished {

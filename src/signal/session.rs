@@ -356,6 +356,13 @@ impl Session {
                 self.join(&room, &name, mode, protocol).await
             }
             ClientMessage::Resume { token } => self.resume_into(&token).await,
+            ClientMessage::SetMuted { kind, muted } => {
+                let Some(membership) = self.membership("set-muted").await? else {
+                    return Ok(());
+                };
+                membership.room.set_muted(&membership.id, kind, muted);
+                Ok(())
+            }
             ClientMessage::TrackSettings {
                 track_id,
                 visible,
@@ -746,6 +753,13 @@ impl Session {
         match event {
             RoomEvent::ParticipantJoined(participant) => {
                 self.send(&ServerMessage::ParticipantJoined { participant })
+                    .await
+            }
+            RoomEvent::ParticipantUpdated(participant) => {
+                if membership.protocol < 3 {
+                    return Ok(());
+                }
+                self.send(&ServerMessage::ParticipantUpdated { participant })
                     .await
             }
             RoomEvent::ParticipantLeft(id) => {
