@@ -353,6 +353,24 @@ async fn sfu_call(env: Arc<Env>) -> Result<()> {
         "after the resumes: {metrics:?}"
     );
 
+    // An ICE restart (what a page does when its network changes): new credentials on the same
+    // peer connection, answered by the server; the media goes on.
+    step("an ICE restart keeps the call");
+    pages[0]
+        .session
+        .execute("window.switchboard.restartIce();", vec![])
+        .await?;
+    pages[0]
+        .wait_until(
+            "ICE restarted and connected",
+            Duration::from_secs(20),
+            |s| s["iceRestarts"].as_u64().unwrap_or(0) >= 1 && s["connection"] == "connected",
+        )
+        .await?;
+    for page in &pages {
+        page.wait_media_rising(2, Duration::from_secs(20)).await?;
+    }
+
     // 2. Chat typed into the real input reaches the two others.
     step("chat reaches the others");
     chat_round(&pages, 0, "Hello from Alice, ça va?").await?;

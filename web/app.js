@@ -28,6 +28,8 @@ const ERROR_TEXT = {
 };
 
 const RECONNECT_DELAYS_MS = [1000, 2000, 4000, 8000, 8000, 8000];
+// How long the media connection may stay down (restarting ICE) before the client joins anew.
+const MEDIA_RECOVERY_MS = 12000;
 // Seconds without media from an unmuted participant before its tile says the connection stalls.
 const STALL_AFTER_S = 3;
 // Resuming after the signaling socket dropped (media goes on meanwhile): tries at these delays,
@@ -62,6 +64,7 @@ let signaling = null;
 let session = null;
 let reconnecting = null; // {attempt, timer} while trying to get back in
 let resuming = null; // {attempt, timer, since} while the socket is down and media goes on
+let mediaLost = null; // timer: the media connection is down; a rejoin follows if it stays so
 const stats = new StatsMonitor({
   getPeers: () => session?.peers() ?? [],
   getTiles: () => [...ui.tiles.values()],
@@ -438,13 +441,23 @@ function setConnection(connection, text) {
 
 function onMediaState(mediaState) {
   if (state.phase !== "call" || reconnecting) return;
-  if (resuming && mediaState !== "failed") return; // the status says "reconnecting" until resumed
-  if (mediaState === "failed") {
-    if (session?.mode === "mesh") {
-      setConnection("failed", "A peer connection failed");
-      ui.showBanner("error", "The connection to at least one participant failed; their media may be missing.");
-    } else {
-      startReconnect("The media connection to the server failed.");
+  if (mediaState !== "failed" && mediaState !== "reconnecting") {
+    clearTimeout(mediaLost);
+    mediaLost = null;
+  }
+  if (resuming) return; // the status says "reconnecting" until resumed
+  if (mediaState === "failed" || mediaState === "reconnecting") {
+    // The connection restarts ICE by itself (peer.js); only if that does not bring it back
+    // does the SFU client join anew.
+    setConnection("reconnecting", "Reconnecting…");
+    if (session?.mode !== "mesh" && !mediaLost) {
+      mediaLost = setTimeout(() => {
+        mediaLost = null;
+        startReconnect("The media connection to the server failed.");
+      }, MEDIA_RECOVERY_MS);
+    }
+    if (session?.mode === "mesh" && mediaState === "failed") {
+      ui.showBanner("warn", "The connection to at least one participant failed; trying to restore it.");
     }
     return;
   }
@@ -576,6 +589,8 @@ function startReconnect(reason) {
 
 /** Closes socket + peer connections and forgets remote tiles; local media stays. */
 function teardownSession() {
+  clearTimeout(mediaLost);
+  mediaLost = null;
   stats.stop();
   session?.close();
   session = null;
@@ -715,6 +730,7 @@ window.switchboard = {
       phase: state.phase,
       connection: state.connection,
       resumes: state.resumes,
+      iceRestarts: session?.iceRestarts?.() ?? 0,
       error: state.error,
       room: state.room,
       mode: state.roomMode ?? state.mode ?? "sfu",
@@ -775,6 +791,10 @@ window.switchboard = {
   /** Our peer connections (tests read their getStats()). */
   peers() {
     return session?.peers() ?? [];
+  },
+  /** Restarts ICE on the SFU connection, as a network change would. */
+  restartIce() {
+    session?.restartIce?.();
   },
   /** The current SDPs and states of our peer connections (debugging aid). */
   sdp() {

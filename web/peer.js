@@ -27,6 +27,9 @@ function preferRed(transceiver) {
   }
 }
 
+/** How long a connection may stay `disconnected` before it restarts ICE. */
+const ICE_RESTART_AFTER_MS = 2000;
+
 export class PeerLink extends Emitter {
   /**
    * @param {object} opts
@@ -57,7 +60,32 @@ export class PeerLink extends Emitter {
       this.#send({ type: "candidate", candidate: candidate ? candidate.toJSON() : null });
     pc.ontrack = (event) => this.emit("track", event);
     pc.ondatachannel = ({ channel }) => this.emit("datachannel", channel);
-    pc.onconnectionstatechange = () => this.emit("state", pc.connectionState);
+    pc.onconnectionstatechange = () => {
+      this.#recoverIce(pc.connectionState);
+      this.emit("state", pc.connectionState);
+    };
+  }
+
+  /** ICE restarts made on this connection (for tests and the stats overlay). */
+  iceRestarts = 0;
+  #iceTimer = null;
+
+  /**
+   * A connection that stays `disconnected` for a moment, or `failed`, restarts ICE on the same
+   * peer connection (a new offer with new credentials): after a network change the other side
+   * is reached from the new address, and the call goes on with nothing renegotiated.
+   */
+  #recoverIce(state) {
+    clearTimeout(this.#iceTimer);
+    if (state === "disconnected") this.#iceTimer = setTimeout(() => this.restartIce(), ICE_RESTART_AFTER_MS);
+    else if (state === "failed") this.restartIce();
+  }
+
+  restartIce() {
+    if (this.#closed || this.pc.signalingState === "closed") return;
+    console.info(`[${this.label}] restarting ICE`);
+    this.iceRestarts += 1;
+    this.pc.restartIce(); // negotiationneeded: #offer() makes an offer with new credentials
   }
 
   #send;
@@ -220,6 +248,7 @@ export class PeerLink extends Emitter {
 
   close() {
     this.#closed = true;
+    clearTimeout(this.#iceTimer);
     this.pc.onnegotiationneeded = null;
     this.pc.onicecandidate = null;
     this.pc.ontrack = null;

@@ -206,6 +206,14 @@ export class SfuSession extends Emitter {
     }
   }
 
+  restartIce() {
+    this.#link.restartIce();
+  }
+
+  iceRestarts() {
+    return this.#link.iceRestarts;
+  }
+
   /** The peer connections, for stats.js. */
   peers() {
     return [{ pc: this.#link.pc, participantId: null }];

@@ -356,6 +356,17 @@ impl Client {
         answer.await.map_err(|_| anyhow!("the client is closed"))?
     }
 
+    /// Restarts ICE on the connection to the SFU (an offer with new credentials), as a client
+    /// does when its network changed. Returns once the offer went out (or is queued behind one
+    /// in flight).
+    pub async fn restart_ice(&self) -> anyhow::Result<()> {
+        let (reply, answer) = oneshot::channel();
+        self.events
+            .send(Event::RestartIce { reply })
+            .map_err(|_| anyhow!("the client is closed"))?;
+        answer.await.map_err(|_| anyhow!("the client is closed"))?
+    }
+
     /// Stops publishing a track (removes it from the connection and renegotiates), as a browser
     /// does when a screen share ends.
     pub async fn unpublish_track(&self, track_id: &str) -> anyhow::Result<()> {

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
 use rtc::ice::mdns::MulticastDnsMode;
+use rtc::peer_connection::configuration::RTCOfferOptions;
 use rtc::peer_connection::configuration::media_engine::{MIME_TYPE_OPUS, MIME_TYPE_VP8};
 use rtc::rtp_transceiver::rtp_sender::{
     RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpHeaderExtensionCapability, RtpCodecKind,
@@ -403,6 +404,8 @@ pub(crate) struct Link {
     polite: bool,
     have_local_offer: bool,
     needs_offer: bool,
+    /// The next offer restarts ICE (new credentials).
+    needs_ice_restart: bool,
     pending_candidates: Vec<RTCIceCandidateInit>,
     pub outputs: Vec<Arc<Output>>,
     loopback_only: bool,
@@ -446,6 +449,7 @@ impl Link {
             polite,
             have_local_offer: false,
             needs_offer: false,
+            needs_ice_restart: false,
             pending_candidates: Vec::new(),
             outputs: Vec::new(),
             loopback_only: opts.loopback_only,
@@ -465,6 +469,13 @@ impl Link {
         Ok(())
     }
 
+    /// Restarts ICE: an offer with new credentials now, or as soon as the signaling state allows
+    /// (what a client does when its network changed).
+    pub async fn restart_ice(&mut self) -> anyhow::Result<Option<Outgoing>> {
+        self.needs_ice_restart = true;
+        self.offer().await
+    }
+
     /// Makes an offer now if the signaling state allows, or remembers to make one.
     pub async fn offer(&mut self) -> anyhow::Result<Option<Outgoing>> {
         if self.have_local_offer {
@@ -472,7 +483,9 @@ impl Link {
             return Ok(None);
         }
         self.needs_offer = false;
-        let offer = self.pc.create_offer(None).await?;
+        let options = std::mem::take(&mut self.needs_ice_restart)
+            .then_some(RTCOfferOptions { ice_restart: true });
+        let offer = self.pc.create_offer(options).await?;
         let sdp = offer.sdp.clone();
         self.pc.set_local_description(offer).await?;
         self.have_local_offer = true;

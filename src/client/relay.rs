@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::net::UdpSocket;
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -52,6 +53,8 @@ pub struct ShapedRelay {
     pub route: MediaRelay,
     /// Bits per second toward the client; 0: no cap.
     rate: Arc<AtomicU64>,
+    /// Moves the server-facing side to a fresh port.
+    rebind: Arc<Notify>,
     pub stats: Arc<RelayStats>,
     task: JoinHandle<()>,
 }
@@ -67,17 +70,20 @@ impl ShapedRelay {
             relay: client_side.local_addr()?,
         };
         let rate = Arc::new(AtomicU64::new(rate_bps));
+        let rebind = Arc::new(Notify::new());
         let stats = Arc::new(RelayStats::default());
         let task = tokio::spawn(run(
             client_side,
             server_side,
             server,
             rate.clone(),
+            rebind.clone(),
             stats.clone(),
         ));
         Ok(ShapedRelay {
             route,
             rate,
+            rebind,
             stats,
             task,
         })
@@ -86,6 +92,12 @@ impl ShapedRelay {
     /// Changes the cap toward the client (0: none).
     pub fn set_rate(&self, rate_bps: u64) {
         self.rate.store(rate_bps, Ordering::Relaxed);
+    }
+
+    /// From now on the client's datagrams reach the server from another port, and what the
+    /// server sends to the old one is lost: what a NAT rebinding or a network change does.
+    pub fn rebind(&self) {
+        self.rebind.notify_one();
     }
 }
 
@@ -100,8 +112,10 @@ async fn run(
     server_side: UdpSocket,
     server: SocketAddr,
     rate: Arc<AtomicU64>,
+    rebind: Arc<Notify>,
     stats: Arc<RelayStats>,
 ) {
+    let mut server_side = server_side;
     let mut client: Option<SocketAddr> = None;
     let mut queue: VecDeque<Vec<u8>> = VecDeque::new();
     let mut queued_bytes = 0usize;
@@ -157,6 +171,11 @@ async fn run(
                 }
             }
             _ = tokio::time::sleep_until(next_send.unwrap_or(now)), if next_send.is_some() => {}
+            _ = rebind.notified() => {
+                let Ok(ip) = server_side.local_addr().map(|a| a.ip()) else { return };
+                let Ok(fresh) = UdpSocket::bind((ip, 0)).await else { return };
+                server_side = fresh;
+            }
         }
     }
 }

@@ -44,6 +44,10 @@ pub(crate) enum Event {
     Leave {
         reply: oneshot::Sender<anyhow::Result<()>>,
     },
+    /// ICE restart on the connection to the SFU.
+    RestartIce {
+        reply: oneshot::Sender<anyhow::Result<()>>,
+    },
     Close {
         reply: oneshot::Sender<()>,
     },
@@ -317,6 +321,18 @@ impl Session {
                 }
                 Event::Unpublish { track_id, reply } => {
                     let _ = reply.send(self.unpublish(&track_id).await);
+                }
+                Event::RestartIce { reply } => {
+                    let key = None;
+                    let result = match self.links.get_mut(&key) {
+                        Some(link) => link.restart_ice().await,
+                        None => Err(anyhow::anyhow!("no connection to the SFU")),
+                    };
+                    let _ = reply.send(result.map(|out| {
+                        if let Some(outgoing) = out {
+                            self.send_outgoing(&key, outgoing);
+                        }
+                    }));
                 }
                 Event::Leave { reply } => {
                     self.send(&ClientMessage::Leave);

@@ -136,12 +136,16 @@ const UNESTIMATED: Bitrate = Bitrate::gbps(100);
 pub struct Conn {
     pub participant: ParticipantId,
     pub rtc: Rtc,
+    /// The server's ICE username fragment for this connection (new after an ICE restart).
+    pub ufrag: String,
     pub events: mpsc::UnboundedSender<MediaEvent>,
     pub chat_in: mpsc::Sender<String>,
     /// ICE and DTLS are up: SRTP can be sent.
     pub connected: bool,
     /// A failure was reported; the session will close the connection.
     pub failed: bool,
+    /// Since when ICE has been disconnected (None: it is not).
+    pub ice_lost_since: Option<Instant>,
     /// The earliest wake-up of this connection in the worker's timer heap.
     pub scheduled: Option<Instant>,
     /// Written to since the last send: listed in the worker's dirty list.
@@ -167,6 +171,7 @@ impl Conn {
     pub fn new(
         participant: ParticipantId,
         rtc: Rtc,
+        ufrag: String,
         events: mpsc::UnboundedSender<MediaEvent>,
         chat_in: mpsc::Sender<String>,
         gauge: GaugeGuard,
@@ -174,10 +179,12 @@ impl Conn {
         Conn {
             participant,
             rtc,
+            ufrag,
             events,
             chat_in,
             connected: false,
             failed: false,
+            ice_lost_since: None,
             scheduled: None,
             dirty: false,
             estimate: None,

@@ -21,6 +21,14 @@ impl Demux {
         self.by_ufrag.insert(ufrag, conn);
     }
 
+    /// After an ICE restart: the connection answers checks under its new ufrag only.
+    pub fn replace_ufrag(&mut self, old: &str, new: String, conn: ConnId) {
+        if self.by_ufrag.get(old) == Some(&conn) {
+            self.by_ufrag.remove(old);
+        }
+        self.by_ufrag.insert(new, conn);
+    }
+
     /// Binds a remote address to a connection: the connection sent a STUN response there, so
     /// the address passed the connection's integrity check.
     pub fn bind_addr(&mut self, addr: SocketAddr, conn: ConnId) {

@@ -233,6 +233,10 @@ fn pacer_backlog(info: Option<&dyn StreamTxQueueInfo>) -> Duration {
     .unwrap_or_default()
 }
 
+/// How long a connection whose ICE went disconnected waits for the client to come back (an
+/// ICE restart from its new network) before it is given up.
+const ICE_RECONNECT_GRACE: Duration = Duration::from_secs(10);
+
 /// What woke the event loop.
 enum Wake {
     Command(Option<Command>),
@@ -588,6 +592,22 @@ impl Worker {
         }
     }
 
+    /// Gives up the connections whose ICE has been disconnected for [`ICE_RECONNECT_GRACE`].
+    fn fail_lost_connections(&mut self, now: Instant) {
+        let lost: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                c.ice_lost_since
+                    .is_some_and(|t| now.saturating_duration_since(t) >= ICE_RECONNECT_GRACE)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in lost {
+            self.fail(id, "ICE disconnected");
+        }
+    }
+
     fn on_event(&mut self, id: ConnId, event: Event, now: Instant) {
         let Some(conn) = self.conns.get_mut(&id) else {
             return;
@@ -598,9 +618,13 @@ impl Worker {
                 conn.emit(MediaEvent::Connected);
                 self.start_subscriptions(id);
             }
+            // Lost: the client may come back (an ICE restart after its network changed), so
+            // the connection waits before it is given up (`fail_lost_connections`).
             Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
-                self.fail(id, "ICE disconnected");
+                tracing::info!(participant = %conn.participant, "ICE disconnected; waiting for the client to restart ICE");
+                conn.ice_lost_since.get_or_insert(now);
             }
+            Event::IceConnectionStateChange(_) => conn.ice_lost_since = None,
             Event::Closed if !conn.failed => {
                 conn.failed = true;
                 conn.emit(MediaEvent::ClosedByPeer);
@@ -1150,6 +1174,7 @@ impl Worker {
                     Some(c) => c.remote_offer(&sdp),
                     None => Err(MediaError::Closed),
                 };
+                self.follow_ice_restart(conn);
                 let _ = reply.send(result);
                 self.drive(conn, now);
             }
@@ -1295,10 +1320,12 @@ impl Worker {
             pass: random_token(24),
         };
         let rtc = self.build_rtc(creds);
-        self.demux.add_ufrag(ufrag, id);
+        self.demux.add_ufrag(ufrag.clone(), id);
         let gauge = GaugeGuard::new(&self.metrics, |m| &m.peer_connections);
-        self.conns
-            .insert(id, Conn::new(participant, rtc, events, chat_in, gauge));
+        self.conns.insert(
+            id,
+            Conn::new(participant, rtc, ufrag, events, chat_in, gauge),
+        );
         self.exported.connections.set(self.conns.len() as i64);
     }
 
@@ -1319,6 +1346,20 @@ impl Worker {
             }
         }
         rtc
+    }
+
+    /// After a client offer: an ICE restart gave the connection new local credentials, and the
+    /// client's checks (perhaps from a new address) name the new ufrag.
+    fn follow_ice_restart(&mut self, id: ConnId) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let ufrag = conn.rtc.direct_api().local_ice_credentials().ufrag;
+        if ufrag != conn.ufrag {
+            tracing::info!(participant = %conn.participant, "ICE restart");
+            self.demux.replace_ufrag(&conn.ufrag, ufrag.clone(), id);
+            conn.ufrag = ufrag;
+        }
     }
 
     fn publish(&mut self, id: ConnId, mid: Mid, key: TrackKey) {
@@ -1410,6 +1451,7 @@ impl Worker {
             }
             self.update_dynacast(now);
             self.update_speech(now);
+            self.fail_lost_connections(now);
         }
         self.send_keyframe_requests(now);
         self.send_written(now);
