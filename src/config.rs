@@ -91,6 +91,29 @@ pub struct Config {
     /// layers its tiles ask for.
     #[arg(long, env = "SWITCHBOARD_START_BITRATE_KBPS", default_value_t = 1000)]
     pub start_bitrate_kbps: u64,
+    /// The embedded TURN server's port, UDP and TCP, on the HTTP listen address (0: an
+    /// ephemeral port). Clients that cannot send UDP to the media ports relay through it over
+    /// TCP, and mesh peers behind NATs over either.
+    #[arg(long, env = "SWITCHBOARD_TURN_PORT", default_value_t = 3478)]
+    pub turn_port: u16,
+    /// Runs no embedded TURN server (clients get only `--turn-urls`, if any).
+    #[arg(long, env = "SWITCHBOARD_NO_TURN")]
+    pub no_turn: bool,
+    /// External TURN or STUN URLs handed to clients besides the embedded server's (e.g. a
+    /// coturn with `use-auth-secret` and the same `--turn-secret`); comma-separated.
+    #[arg(long, env = "SWITCHBOARD_TURN_URLS", value_delimiter = ',')]
+    pub turn_urls: Vec<String>,
+    /// The secret TURN credentials are derived from (TURN REST API scheme). Unset: a random
+    /// one per start, which only the embedded server knows.
+    #[arg(long, env = "SWITCHBOARD_TURN_SECRET")]
+    pub turn_secret: Option<String>,
+    /// How long the TURN credentials given at join (and at each resume) stay valid.
+    #[arg(long, env = "SWITCHBOARD_TURN_TTL_SECS", default_value_t = 3600)]
+    pub turn_ttl_secs: u64,
+    /// Lets the embedded TURN server relay to loopback and private addresses too (tests, LANs).
+    /// Off, relays reach public addresses and this server's media ports only.
+    #[arg(long, env = "SWITCHBOARD_TURN_ALLOW_PRIVATE")]
+    pub turn_allow_private: bool,
     #[command(flatten)]
     pub limits: Limits,
 }
@@ -108,6 +131,7 @@ impl Config {
         let mut config = Config::parse_from(["switchboard"]);
         config.http = SocketAddr::from(([127, 0, 0, 1], 0));
         config.udp_port = 0;
+        config.no_turn = true;
         config.public_ip = Some(IpAddr::from([127, 0, 0, 1]));
         config
     }

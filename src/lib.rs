@@ -17,4 +17,5 @@ pub mod metrics;
 pub mod room;
 pub mod server;
 pub mod signal;
+pub mod turn;
 pub mod types;

@@ -138,6 +138,8 @@ metrics! {
         media_loop_turns: "Turns of the media workers' event loops (wake-ups); packets per turn is the batching",
         signaling_errors: "Error messages sent to clients",
         chat_messages: "Chat messages relayed (counted once per sender message)",
+        turn_auth_refused: "TURN requests refused for expired or malformed credentials",
+        turn_relay_denied: "Datagrams a TURN relay was asked to send to a private or loopback address and dropped",
         joins_refused_at_capacity: "Joins refused because every media worker was at the load limit or the forwarding rate at its cap",
     }
 }

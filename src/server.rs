@@ -14,6 +14,8 @@ use crate::metrics::Metrics;
 use crate::room::Registry;
 use crate::signal::ServerContext;
 use crate::signal::session::DRAIN_TIMEOUT;
+use crate::turn::{IceServers, TurnConfig, TurnServer};
+use crate::types::random_token;
 
 pub struct Server;
 
@@ -23,6 +25,7 @@ pub struct ServerHandle {
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
     media: Arc<MediaPlane>,
+    turn: Option<TurnServer>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
@@ -36,12 +39,14 @@ impl Server {
         let media = Arc::new(
             MediaPlane::start(&config, metrics.clone()).context("starting the media workers")?,
         );
+        let (turn, ice_servers) = start_turn(&config, &media, &metrics, &shutdown_rx).await?;
         let ctx = Arc::new(ServerContext {
             registry: registry.clone(),
             media: media.clone(),
             metrics: metrics.clone(),
             limits: config.limits.clone(),
             resumables: Default::default(),
+            ice_servers,
             shutdown: shutdown_rx.clone(),
         });
         let listener = tokio::net::TcpListener::bind(config.http)
@@ -64,10 +69,59 @@ impl Server {
             registry,
             metrics,
             media,
+            turn,
             shutdown,
             task,
         })
     }
+}
+
+/// The embedded TURN server (unless `--no-turn`), and the ICE servers clients are given.
+async fn start_turn(
+    config: &Config,
+    media: &MediaPlane,
+    metrics: &Arc<Metrics>,
+    shutdown: &watch::Receiver<bool>,
+) -> anyhow::Result<(Option<TurnServer>, IceServers)> {
+    if !config.turn_urls.is_empty() && config.turn_secret.is_none() {
+        anyhow::bail!(
+            "--turn-urls needs --turn-secret: the external TURN server checks credentials made from it"
+        );
+    }
+    let secret = config
+        .turn_secret
+        .clone()
+        .unwrap_or_else(|| random_token(32));
+    let media_addrs: Vec<SocketAddr> = media.worker_addrs().into_iter().flatten().collect();
+    let turn = match (!config.no_turn).then_some(config.turn_port) {
+        Some(port) => {
+            let announce = config
+                .public_ip
+                .or_else(|| media_addrs.first().map(|a| a.ip()))
+                .unwrap_or(config.http.ip());
+            let turn_config = TurnConfig {
+                listen: SocketAddr::new(config.http.ip(), port),
+                announce,
+                secret: secret.clone(),
+                allow_private: config.turn_allow_private,
+                media: media_addrs,
+            };
+            Some(
+                TurnServer::start(turn_config, metrics.clone(), shutdown.clone())
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "starting the TURN server on port {port} (`--no-turn` to do without)"
+                        )
+                    })?,
+            )
+        }
+        None => None,
+    };
+    let mut urls = turn.as_ref().map(TurnServer::urls).unwrap_or_default();
+    urls.extend(config.turn_urls.iter().cloned());
+    let ttl = Duration::from_secs(config.turn_ttl_secs);
+    Ok((turn, IceServers::new(urls, secret, ttl)))
 }
 
 /// Keeps `metrics.forward_rate` at the packets forwarded over the last second, for admission
@@ -92,6 +146,11 @@ impl ServerHandle {
         self.media.worker_addrs()
     }
 
+    /// Where the embedded TURN server listens (UDP and TCP), if it runs.
+    pub fn turn_addr(&self) -> Option<SocketAddr> {
+        self.turn.as_ref().map(|t| t.addr)
+    }
+
     /// How many participants' connections live on each media worker.
     pub fn media_worker_connections(&self) -> Vec<usize> {
         self.media.worker_connections()
@@ -106,6 +165,9 @@ impl ServerHandle {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, self.task).await;
+        if let Some(turn) = self.turn {
+            turn.stop().await;
+        }
         let media = self.media.clone();
         let _ = tokio::task::spawn_blocking(move || media.shutdown()).await;
     }

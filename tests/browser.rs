@@ -62,6 +62,96 @@ async fn simulcast_on_a_shaped_link_in_chromium() {
     .await;
 }
 
+/// A page that can send no UDP (its own network namespace drops it) joins an SFU room with two
+/// UDP pages through the server's TURN server over TCP, and every page decodes every other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_only_page_joins_through_turn_in_chromium() {
+    let setup = Setup {
+        tcp_only: true,
+        ..Setup::default()
+    };
+    run_browser_test_on(
+        "a_tcp_only_page_joins_through_turn_in_chromium",
+        setup,
+        tcp_only,
+    )
+    .await;
+}
+
+async fn tcp_only(env: Arc<Env>) -> Result<()> {
+    let room = "e2e-tcp";
+    let mut pages = env.open_pages(&["Uma", "Udo"]).await?;
+    pages.extend(env.open_shaped_pages(&["Tess"]).await?);
+    for page in &pages {
+        page.join(&env.base, room, None).await?;
+    }
+    step("the TCP-only page and the UDP pages decode each other");
+    for page in &pages {
+        page.wait_remote_media(2, Duration::from_secs(90)).await?;
+    }
+    for page in &pages {
+        page.wait_media_rising(2, Duration::from_secs(20)).await?;
+    }
+    let tess = selected_path(&pages[2]).await?;
+    ensure!(
+        tess == json!(["relay", "udp", "tcp"]),
+        "Tess's connection is not relayed over TCP: {tess}"
+    );
+    let uma = selected_path(&pages[0]).await?;
+    ensure!(
+        uma[0] == "host" && uma[1] == "udp",
+        "Uma's connection: {uma}"
+    );
+    env.finish(pages).await
+}
+
+/// Two mesh pages that may only use relayed candidates (`?relay=1`: `iceTransportPolicy:
+/// "relay"`) connect and decode each other through the server's TURN server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesh_call_through_turn_in_chromium() {
+    let setup = Setup {
+        turn: true,
+        ..Setup::default()
+    };
+    run_browser_test_on("a_mesh_call_through_turn_in_chromium", setup, mesh_relayed).await;
+}
+
+async fn mesh_relayed(env: Arc<Env>) -> Result<()> {
+    let pages = env.open_pages(&["Rae", "Rex"]).await?;
+    for page in &pages {
+        page.join(&env.base, "e2e-relay", Some("mesh&relay=1"))
+            .await?;
+    }
+    step("two relay-only mesh pages decode each other through TURN");
+    for page in &pages {
+        page.wait_remote_media(1, Duration::from_secs(60)).await?;
+    }
+    for page in &pages {
+        page.wait_media_rising(1, Duration::from_secs(20)).await?;
+        let path = selected_path(page).await?;
+        ensure!(path[0] == "relay", "{} is not relayed: {path}", page.name);
+    }
+    env.finish(pages).await
+}
+
+/// What a page's (first) connection really uses: its selected pair's local candidate, as
+/// [candidateType, protocol, relayProtocol].
+async fn selected_path(page: &Page) -> Result<Value> {
+    page.session
+        .execute(
+            "const pc = window.switchboard.peers()[0].pc;
+             return pc.getStats().then((stats) => {
+               const all = [...stats.values()];
+               const transport = all.find((s) => s.type === 'transport' && s.selectedCandidatePairId);
+               const pair = transport && stats.get(transport.selectedCandidatePairId);
+               const local = pair && stats.get(pair.localCandidateId);
+               return local ? [local.candidateType, local.protocol, local.relayProtocol ?? null] : null;
+             });",
+            vec![],
+        )
+        .await
+}
+
 /// Decoded widths of the remote camera videos on a page's tiles (0: none yet).
 fn remote_video_widths(state: &Value) -> Vec<u64> {
     remote_cameras(state)
@@ -816,13 +906,23 @@ impl Page {
             self.name,
             before.len()
         );
+        // A counter that goes down belongs to a new inbound stream of the same track (after an
+        // ICE restart, say): it counts from where it was first seen.
+        let baseline = std::cell::RefCell::new(before);
         self.wait_until(
             "video frames and audio packets to keep coming",
             timeout,
             |s| {
                 let now = counters(s);
+                let mut baseline = baseline.borrow_mut();
+                for (id, frames, packets) in baseline.iter_mut() {
+                    if let Some((_, f2, p2)) = now.iter().find(|(id2, ..)| id2 == id) {
+                        *frames = (*frames).min(*f2);
+                        *packets = (*packets).min(*p2);
+                    }
+                }
                 now.len() == n
-                    && before.iter().all(|(id, frames, packets)| {
+                    && baseline.iter().all(|(id, frames, packets)| {
                         now.iter()
                             .any(|(id2, f2, p2)| id2 == id && f2 > frames && p2 > packets)
                     })
@@ -1086,15 +1186,11 @@ struct Setup {
     /// A second network namespace whose downlink from the server is capped at this `tbf` rate
     /// (e.g. "400kbit"); the server then serves on the link's address.
     shaped_downlink: Option<&'static str>,
-}
-
-/// The server's log at `RUST_LOG` (default: warnings), shown with a failing test's output.
-fn init_tracing() {
-    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_owned());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_test_writer()
-        .try_init();
+    /// A second network namespace that sends no UDP at all (nftables): its pages reach the
+    /// server over TCP only (TURN over TCP). The server then serves on the link's address.
+    tcp_only: bool,
+    /// The embedded TURN server, allowed to relay between loopback addresses.
+    turn: bool,
 }
 
 async fn run_browser_test_on<F, Fut>(name: &str, setup: Setup, test: F)
@@ -1102,7 +1198,6 @@ where
     F: FnOnce(Arc<Env>) -> Fut,
     Fut: Future<Output = Result<()>>,
 {
-    init_tracing();
     let required = std::env::var_os(REQUIRE_ENV).is_some();
     let chromium = find_executable(
         "SWITCHBOARD_CHROMIUM",
@@ -1161,14 +1256,22 @@ where
     if setup.max_participants > 0 {
         config.limits.max_participants_per_room = setup.max_participants;
     }
-    let shaped = setup.shaped_downlink.map(|rate| {
-        let net = ShapedNet::create(rate).expect("creating the shaped link");
+    if setup.tcp_only || setup.turn {
+        config.no_turn = false;
+        config.turn_port = 0;
+        config.turn_allow_private = setup.turn;
+    }
+    let shaped = (setup.shaped_downlink.is_some() || setup.tcp_only).then(|| {
+        let net = ShapedNet::create(setup.shaped_downlink, setup.tcp_only)
+            .expect("creating the second namespace");
         // Every page reaches the server at the link's server end: the pages here over
         // loopback, the shaped ones through the capped veth.
         config.http = SocketAddr::from((ShapedNet::SERVER, 0));
         config.public_ip = Some(ShapedNet::SERVER.into());
         // What the shaped link is for: layers chosen from each page's downlink estimate.
-        config.start_bitrate_kbps = 1_000;
+        if setup.shaped_downlink.is_some() {
+            config.start_bitrate_kbps = 1_000;
+        }
         net
     });
     let server = Server::start(config).await.expect("starting the server");
@@ -1237,7 +1340,9 @@ impl ShapedNet {
     const SERVER: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 77, 0, 1);
     const CLIENT: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 77, 0, 2);
 
-    fn create(rate: &str) -> Result<Self> {
+    /// The namespace and its veth; `rate` caps the server-to-client direction, `block_udp`
+    /// drops every UDP datagram the namespace sends.
+    fn create(rate: Option<&str>, block_udp: bool) -> Result<Self> {
         let holder = Command::new("unshare")
             .args(["-n", "sleep", "3600"])
             .spawn()
@@ -1259,10 +1364,18 @@ impl ShapedNet {
         let inside =
             "ip link set lo up && ip addr add 10.77.0.2/24 dev sbcl && ip link set sbcl up";
         run(&["nsenter", "-t", &pid, "-n", "sh", "-c", inside])?;
-        run(&[
-            "tc", "qdisc", "add", "dev", "sbsv", "root", "tbf", "rate", rate, "burst", "16kbit",
-            "latency", "200ms",
-        ])?;
+        if let Some(rate) = rate {
+            run(&[
+                "tc", "qdisc", "add", "dev", "sbsv", "root", "tbf", "rate", rate, "burst",
+                "16kbit", "latency", "200ms",
+            ])?;
+        }
+        if block_udp {
+            let nft = "nft add table inet noudp && \
+                       nft add chain inet noudp out '{ type filter hook output priority 0; }' && \
+                       nft add rule inet noudp out meta l4proto udp drop";
+            run(&["nsenter", "-t", &pid, "-n", "sh", "-c", nft])?;
+        }
         Ok(net)
     }
 

@@ -99,3 +99,120 @@ async fn a_client_whose_address_changes_gets_its_media_back() {
     server.shutdown().await;
     let _ = CLEANUP;
 }
+
+/// The embedded TURN server over UDP: `joined` hands out its URLs with credentials that
+/// allocate a relay; expired or forged credentials are refused; a relay does not reach private
+/// addresses (other than the server's media ports).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turn_takes_fresh_credentials_and_refuses_expired_ones() {
+    use std::sync::Arc;
+    use switchboard::turn::credentials_until;
+    use tokio::net::UdpSocket;
+    use turn::client::{Client as TurnClient, ClientConfig};
+    use webrtc_util::Conn;
+
+    let _serial = serial().await;
+    let server = start_server_with(|c| {
+        c.no_turn = false;
+        c.turn_port = 0;
+        c.turn_secret = Some("test-secret".into());
+    })
+    .await;
+    let turn_addr = server.turn_addr().expect("the TURN server runs");
+    let client = join(&server, "turn", "t", ClientOptions::silent()).await;
+    let ice = client
+        .snapshot()
+        .events
+        .iter()
+        .find_map(|e| match e {
+            ServerMessage::Joined { ice_servers, .. } => ice_servers.first().cloned(),
+            _ => None,
+        })
+        .expect("joined lists an ICE server");
+    let port = turn_addr.port();
+    assert_eq!(
+        ice.urls,
+        [
+            format!("turn:127.0.0.1:{port}?transport=udp"),
+            format!("turn:127.0.0.1:{port}?transport=tcp")
+        ]
+    );
+    let username = ice.username.clone().expect("a username");
+    assert!(
+        username.ends_with(&format!(":{}", client.id())),
+        "{username}"
+    );
+
+    let allocate = |username: String, password: String| async move {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let turn = TurnClient::new(ClientConfig {
+            stun_serv_addr: turn_addr.to_string(),
+            turn_serv_addr: turn_addr.to_string(),
+            username,
+            password,
+            realm: "switchboard".into(),
+            software: String::new(),
+            rto_in_ms: 0,
+            conn: Arc::new(socket),
+            vnet: None,
+        })
+        .await
+        .expect("a TURN client");
+        turn.listen().await.expect("listen");
+        let relay = tokio::time::timeout(Duration::from_secs(10), turn.allocate()).await;
+        (turn, relay)
+    };
+
+    // The credentials from `joined` allocate a relay.
+    let (turn, relay) = allocate(username, ice.credential.clone().expect("a password")).await;
+    let relay = relay
+        .expect("an answer")
+        .expect("an allocation with fresh credentials");
+    // It does not reach a private address that is not a media port.
+    let peer = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    relay
+        .send_to(b"probe", peer.local_addr().expect("addr"))
+        .await
+        .expect("send");
+    eventually(
+        "the relay refuses a private destination",
+        CLEANUP,
+        || async { server.metrics.snapshot().turn_relay_denied >= 1 },
+    )
+    .await
+    .expect("counted as denied");
+    let mut buf = [0u8; 64];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), peer.recv_from(&mut buf))
+            .await
+            .is_err(),
+        "the probe got through"
+    );
+    let _ = relay.close().await;
+    let _ = turn.close().await;
+
+    // Expired, and forged, credentials are refused.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let (old_user, old_pass) = credentials_until("test-secret", client.id(), now - 10);
+    let (turn, refused) = allocate(old_user, old_pass).await;
+    assert!(
+        !matches!(refused, Ok(Ok(_))),
+        "expired credentials were accepted"
+    );
+    let _ = turn.close().await;
+    let (forged_user, forged_pass) = credentials_until("guessed", client.id(), now + 600);
+    let (turn, refused) = allocate(forged_user, forged_pass).await;
+    assert!(
+        !matches!(refused, Ok(Ok(_))),
+        "forged credentials were accepted"
+    );
+    let _ = turn.close().await;
+    assert!(server.metrics.snapshot().turn_auth_refused >= 1);
+
+    close_all(&[&client]).await;
+    assert_all_clean(&server, "turn").await;
+    server.shutdown().await;
+}

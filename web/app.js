@@ -48,6 +48,9 @@ const state = {
   error: null, // {code, message} of the last problem shown to the user
   room: roomFromPath(),
   mode: new URLSearchParams(location.search).get("mode") === "mesh" ? "mesh" : undefined,
+  // `?relay=1`: every connection goes through the TURN server (checks TURN from a network
+  // that allows everything).
+  relayOnly: new URLSearchParams(location.search).get("relay") === "1",
   roomMode: null, // what the server says the room is
   name: "",
   selfId: null,
@@ -290,8 +293,8 @@ function enterCall(sig, joined, pending) {
 
   session =
     joined.mode === "mesh"
-      ? new MeshSession({ signaling: sig, media, selfId: state.selfId, selfName: state.name })
-      : new SfuSession({ signaling: sig, media, tracks: joined.tracks ?? [] });
+      ? new MeshSession({ signaling: sig, media, selfId: state.selfId, selfName: state.name, iceServers: joined.ice_servers ?? [], relayOnly: state.relayOnly })
+      : new SfuSession({ signaling: sig, media, tracks: joined.tracks ?? [], iceServers: joined.ice_servers ?? [], relayOnly: state.relayOnly });
   session.on("stream", onRemoteStream);
   session.on("stream-changed", ({ key }) => ui.tiles.get(tileIdForStream(key))?.refresh());
   session.on("stream-ended", onRemoteStreamEnded);

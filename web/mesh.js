@@ -23,8 +23,14 @@ export class MeshSession extends Emitter {
   #selfName;
   #peers = new Map(); // participant id -> {link, channel, cameraStreamId, streams: Map, state}
 
-  constructor({ signaling, media, selfId, selfName }) {
+  #iceServers;
+
+  #relayOnly;
+
+  constructor({ signaling, media, selfId, selfName, iceServers = [], relayOnly = false }) {
     super();
+    this.#iceServers = iceServers;
+    this.#relayOnly = relayOnly;
     this.#signaling = signaling;
     this.#media = media;
     this.#selfId = selfId;
@@ -38,8 +44,12 @@ export class MeshSession extends Emitter {
   }
 
   /** The session goes on over a new signaling socket (resume). */
-  resumed(signaling) {
+  resumed(signaling, msg) {
     this.#signaling = signaling;
+    if (msg.ice_servers) {
+      this.#iceServers = msg.ice_servers;
+      for (const { link } of this.#peers.values()) link.setIceServers(msg.ice_servers);
+    }
     for (const { link } of this.#peers.values()) link.resendPending();
   }
 
@@ -124,6 +134,8 @@ export class MeshSession extends Emitter {
     peer.link = new PeerLink({
       polite: this.#selfId < participantId,
       label: `mesh:${participantId}`,
+      iceServers: this.#iceServers,
+      relayOnly: this.#relayOnly,
       send: (msg) => this.#signaling.send({ ...msg, to: participantId }),
       // The responder answers with its media on the offered transceivers (no extra round).
       beforeFirstAnswer: initiator ? undefined : () => {

@@ -45,14 +45,18 @@ export class PeerLink extends Emitter {
    *
    * Events: 'track' (RTCTrackEvent), 'datachannel' (RTCDataChannel), 'state' (connectionState)
    */
-  constructor({ polite, send, beforeFirstAnswer, publishOnly = false, label = "peer" }) {
+  constructor({ polite, send, beforeFirstAnswer, publishOnly = false, label = "peer", iceServers = [], relayOnly = false }) {
     super();
     this.polite = polite;
     this.publishOnly = publishOnly;
     this.label = label;
     this.#send = send;
     this.#beforeFirstAnswer = beforeFirstAnswer;
-    this.pc = new RTCPeerConnection({ iceServers: [], bundlePolicy: "max-bundle" });
+    this.pc = new RTCPeerConnection({
+      iceServers,
+      bundlePolicy: "max-bundle",
+      iceTransportPolicy: relayOnly ? "relay" : "all",
+    });
 
     const pc = this.pc;
     pc.onnegotiationneeded = () => this.#offer();
@@ -79,6 +83,16 @@ export class PeerLink extends Emitter {
     clearTimeout(this.#iceTimer);
     if (state === "disconnected") this.#iceTimer = setTimeout(() => this.restartIce(), ICE_RESTART_AFTER_MS);
     else if (state === "failed") this.restartIce();
+  }
+
+  /** New ICE server credentials (from `resumed`), used from the next ICE gathering on. */
+  setIceServers(iceServers) {
+    if (this.#closed) return;
+    try {
+      this.pc.setConfiguration({ ...this.pc.getConfiguration(), iceServers });
+    } catch (err) {
+      console.warn(`[${this.label}] cannot update ICE servers`, err);
+    }
   }
 
   restartIce() {

@@ -63,7 +63,7 @@ export class SfuSession extends Emitter {
    * @param {{signaling: import('./signaling.js').Signaling,
    *          media: import('./media.js').LocalMedia, tracks: object[]}} opts
    */
-  constructor({ signaling, media, tracks = [] }) {
+  constructor({ signaling, media, tracks = [], iceServers = [], relayOnly = false }) {
     super();
     this.#signaling = signaling;
     this.#media = media;
@@ -73,6 +73,8 @@ export class SfuSession extends Emitter {
       polite: true,
       publishOnly: true,
       label: "sfu",
+      iceServers,
+      relayOnly,
       send: (msg) => this.#signaling.send(msg),
     });
     this.#link.on("track", (event) => this.#onTrack(event));
@@ -106,6 +108,7 @@ export class SfuSession extends Emitter {
    */
   resumed(signaling, msg) {
     this.#signaling = signaling;
+    if (msg.ice_servers) this.#link.setIceServers(msg.ice_servers);
     const now = new Set(msg.tracks.map((t) => t.track_id));
     for (const trackId of [...this.#published.keys()]) {
       if (!now.has(trackId)) this.#onUnpublished({ track_id: trackId });

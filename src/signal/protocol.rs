@@ -43,6 +43,16 @@ fn is_false(b: &bool) -> bool {
 
 pub use crate::types::{IceCandidate, MediaKind};
 
+/// An ICE server for the client's peer connections (`RTCIceServer`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IceServer {
+    pub urls: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+}
+
 /// A track some participant publishes, as announced to the others (SFU rooms).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TrackInfo {
@@ -164,6 +174,10 @@ pub enum ServerMessage {
         /// server keeps no session for a dropped socket).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         resume_token: Option<String>,
+        /// ICE servers for the client's peer connections, with credentials for this participant
+        /// (protocol 3).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        ice_servers: Vec<IceServer>,
     },
     /// Answer to `resume`: the session goes on on this socket. What the room holds now (messages
     /// sent while the socket was down may be lost: reconcile with these lists); the server's
@@ -176,6 +190,9 @@ pub enum ServerMessage {
         participants: Vec<ParticipantInfo>,
         tracks: Vec<TrackInfo>,
         resume_token: String,
+        /// Fresh ICE server credentials.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        ice_servers: Vec<IceServer>,
     },
     ParticipantJoined {
         participant: ParticipantInfo,

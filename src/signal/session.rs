@@ -26,6 +26,7 @@ use crate::config::Limits;
 use crate::media::{MediaError, MediaEvent, MediaPlane, OfferOutcome, PauseCause, Visibility};
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::room::{JoinError, MemberChannels, Registry, Room, RoomEvent};
+use crate::turn::IceServers;
 use crate::types::{IceCandidate, ParticipantId, RoomName, TrackId};
 
 /// Chat lines queued per participant before new ones are dropped.
@@ -46,6 +47,8 @@ pub struct ServerContext {
     pub limits: Limits,
     /// Sessions that can be taken over by a `resume`.
     pub resumables: Arc<Resumables>,
+    /// ICE servers for clients, with per-participant credentials.
+    pub ice_servers: IceServers,
     /// Flips to true when the server shuts down.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -300,6 +303,7 @@ impl Session {
                 .filter(|t| t.participant_id != membership.id.as_str())
                 .collect(),
             resume_token: resume.token().to_owned(),
+            ice_servers: self.ctx.ice_servers.for_participant(membership.id.as_str()),
         }];
         if let Some(media) = membership.media.as_mut() {
             resync.extend(media.resync_messages());
@@ -500,6 +504,11 @@ impl Session {
             tracks: joined.tracks.iter().map(|t| t.info.clone()).collect(),
             protocol: PROTOCOL_VERSION,
             resume_token,
+            ice_servers: if protocol >= 3 {
+                self.ctx.ice_servers.for_participant(id.as_str())
+            } else {
+                Vec::new()
+            },
         })
         .await
     }
