@@ -110,6 +110,20 @@ pub struct Config {
     /// How long the TURN credentials given at join (and at each resume) stay valid.
     #[arg(long, env = "SWITCHBOARD_TURN_TTL_SECS", default_value_t = 3600)]
     pub turn_ttl_secs: u64,
+    /// TURN over TLS (`turns:`): a PEM certificate chain, with `--turn-tls-key`. Clients behind
+    /// firewalls that let only HTTPS out reach the TURN server on `--turn-tls-port`.
+    #[arg(long, env = "SWITCHBOARD_TURN_TLS_CERT", requires = "turn_tls_key")]
+    pub turn_tls_cert: Option<std::path::PathBuf>,
+    /// The PEM private key of `--turn-tls-cert`.
+    #[arg(long, env = "SWITCHBOARD_TURN_TLS_KEY", requires = "turn_tls_cert")]
+    pub turn_tls_key: Option<std::path::PathBuf>,
+    /// TURN over TLS port (0: ephemeral, for tests).
+    #[arg(long, env = "SWITCHBOARD_TURN_TLS_PORT", default_value_t = 443)]
+    pub turn_tls_port: u16,
+    /// The name in the `turns:` URL, which the certificate must be for. Unset: the announced
+    /// address.
+    #[arg(long, env = "SWITCHBOARD_TURN_TLS_HOST")]
+    pub turn_tls_host: Option<String>,
     /// Lets the embedded TURN server relay to loopback and private addresses too (tests, LANs).
     /// Off, relays reach public addresses and this server's media ports only.
     #[arg(long, env = "SWITCHBOARD_TURN_ALLOW_PRIVATE")]

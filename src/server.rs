@@ -14,7 +14,7 @@ use crate::metrics::Metrics;
 use crate::room::Registry;
 use crate::signal::ServerContext;
 use crate::signal::session::DRAIN_TIMEOUT;
-use crate::turn::{IceServers, TurnConfig, TurnServer};
+use crate::turn::{IceServers, TurnConfig, TurnServer, TurnTls};
 use crate::types::random_token;
 
 pub struct Server;
@@ -99,12 +99,25 @@ async fn start_turn(
                 .public_ip
                 .or_else(|| media_addrs.first().map(|a| a.ip()))
                 .unwrap_or(config.http.ip());
+            let tls = match (&config.turn_tls_cert, &config.turn_tls_key) {
+                (Some(cert), Some(key)) => Some(TurnTls::load(
+                    SocketAddr::new(config.http.ip(), config.turn_tls_port),
+                    config
+                        .turn_tls_host
+                        .clone()
+                        .unwrap_or_else(|| announce.to_string()),
+                    cert,
+                    key,
+                )?),
+                _ => None,
+            };
             let turn_config = TurnConfig {
                 listen: SocketAddr::new(config.http.ip(), port),
                 announce,
                 secret: secret.clone(),
                 allow_private: config.turn_allow_private,
                 media: media_addrs,
+                tls,
             };
             Some(
                 TurnServer::start(turn_config, metrics.clone(), shutdown.clone())
@@ -149,6 +162,14 @@ impl ServerHandle {
     /// Where the embedded TURN server listens (UDP and TCP), if it runs.
     pub fn turn_addr(&self) -> Option<SocketAddr> {
         self.turn.as_ref().map(|t| t.addr)
+    }
+
+    /// Where the embedded TURN server listens for TURN over TLS, if it does.
+    pub fn turn_tls_addr(&self) -> Option<SocketAddr> {
+        self.turn
+            .as_ref()
+            .and_then(|t| t.tls.as_ref())
+            .map(|(a, _)| *a)
     }
 
     /// How many participants' connections live on each media worker.

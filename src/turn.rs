@@ -1,8 +1,8 @@
 //! The embedded TURN server (RFC 8656), for clients that cannot reach the media ports over UDP
 //! (TURN over TCP) and for mesh peers behind NATs. webrtc-rs's `turn` crate does the protocol;
 //! this module adds what it lacks:
-//! - TCP listeners (RFC 8656 §3.5 framing: STUN messages and ChannelData, padded to 4 bytes), one
-//!   `turn` server per TCP connection since the crate serves packet connections only;
+//! - TCP and TLS listeners (RFC 8656 §3.5 framing: STUN messages and ChannelData, padded to 4
+//!   bytes), one `turn` server per connection since the crate serves packet connections only;
 //! - time-limited credentials from a shared secret (the "TURN REST API" scheme coturn's
 //!   `use-auth-secret` also speaks): username `{expiry}:{participant}`, password
 //!   base64(HMAC-SHA1(secret, username)), refused once expired;
@@ -17,10 +17,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use base64::Engine as _;
 use base64::prelude::BASE64_STANDARD;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::{Mutex, Notify, watch};
+use tokio_rustls::TlsAcceptor;
 use turn::auth::{AuthHandler, generate_auth_key};
 use turn::relay::RelayAddressGenerator;
 use turn::server::Server as TurnProtocol;
@@ -228,17 +228,36 @@ impl Conn for PolicedRelay {
     }
 }
 
-/// One TCP connection to the TURN port as the packet connection the `turn` crate serves:
-/// each read is one STUN message or ChannelData frame.
-struct TcpConn {
-    reader: Mutex<OwnedReadHalf>,
-    writer: Mutex<OwnedWriteHalf>,
+type Reader = Box<dyn AsyncRead + Send + Unpin>;
+type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// A byte stream (TCP, or TLS over TCP) as the packet connection the `turn` crate serves: each
+/// read is one STUN message or ChannelData frame, each write one frame (ChannelData padded to 4
+/// bytes). Works for either end of a TURN-over-TCP connection.
+pub struct StreamConn {
+    reader: Mutex<Reader>,
+    writer: Mutex<Writer>,
     local: SocketAddr,
     remote: SocketAddr,
     closed: Arc<Notify>,
 }
 
-impl TcpConn {
+impl StreamConn {
+    pub fn new(
+        stream: impl AsyncRead + AsyncWrite + Send + 'static,
+        local: SocketAddr,
+        remote: SocketAddr,
+    ) -> Self {
+        let (reader, writer) = tokio::io::split(stream);
+        StreamConn {
+            reader: Mutex::new(Box::new(reader)),
+            writer: Mutex::new(Box::new(writer)),
+            local,
+            remote,
+            closed: Arc::new(Notify::new()),
+        }
+    }
+
     async fn read_frame(&self, buf: &mut [u8]) -> std::io::Result<usize> {
         let mut reader = self.reader.lock().await;
         let mut head = [0u8; 4];
@@ -261,7 +280,7 @@ impl TcpConn {
 }
 
 #[async_trait]
-impl Conn for TcpConn {
+impl Conn for StreamConn {
     async fn connect(&self, _addr: SocketAddr) -> webrtc_util::Result<()> {
         Ok(())
     }
@@ -320,15 +339,66 @@ pub struct TurnConfig {
     pub allow_private: bool,
     /// The server's media addresses, which relays may always reach.
     pub media: Vec<SocketAddr>,
+    /// TURN over TLS (`turns:`), where the server has a certificate.
+    pub tls: Option<TurnTls>,
+}
+
+/// TURN over TLS: where it listens, the name clients reach it by (what its certificate is
+/// for), and the certificate.
+#[derive(Clone)]
+pub struct TurnTls {
+    pub listen: SocketAddr,
+    pub host: String,
+    pub acceptor: TlsAcceptor,
+}
+
+impl std::fmt::Debug for TurnTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TurnTls")
+            .field("listen", &self.listen)
+            .field("host", &self.host)
+            .finish()
+    }
+}
+
+impl TurnTls {
+    /// Loads a PEM certificate chain and private key.
+    pub fn load(
+        listen: SocketAddr,
+        host: String,
+        cert: &std::path::Path,
+        key: &std::path::Path,
+    ) -> anyhow::Result<Self> {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let chain = CertificateDer::pem_file_iter(cert)
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", cert.display()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", cert.display()))?;
+        let key = PrivateKeyDer::from_pem_file(key)
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", key.display()))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)?;
+        Ok(TurnTls {
+            listen,
+            host,
+            acceptor: TlsAcceptor::from(Arc::new(config)),
+        })
+    }
 }
 
 /// A running TURN server: UDP and TCP on one port.
 pub struct TurnServer {
     /// Where it listens (UDP and TCP share the port).
     pub addr: SocketAddr,
+    /// Where it listens for TURN over TLS, and the name in its URL.
+    pub tls: Option<(SocketAddr, String)>,
     announce: IpAddr,
     udp: TurnProtocol,
-    tcp: tokio::task::JoinHandle<()>,
+    listeners: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for TurnServer {
@@ -376,13 +446,35 @@ impl TurnServer {
             alloc_close_notify: None,
         })
         .await?;
-        let tcp = tokio::spawn(accept_tcp(listener, auth, relays, shutdown));
+        let relays = Arc::new(relays);
+        let mut listeners = vec![tokio::spawn(accept(
+            listener,
+            None,
+            auth.clone(),
+            relays.clone(),
+            shutdown.clone(),
+        ))];
+        let mut tls = None;
+        if let Some(turn_tls) = config.tls {
+            let listener = TcpListener::bind(turn_tls.listen).await?;
+            let tls_addr = listener.local_addr()?;
+            tracing::info!(addr = %tls_addr, host = turn_tls.host, "TURN over TLS");
+            tls = Some((tls_addr, turn_tls.host));
+            listeners.push(tokio::spawn(accept(
+                listener,
+                Some(turn_tls.acceptor),
+                auth,
+                relays,
+                shutdown,
+            )));
+        }
         tracing::info!(%addr, announce = %config.announce, "TURN server (UDP and TCP)");
         Ok(TurnServer {
             addr,
+            tls,
             announce: config.announce,
             udp,
-            tcp,
+            listeners,
         })
     }
 
@@ -393,22 +485,30 @@ impl TurnServer {
             IpAddr::V4(ip) => ip.to_string(),
         };
         let port = self.addr.port();
-        vec![
+        let mut urls = vec![
             format!("turn:{host}:{port}?transport=udp"),
             format!("turn:{host}:{port}?transport=tcp"),
-        ]
+        ];
+        if let Some((addr, host)) = &self.tls {
+            urls.push(format!("turns:{host}:{}?transport=tcp", addr.port()));
+        }
+        urls
     }
 
     pub async fn stop(self) {
-        self.tcp.abort();
+        for listener in &self.listeners {
+            listener.abort();
+        }
         let _ = self.udp.close().await;
     }
 }
 
-async fn accept_tcp(
+/// Accepts TURN over TCP, or over TLS with `tls`.
+async fn accept(
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     auth: Arc<dyn AuthHandler + Send + Sync>,
-    relays: impl Fn() -> Box<dyn RelayAddressGenerator + Send + Sync>,
+    relays: Arc<impl Fn() -> Box<dyn RelayAddressGenerator + Send + Sync> + Send + Sync + 'static>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -424,37 +524,41 @@ async fn accept_tcp(
                 continue;
             }
         };
-        tokio::spawn(serve_tcp(
-            stream,
-            remote,
-            auth.clone(),
-            relays(),
-            shutdown.clone(),
-        ));
+        let (auth, relays, shutdown, tls) = (auth.clone(), relays(), shutdown.clone(), tls.clone());
+        tokio::spawn(async move {
+            let _ = stream.set_nodelay(true);
+            let Ok(local) = stream.local_addr() else {
+                return;
+            };
+            let conn = match tls {
+                None => StreamConn::new(stream, local, remote),
+                Some(acceptor) => {
+                    let handshake =
+                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream));
+                    match handshake.await {
+                        Ok(Ok(stream)) => StreamConn::new(stream, local, remote),
+                        Ok(Err(e)) => {
+                            tracing::debug!(%remote, "TURN TLS handshake: {e}");
+                            return;
+                        }
+                        Err(_) => return,
+                    }
+                }
+            };
+            serve_stream(conn, remote, auth, relays, shutdown).await;
+        });
     }
 }
 
-/// Serves one TCP connection until it closes; its allocations go with it.
-async fn serve_tcp(
-    stream: TcpStream,
+/// Serves one TCP or TLS connection until it closes; its allocations go with it.
+async fn serve_stream(
+    conn: StreamConn,
     remote: SocketAddr,
     auth: Arc<dyn AuthHandler + Send + Sync>,
     relays: Box<dyn RelayAddressGenerator + Send + Sync>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let _ = stream.set_nodelay(true);
-    let Ok(local) = stream.local_addr() else {
-        return;
-    };
-    let (reader, writer) = stream.into_split();
-    let closed = Arc::new(Notify::new());
-    let conn = TcpConn {
-        reader: Mutex::new(reader),
-        writer: Mutex::new(writer),
-        local,
-        remote,
-        closed: closed.clone(),
-    };
+    let closed = conn.closed.clone();
     let server = match TurnProtocol::new(ServerConfig {
         conn_configs: vec![ConnConfig {
             conn: Arc::new(conn),

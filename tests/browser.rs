@@ -382,12 +382,7 @@ async fn sfu_call(env: Arc<Env>) -> Result<()> {
     // The pages' audio is RED (the client prefers it, the server's answer lists it first), and
     // the server forwards it as RED: Chromium's getStats names the codec audio/opus either way,
     // so the server's counters are the witness.
-    let metrics = env
-        .server
-        .lock()
-        .await
-        .as_ref()
-        .map(|s| s.metrics.snapshot());
+    let metrics = env.metrics().await;
     let (red_in, red_out) = metrics.map_or((0, 0), |m| (m.red_packets_in, m.red_packets_out));
     ensure!(
         red_in > 0 && red_out > 0,
@@ -432,12 +427,7 @@ async fn sfu_call(env: Arc<Env>) -> Result<()> {
     for page in &pages {
         page.wait_media_rising(2, Duration::from_secs(20)).await?;
     }
-    let metrics = env
-        .server
-        .lock()
-        .await
-        .as_ref()
-        .map(|s| s.metrics.snapshot());
+    let metrics = env.metrics().await;
     ensure!(
         metrics.is_some_and(|m| m.participants == 3 && m.sessions_detached == 0),
         "after the resumes: {metrics:?}"
@@ -1019,6 +1009,15 @@ impl Env {
             });
         }
         Ok(pages)
+    }
+
+    /// The server's metrics now (None while it is stopped).
+    async fn metrics(&self) -> Option<switchboard::metrics::MetricsSnapshot> {
+        self.server
+            .lock()
+            .await
+            .as_ref()
+            .map(|s| s.metrics.snapshot())
     }
 
     /// Starts a new server on the address the pages use (after `stop_server`).

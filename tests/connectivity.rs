@@ -216,3 +216,90 @@ async fn turn_takes_fresh_credentials_and_refuses_expired_ones() {
     assert_all_clean(&server, "turn").await;
     server.shutdown().await;
 }
+
+/// TURN over TLS (`turns:`) with the server's certificate: the URL is handed out with the
+/// certificate's name, and a client that trusts the certificate allocates a relay over TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turn_over_tls_allocates_a_relay() {
+    use std::sync::Arc;
+    use switchboard::turn::StreamConn;
+    use tokio::net::TcpStream;
+    use turn::client::{Client as TurnClient, ClientConfig};
+    use webrtc_util::Conn;
+
+    let _serial = serial().await;
+    let dir = std::env::temp_dir().join(format!("switchboard-turns-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("a certificate");
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, certified.cert.pem()).expect("write cert");
+    std::fs::write(&key_path, certified.signing_key.serialize_pem()).expect("write key");
+    let server = start_server_with(|c| {
+        c.no_turn = false;
+        c.turn_port = 0;
+        c.turn_tls_port = 0;
+        c.turn_tls_cert = Some(cert_path.clone());
+        c.turn_tls_key = Some(key_path.clone());
+        c.turn_tls_host = Some("localhost".into());
+    })
+    .await;
+    let tls_addr = server.turn_tls_addr().expect("TURN over TLS runs");
+    let client = join(&server, "turns", "t", ClientOptions::silent()).await;
+    let ice = client
+        .snapshot()
+        .events
+        .iter()
+        .find_map(|e| match e {
+            ServerMessage::Joined { ice_servers, .. } => ice_servers.first().cloned(),
+            _ => None,
+        })
+        .expect("joined lists an ICE server");
+    let turns = format!("turns:localhost:{}?transport=tcp", tls_addr.port());
+    assert!(ice.urls.contains(&turns), "{:?}", ice.urls);
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(certified.cert.der().clone()).expect("a root");
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("TLS versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = TcpStream::connect(tls_addr).await.expect("connect");
+    let local = tcp.local_addr().expect("addr");
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").expect("a name"),
+            tcp,
+        )
+        .await
+        .expect("a TLS handshake with the server's certificate");
+    let turn = TurnClient::new(ClientConfig {
+        stun_serv_addr: tls_addr.to_string(),
+        turn_serv_addr: tls_addr.to_string(),
+        username: ice.username.clone().expect("a username"),
+        password: ice.credential.clone().expect("a password"),
+        realm: "switchboard".into(),
+        software: String::new(),
+        rto_in_ms: 0,
+        conn: Arc::new(StreamConn::new(stream, local, tls_addr)),
+        vnet: None,
+    })
+    .await
+    .expect("a TURN client");
+    turn.listen().await.expect("listen");
+    let relay = tokio::time::timeout(Duration::from_secs(10), turn.allocate())
+        .await
+        .expect("an answer")
+        .expect("an allocation over TLS");
+    assert!(relay.local_addr().is_ok());
+    let _ = relay.close().await;
+    let _ = turn.close().await;
+
+    close_all(&[&client]).await;
+    assert_all_clean(&server, "turns").await;
+    server.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
