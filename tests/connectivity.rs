@@ -86,6 +86,14 @@ async fn a_client_whose_address_changes_gets_its_media_back() {
         "media came back only {took:?} after the address changed"
     );
     assert_eq!(moving.id(), moving_id);
+    // The same streams go on: nothing was renegotiated but the ICE credentials.
+    for (client, from) in [(&moving, &fixed_id), (&fixed, &moving_id)] {
+        let streams = client
+            .snapshot()
+            .tracks_from(from, MediaKind::Video)
+            .count();
+        assert_eq!(streams, 1, "video streams from {from} after the restart");
+    }
     assert!(
         !fixed.snapshot().events.iter().any(|e| matches!(
             e,
