@@ -64,12 +64,15 @@ impl IceServers {
 
 /// Time-limited TURN credentials for `who`, valid for `ttl` (TURN REST API scheme).
 pub fn credentials(secret: &str, who: &str, ttl: Duration) -> (String, String) {
-    let expiry = SystemTime::now()
+    credentials_until(secret, who, unix_now().saturating_add(ttl.as_secs()))
+}
+
+/// Seconds since the Unix epoch (what REST-API usernames count in).
+fn unix_now() -> u64 {
+    SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
-        .saturating_add(ttl)
-        .as_secs();
-    credentials_until(secret, who, expiry)
+        .as_secs()
 }
 
 /// TURN credentials for `who` that expire at `expiry` (seconds since the Unix epoch).
@@ -101,12 +104,8 @@ impl AuthHandler for RestAuth {
             .split(':')
             .next()
             .and_then(|e| e.parse::<u64>().ok());
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
         match expiry {
-            Some(expiry) if expiry > now => {
+            Some(expiry) if expiry > unix_now() => {
                 let password = password_for(&self.secret, username);
                 Ok(generate_auth_key(username, realm, &password))
             }
@@ -593,10 +592,7 @@ mod tests {
         let (username, password) = credentials("s3cret", "p1", Duration::from_secs(60));
         let (expiry, who) = username.split_once(':').expect("expiry:who");
         assert_eq!(who, "p1");
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
+        let now = unix_now();
         let expiry: u64 = expiry.parse().expect("a number");
         assert!((now + 59..=now + 61).contains(&expiry));
         // base64 of a 20-byte HMAC-SHA1, as coturn's use-auth-secret computes it.

@@ -116,7 +116,6 @@ async fn turn_takes_fresh_credentials_and_refuses_expired_ones() {
     use std::sync::Arc;
     use switchboard::turn::credentials_until;
     use tokio::net::UdpSocket;
-    use turn::client::{Client as TurnClient, ClientConfig};
     use webrtc_util::Conn;
 
     let _serial = serial().await;
@@ -128,15 +127,7 @@ async fn turn_takes_fresh_credentials_and_refuses_expired_ones() {
     .await;
     let turn_addr = server.turn_addr().expect("the TURN server runs");
     let client = join(&server, "turn", "t", ClientOptions::silent()).await;
-    let ice = client
-        .snapshot()
-        .events
-        .iter()
-        .find_map(|e| match e {
-            ServerMessage::Joined { ice_servers, .. } => ice_servers.first().cloned(),
-            _ => None,
-        })
-        .expect("joined lists an ICE server");
+    let ice = joined_ice_server(&client);
     let port = turn_addr.port();
     assert_eq!(
         ice.urls,
@@ -153,20 +144,7 @@ async fn turn_takes_fresh_credentials_and_refuses_expired_ones() {
 
     let allocate = |username: String, password: String| async move {
         let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
-        let turn = TurnClient::new(ClientConfig {
-            stun_serv_addr: turn_addr.to_string(),
-            turn_serv_addr: turn_addr.to_string(),
-            username,
-            password,
-            realm: "switchboard".into(),
-            software: String::new(),
-            rto_in_ms: 0,
-            conn: Arc::new(socket),
-            vnet: None,
-        })
-        .await
-        .expect("a TURN client");
-        turn.listen().await.expect("listen");
+        let turn = turn_client(turn_addr, username, password, Arc::new(socket)).await;
         let relay = tokio::time::timeout(Duration::from_secs(10), turn.allocate()).await;
         (turn, relay)
     };
@@ -232,7 +210,6 @@ async fn turn_over_tls_allocates_a_relay() {
     use std::sync::Arc;
     use switchboard::turn::StreamConn;
     use tokio::net::TcpStream;
-    use turn::client::{Client as TurnClient, ClientConfig};
     use webrtc_util::Conn;
 
     let _serial = serial().await;
@@ -254,15 +231,7 @@ async fn turn_over_tls_allocates_a_relay() {
     .await;
     let tls_addr = server.turn_tls_addr().expect("TURN over TLS runs");
     let client = join(&server, "turns", "t", ClientOptions::silent()).await;
-    let ice = client
-        .snapshot()
-        .events
-        .iter()
-        .find_map(|e| match e {
-            ServerMessage::Joined { ice_servers, .. } => ice_servers.first().cloned(),
-            _ => None,
-        })
-        .expect("joined lists an ICE server");
+    let ice = joined_ice_server(&client);
     let turns = format!("turns:localhost:{}?transport=tcp", tls_addr.port());
     assert!(ice.urls.contains(&turns), "{:?}", ice.urls);
 
@@ -284,20 +253,13 @@ async fn turn_over_tls_allocates_a_relay() {
         )
         .await
         .expect("a TLS handshake with the server's certificate");
-    let turn = TurnClient::new(ClientConfig {
-        stun_serv_addr: tls_addr.to_string(),
-        turn_serv_addr: tls_addr.to_string(),
-        username: ice.username.clone().expect("a username"),
-        password: ice.credential.clone().expect("a password"),
-        realm: "switchboard".into(),
-        software: String::new(),
-        rto_in_ms: 0,
-        conn: Arc::new(StreamConn::new(stream, local, tls_addr)),
-        vnet: None,
-    })
-    .await
-    .expect("a TURN client");
-    turn.listen().await.expect("listen");
+    let turn = turn_client(
+        tls_addr,
+        ice.username.clone().expect("a username"),
+        ice.credential.clone().expect("a password"),
+        Arc::new(StreamConn::new(stream, local, tls_addr)),
+    )
+    .await;
     let relay = tokio::time::timeout(Duration::from_secs(10), turn.allocate())
         .await
         .expect("an answer")
@@ -310,4 +272,41 @@ async fn turn_over_tls_allocates_a_relay() {
     assert_all_clean(&server, "turns").await;
     server.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The ICE server `client` was given in `joined`.
+fn joined_ice_server(client: &Client) -> switchboard::signal::protocol::IceServer {
+    client
+        .snapshot()
+        .events
+        .iter()
+        .find_map(|e| match e {
+            ServerMessage::Joined { ice_servers, .. } => ice_servers.first().cloned(),
+            _ => None,
+        })
+        .expect("joined lists an ICE server")
+}
+
+/// A listening TURN client of the server at `server` over `conn` (UDP, TCP or TLS).
+async fn turn_client(
+    server: std::net::SocketAddr,
+    username: String,
+    password: String,
+    conn: std::sync::Arc<dyn webrtc_util::Conn + Send + Sync>,
+) -> turn::client::Client {
+    let turn = turn::client::Client::new(turn::client::ClientConfig {
+        stun_serv_addr: server.to_string(),
+        turn_serv_addr: server.to_string(),
+        username,
+        password,
+        realm: "switchboard".into(),
+        software: String::new(),
+        rto_in_ms: 0,
+        conn,
+        vnet: None,
+    })
+    .await
+    .expect("a TURN client");
+    turn.listen().await.expect("listen");
+    turn
 }

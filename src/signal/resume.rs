@@ -48,14 +48,6 @@ impl Resumables {
             mpsc::error::TrySendError::Full(s) | mpsc::error::TrySendError::Closed(s) => s,
         })
     }
-
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// A session's resume token and the sockets handed to it. Dropping it forgets the token.

@@ -11,6 +11,13 @@ use crate::media::{IncomingTrack, IncomingTrackId, MediaEvent, MediaHandle, Subs
 use crate::room::{NewTrack, Publication, Room};
 use crate::types::{ParticipantId, TrackId};
 
+/// Whose state a remembered message carries: a track received, or one published (by id).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum TrackState {
+    Received(String),
+    Published(String),
+}
+
 pub struct SfuMedia {
     pub handle: MediaHandle,
     pub events: mpsc::UnboundedReceiver<MediaEvent>,
@@ -24,7 +31,7 @@ pub struct SfuMedia {
     pub awaiting_answer: Option<(Instant, String)>,
     /// The last `subscription-state` of each track received and `publisher-layers` of each
     /// track published, by track id: sent again after a resume.
-    last_state: HashMap<(bool, String), ServerMessage>,
+    last_state: HashMap<TrackState, ServerMessage>,
     /// A client offer was ignored for glare: its candidates may fail and that is expected.
     pub ignoring_offer: bool,
     /// When the client closed its connection; a `leave` may be on its way.
@@ -53,8 +60,12 @@ impl SfuMedia {
     /// Keeps the latest `subscription-state` or `publisher-layers` of a track for a resume.
     pub fn remember(&mut self, message: &ServerMessage) {
         let key = match message {
-            ServerMessage::SubscriptionState { track_id, .. } => (false, track_id.clone()),
-            ServerMessage::PublisherLayers { track_id, .. } => (true, track_id.clone()),
+            ServerMessage::SubscriptionState { track_id, .. } => {
+                TrackState::Received(track_id.clone())
+            }
+            ServerMessage::PublisherLayers { track_id, .. } => {
+                TrackState::Published(track_id.clone())
+            }
             _ => return,
         };
         self.last_state.insert(key, message.clone());
@@ -104,7 +115,7 @@ impl SfuMedia {
     pub fn unsubscribe(&mut self, publication: &Publication) {
         let _ = self.handle.unsubscribe(publication.route.key);
         self.last_state
-            .remove(&(false, publication.track_id.to_string()));
+            .remove(&TrackState::Received(publication.track_id.to_string()));
     }
 
     /// Publishes a new incoming track in the room and starts forwarding it.
@@ -157,7 +168,8 @@ impl SfuMedia {
     pub fn unpublish(&mut self, room: &Room, id: IncomingTrackId) {
         if let Some(i) = self.published.iter().position(|(p, _)| *p == id) {
             let (_, track_id) = self.published.swap_remove(i);
-            self.last_state.remove(&(true, track_id.to_string()));
+            self.last_state
+                .remove(&TrackState::Published(track_id.to_string()));
             room.unpublish(&track_id);
         }
     }
