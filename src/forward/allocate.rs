@@ -57,6 +57,8 @@ pub struct LayerChoice {
     pub visibility: Visibility,
     /// The layer chosen last (None: paused).
     pub layer: Option<u8>,
+    /// The highest layer the tile needs, whatever the budget (None: hidden).
+    pub needed: Option<u8>,
     /// Paused because the budget has no room for its lowest layer.
     pub paused_for_bandwidth: bool,
     /// When it was last lowered for bandwidth.
@@ -201,6 +203,7 @@ pub fn allocate(budget: Option<u64>, audio: u64, demands: &mut [Demand<'_>], now
         }
         d.choice.paused_for_bandwidth = wanted[i] && layer.is_none();
         d.choice.layer = layer;
+        d.choice.needed = by_size;
         d.choice.short_since = shortage[i];
     }
     demands

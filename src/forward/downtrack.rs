@@ -15,6 +15,9 @@ pub struct DownTrack<K> {
     target: Option<u8>,
     /// A switch waits for a keyframe (video whose keyframes are recognised).
     switch_on_keyframe: bool,
+    /// The highest layer the subscriber's tile needs, even while its downlink keeps it lower
+    /// (None: not shown, or not known yet): dynacast keeps that layer on at the publisher.
+    needed: Option<u8>,
 }
 
 impl<K: Copy + Eq> DownTrack<K> {
@@ -27,7 +30,16 @@ impl<K: Copy + Eq> DownTrack<K> {
             current: None,
             target,
             switch_on_keyframe: video,
+            needed: None,
         }
+    }
+
+    pub fn needed(&self) -> Option<u8> {
+        self.needed
+    }
+
+    pub fn set_needed(&mut self, needed: Option<u8>) {
+        self.needed = needed;
     }
 
     pub fn subscriber(&self) -> K {

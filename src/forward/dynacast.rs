@@ -2,7 +2,8 @@
 //! encoder stops, saving its uplink and CPU), and switched back on as soon as someone wants it.
 //!
 //! Kept by the source forwarder of a track. What is wanted is the union of its own downtracks'
-//! layers and what the workers it relays to report for theirs. Switching off waits
+//! layers (forwarded, awaited, or needed by their tile but held back by bandwidth) and what the
+//! workers it relays to report for theirs. Switching off waits
 //! [`SUSPEND_AFTER`] of nobody wanting the layer, so a subscriber moving between layers does not
 //! make the publisher's encoder stop and restart; switching on is immediate.
 

@@ -14,6 +14,12 @@ use super::padding::PaddingRemover;
 use super::rewrite::Rewritten;
 use super::{DownTrack, MediaPacket, Rewriter};
 
+/// A layer switched back on counts as sent for this long before its first packets arrive: the
+/// publisher hears of it over signaling and restarts that encoder (well under a second in
+/// Chromium). Without it, layer choice turns away from the layer before it starts, and dynacast
+/// switches it off again.
+pub const RESUME_GRACE: Duration = Duration::from_secs(2);
+
 /// One packet for one subscriber: the engine writes `packet.payload` with these header fields.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Delivery<K> {
@@ -37,6 +43,9 @@ pub struct TrackForwarder<K> {
     /// Layers the publisher was asked to switch off (dynacast; bit i: layer i). Layer choice
     /// counts them as sent: asking for one switches it back on.
     suspended: u32,
+    /// When each layer was last switched back on: it counts as sent for [`RESUME_GRACE`]
+    /// while the publisher's encoder starts, so layer choice does not turn away from it.
+    resumed_at: Vec<Option<Instant>>,
     /// The last packet was RED (audio with redundancy, about twice the codec's rate).
     carries_red: bool,
 }
@@ -54,6 +63,7 @@ impl<K: Copy + Eq> TrackForwarder<K> {
             layers: vec![LayerState::new(keyframe_interval); layers],
             padding: (0..layers).map(|_| PaddingRemover::default()).collect(),
             suspended: 0,
+            resumed_at: vec![None; layers],
             carries_red: false,
         }
     }
@@ -79,7 +89,9 @@ impl<K: Copy + Eq> TrackForwarder<K> {
     pub fn layer_views(&self, now: Instant) -> Vec<LayerView> {
         let mut views = layer::views(&self.layers, now);
         for (i, v) in views.iter_mut().enumerate() {
-            v.sending |= self.suspended & 1 << i != 0;
+            let starting =
+                self.resumed_at[i].is_some_and(|t| now.saturating_duration_since(t) < RESUME_GRACE);
+            v.sending |= self.suspended & 1 << i != 0 || starting;
         }
         views
     }
@@ -105,8 +117,13 @@ impl<K: Copy + Eq> TrackForwarder<K> {
         }
     }
 
-    /// The publisher was asked to switch these layers off (bit i: layer i).
-    pub fn set_suspended(&mut self, layers: u32) {
+    /// The publisher was asked to switch these layers off (bit i: layer i), and the others on.
+    pub fn set_suspended(&mut self, layers: u32, now: Instant) {
+        for (i, resumed) in self.resumed_at.iter_mut().enumerate() {
+            if self.suspended & !layers & 1 << i != 0 {
+                *resumed = Some(now);
+            }
+        }
         self.suspended = layers;
     }
 
@@ -115,11 +132,13 @@ impl<K: Copy + Eq> TrackForwarder<K> {
         layer::view(&self.layers, usize::from(layer), now).map_or(0, |l| l.bitrate)
     }
 
-    /// Which layers some local downtrack forwards or waits for, as a bit set (bit i: layer i).
+    /// Which layers some local downtrack forwards, waits for, or would take if its downlink
+    /// allowed (what its tile needs), as a bit set (bit i: layer i). A layer only held back by
+    /// bandwidth stays on: downlinks recover faster than an encoder restarts.
     pub fn wanted_layers(&self) -> u32 {
         self.downtracks
             .iter()
-            .flat_map(|d| [d.target(), d.current()])
+            .flat_map(|d| [d.target(), d.current(), d.needed()])
             .flatten()
             .fold(0, |set, l| set | 1 << l)
     }
@@ -159,6 +178,14 @@ impl<K: Copy + Eq> TrackForwarder<K> {
             self.request_keyframe(l);
         }
         true
+    }
+
+    /// The highest layer a subscriber's tile needs (None: not shown), whatever its downlink.
+    pub fn set_needed_layer(&mut self, to: K, needed: Option<u8>) {
+        let top = self.top_layer();
+        if let Some(d) = self.downtracks.iter_mut().find(|d| d.subscriber() == to) {
+            d.set_needed(needed.map(|l| l.min(top)));
+        }
     }
 
     /// The layer a subscriber is forwarded now (None: none yet, or paused).
@@ -499,5 +526,44 @@ mod tests {
         assert_eq!(f.poll_keyframe_requests(t0 + INTERVAL), 0b010);
         // Layers the track does not have are dropped.
         assert!(run(&mut f, vp8(5, 1, 1, true)).is_empty());
+    }
+
+    #[test]
+    fn a_layer_switched_back_on_counts_as_sent_while_its_encoder_starts() {
+        let t0 = Instant::now();
+        let mut f = TrackForwarder::<u32>::new("video/VP8", 3, INTERVAL);
+        let sending = |f: &TrackForwarder<u32>, at| -> Vec<bool> {
+            f.layer_views(at).iter().map(|v| v.sending).collect()
+        };
+        assert_eq!(sending(&f, t0), [false; 3], "nothing received yet");
+        f.set_suspended(0b100, t0);
+        assert_eq!(
+            sending(&f, t0),
+            [false, false, true],
+            "off counts as available"
+        );
+        let on = t0 + Duration::from_secs(10);
+        f.set_suspended(0, on);
+        assert_eq!(sending(&f, on + RESUME_GRACE / 2), [false, false, true]);
+        assert_eq!(
+            sending(&f, on + RESUME_GRACE),
+            [false; 3],
+            "it never started"
+        );
+    }
+
+    #[test]
+    fn a_layer_held_back_by_bandwidth_stays_wanted() {
+        let mut f = TrackForwarder::new("video/VP8", 3, INTERVAL);
+        f.add_downtrack(1, rw(96), Some(0));
+        assert_eq!(f.wanted_layers(), 0b001);
+        // Its tile needs the top layer; its downlink takes the lowest.
+        f.set_needed_layer(1, Some(2));
+        assert_eq!(f.wanted_layers(), 0b101);
+        // The tile shrinks: only what is forwarded.
+        f.set_needed_layer(1, Some(0));
+        assert_eq!(f.wanted_layers(), 0b001);
+        f.remove_downtrack(1);
+        assert_eq!(f.wanted_layers(), 0);
     }
 }

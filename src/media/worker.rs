@@ -1022,10 +1022,11 @@ impl Worker {
         for (i, _) in &videos {
             let out = &mut conn.outbound[*i];
             let Some(live) = &mut out.live else { continue };
-            if let Some(f) = self.forwarders.get_mut(&out.sub.route.key)
-                && f.fwd.set_layer((id, live.ssrc), out.choice.layer)
-            {
-                tracing::debug!(participant = %conn.participant, track = %out.sub.track_id, layer = ?out.choice.layer, estimate = ?conn.estimate, "layer chosen");
+            if let Some(f) = self.forwarders.get_mut(&out.sub.route.key) {
+                f.fwd.set_needed_layer((id, live.ssrc), out.choice.needed);
+                if f.fwd.set_layer((id, live.ssrc), out.choice.layer) {
+                    tracing::debug!(participant = %conn.participant, track = %out.sub.track_id, layer = ?out.choice.layer, estimate = ?conn.estimate, "layer chosen");
+                }
             }
             let state = (out.choice.layer, out.choice.paused());
             if live.reported != Some(state) {
@@ -1103,7 +1104,7 @@ impl Worker {
                         continue;
                     };
                     let suspended = dynacast.suspended();
-                    f.fwd.set_suspended(suspended);
+                    f.fwd.set_suspended(suspended, now);
                     for &w in f.fwd.relays() {
                         let _ = self.workers[w].commands.send(Command::Suspended {
                             key: *key,
@@ -1291,7 +1292,7 @@ impl Worker {
             }
             Command::Suspended { key, layers } => {
                 if let Some(f) = self.forwarders.get_mut(&key) {
-                    f.fwd.set_suspended(layers);
+                    f.fwd.set_suspended(layers, Instant::now());
                 }
             }
             Command::KeyframeRequest { key, layers } => {
