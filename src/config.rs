@@ -41,6 +41,47 @@ pub struct Limits {
     /// Largest chat message relayed, in bytes.
     #[arg(long, env = "SWITCHBOARD_MAX_CHAT_BYTES", default_value_t = 4096)]
     pub max_chat_bytes: usize,
+    /// Seconds a signaling socket may stay open without joining a room (or after leaving one)
+    /// before it is closed (1008). 0: no limit.
+    #[arg(long, env = "SWITCHBOARD_JOIN_TIMEOUT_SECS", default_value_t = 10)]
+    pub join_timeout_secs: u64,
+    /// Seconds an SFU participant may take to connect its media (ICE and DTLS) after joining
+    /// before it is removed and everything it holds is freed. 0: no limit.
+    #[arg(long, env = "SWITCHBOARD_MEDIA_TIMEOUT_SECS", default_value_t = 30)]
+    pub media_timeout_secs: u64,
+    /// Signaling WebSockets open at once; more upgrades are refused (503). 0: no limit.
+    #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// Signaling WebSockets open at once from one IP address; more are refused (429). Behind a
+    /// reverse proxy every client has the proxy's address: raise it or set 0 (no limit).
+    #[arg(
+        long,
+        env = "SWITCHBOARD_MAX_CONNECTIONS_PER_IP",
+        default_value_t = 200
+    )]
+    pub max_connections_per_ip: usize,
+    /// Messages a client may send per second on its signaling socket, on average; faster
+    /// senders are closed (1008). 0: no limit.
+    #[arg(long, env = "SWITCHBOARD_MAX_MESSAGES_PER_SEC", default_value_t = 50)]
+    pub max_messages_per_sec: u32,
+    /// Messages a client may send at once above that average (ICE candidates come in bursts).
+    #[arg(long, env = "SWITCHBOARD_MESSAGE_BURST", default_value_t = 200)]
+    pub message_burst: u32,
+    /// Messages waiting to be written to one client's socket; a client that lets this many
+    /// pile up does not read, and its socket is cut (a protocol-3 session waits for a resume).
+    #[arg(long, env = "SWITCHBOARD_SEND_QUEUE", default_value_t = 256)]
+    pub send_queue_messages: usize,
+    /// Seconds one write to a client's socket may block before the socket is cut.
+    #[arg(long, env = "SWITCHBOARD_SEND_TIMEOUT_SECS", default_value_t = 10)]
+    pub send_timeout_secs: u64,
+    /// Room events (joins, leaves, tracks, mesh relays) waiting for one member's session; a
+    /// member that falls this far behind is removed from its room.
+    #[arg(long, env = "SWITCHBOARD_MEMBER_QUEUE", default_value_t = 1024)]
+    pub member_queue: usize,
+    /// Web origins whose pages may open the signaling socket (the `Origin` header), e.g.
+    /// `https://meet.example.com`; comma-separated. Unset: any origin.
+    #[arg(long, env = "SWITCHBOARD_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
 }
 
 impl Limits {
@@ -128,8 +169,59 @@ pub struct Config {
     /// Off, relays reach public addresses and this server's media ports only.
     #[arg(long, env = "SWITCHBOARD_TURN_ALLOW_PRIVATE")]
     pub turn_allow_private: bool,
+    /// API keys access tokens are signed with, as KEY_ID:SECRET (secrets of 32 characters or
+    /// more); comma-separated in the environment. Prefer the environment: flags show in `ps`.
+    /// None: development mode, anyone may join any room.
+    #[arg(
+        long = "api-key",
+        env = "SWITCHBOARD_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_keys: Vec<String>,
     #[command(flatten)]
     pub limits: Limits,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// What to do instead of serving.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Prints an access token for one participant of one room, signed with an API key
+    /// (`--api-key` or `SWITCHBOARD_API_KEYS`).
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct TokenArgs {
+    /// The room it admits to.
+    #[arg(long)]
+    pub room: String,
+    /// Who the participant is in your application (the token's `sub`).
+    #[arg(long)]
+    pub identity: String,
+    /// The display name the others see (default: what the client gives in `join`).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// How long the token is valid, e.g. `1h`, `30m`, `2days`.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub ttl: std::time::Duration,
+    /// The key to sign with (default: the only one).
+    #[arg(long)]
+    pub key_id: Option<String>,
+    /// Receive only: no publishing.
+    #[arg(long)]
+    pub no_publish: bool,
+    /// Publish only: receive no one's media.
+    #[arg(long)]
+    pub no_subscribe: bool,
+    /// No chat messages.
+    #[arg(long)]
+    pub no_data: bool,
+    /// May manage the room through the admin API.
+    #[arg(long)]
+    pub room_admin: bool,
 }
 
 impl Config {

@@ -8,6 +8,7 @@
 //! WebSocket. `client` is a synthetic participant for tests and the load generator, built only
 //! on the public protocol and an independent WebRTC stack (webrtc-rs).
 
+pub mod auth;
 pub mod client;
 pub mod config;
 pub mod forward;

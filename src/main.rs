@@ -1,11 +1,16 @@
 use clap::Parser;
-use switchboard::config::Config;
+use switchboard::auth::{Claims, Keys};
+use switchboard::config::{Command, Config, TokenArgs};
 use switchboard::server::Server;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
+    if let Some(Command::Token(args)) = &config.command {
+        println!("{}", mint(&config, args)?);
+        return Ok(());
+    }
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_new(&config.log).unwrap_or_else(|_| EnvFilter::new("info")))
         .init();
@@ -27,6 +32,22 @@ async fn main() -> anyhow::Result<()> {
     );
     server.run_until(shutdown_signal()).await;
     Ok(())
+}
+
+/// `switchboard token`: an access token signed with one of the configured API keys.
+fn mint(config: &Config, args: &TokenArgs) -> anyhow::Result<String> {
+    let keys = Keys::parse(&config.api_keys)?;
+    anyhow::ensure!(
+        !keys.is_dev_mode(),
+        "no API key to sign with: set SWITCHBOARD_API_KEYS=KEY_ID:SECRET (or --api-key)"
+    );
+    let mut claims = Claims::new(&args.room, &args.identity, args.ttl);
+    claims.name = args.name.clone();
+    claims.can_publish = !args.no_publish;
+    claims.can_subscribe = !args.no_subscribe;
+    claims.can_publish_data = !args.no_data;
+    claims.room_admin = args.room_admin;
+    Ok(keys.mint(args.key_id.as_deref(), &claims)?)
 }
 
 async fn shutdown_signal() {

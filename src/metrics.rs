@@ -141,6 +141,15 @@ metrics! {
         turn_auth_refused: "TURN requests refused for expired or malformed credentials",
         turn_relay_denied: "Datagrams a TURN relay was asked to send to a private or loopback address and dropped",
         joins_refused_at_capacity: "Joins refused because every media worker was at the load limit or the forwarding rate at its cap",
+        sessions_join_timeout: "Signaling sockets closed because they did not join a room in time",
+        sessions_media_timeout: "SFU participants removed because their media did not connect in time",
+        sessions_rate_limited: "Signaling sockets closed for sending messages faster than the per-socket rate",
+        sessions_slow_reader: "Signaling sockets cut because their client did not read (outgoing queue full, or a write blocked past the send timeout)",
+        sessions_panicked: "Sessions that panicked (a bug); their participant was still removed from its room",
+        members_lagging: "Members removed from a room because they fell a whole event queue behind",
+        joins_unauthorized: "Joins refused for a missing, expired, forged or wrong-room access token",
+        connections_refused: "Signaling WebSocket upgrades refused: over the total or per-IP connection cap",
+        connections_refused_origin: "Signaling WebSocket upgrades refused: an Origin not on the allow-list",
     }
 }
 

@@ -8,6 +8,7 @@ use anyhow::Context;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::auth::Keys;
 use crate::config::Config;
 use crate::media::MediaPlane;
 use crate::metrics::Metrics;
@@ -40,12 +41,20 @@ impl Server {
             MediaPlane::start(&config, metrics.clone()).context("starting the media workers")?,
         );
         let (turn, ice_servers) = start_turn(&config, &media, &metrics, &shutdown_rx).await?;
+        let keys = Keys::parse(&config.api_keys).context("reading the API keys")?;
+        if keys.is_dev_mode() {
+            tracing::warn!(
+                "no API keys (--api-key / SWITCHBOARD_API_KEYS): development mode, anyone who reaches this server may join any room"
+            );
+        }
         let ctx = Arc::new(ServerContext {
             registry: registry.clone(),
             media: media.clone(),
             metrics: metrics.clone(),
             limits: config.limits.clone(),
             resumables: Default::default(),
+            connections: Default::default(),
+            keys,
             ice_servers,
             shutdown: shutdown_rx.clone(),
         });
@@ -56,6 +65,7 @@ impl Server {
         let app = crate::http::router(ctx);
         let mut stop = shutdown_rx;
         let task = tokio::spawn(async move {
+            let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
             let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
                 let _ = stop.wait_for(|s| *s).await;
             });

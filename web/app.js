@@ -25,6 +25,8 @@ const ERROR_TEXT = {
   "invalid-name":
     "That room or display name is not accepted. Use letters, digits, '-' or '_' (and keep it short).",
   "connection-failed": "The media connection to the server failed.",
+  unauthorized: "This server needs a valid invitation link for this room (its token is missing, expired or for another room).",
+  "not-allowed": "Your invitation does not allow that.",
 };
 
 const RECONNECT_DELAYS_MS = [1000, 2000, 4000, 8000, 8000, 8000];
@@ -51,6 +53,9 @@ const state = {
   // `?relay=1`: every connection goes through the TURN server (checks TURN from a network
   // that allows everything).
   relayOnly: new URLSearchParams(location.search).get("relay") === "1",
+  // `?token=`: the access token the application minted for this user and room (servers with
+  // API keys refuse joins without one).
+  token: new URLSearchParams(location.search).get("token") || null,
   roomMode: null, // what the server says the room is
   name: "",
   selfId: null,
@@ -246,6 +251,7 @@ async function connectAndJoin(phase) {
     name: state.name,
     protocol: 3,
     ...(state.mode ? { mode: state.mode } : {}),
+    ...(state.token ? { token: state.token } : {}),
   });
   let reply;
   try {

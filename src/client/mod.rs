@@ -77,6 +77,8 @@ pub struct ClientOptions {
     pub probe: Option<Arc<dyn MediaProbe>>,
     /// Reach the server's media through this relay (a shaped link) instead of directly.
     pub media_relay: Option<relay::MediaRelay>,
+    /// The access token sent in `join` (servers with API keys require one).
+    pub token: Option<String>,
 }
 
 /// Sees every intact media packet a client receives, on the receive task, right after its
@@ -99,6 +101,7 @@ impl Default for ClientOptions {
             join_timeout: Duration::from_secs(10),
             probe: None,
             media_relay: None,
+            token: None,
         }
     }
 }
@@ -209,6 +212,7 @@ impl Client {
             name: name.to_owned(),
             mode: opts.mode,
             protocol: Some(PROTOCOL_VERSION),
+            token: opts.token.clone(),
         };
         sink.send(Message::Text(serde_json::to_string(&join)?.into()))
             .await

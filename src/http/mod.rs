@@ -1,17 +1,19 @@
 //! HTTP: the browser client (embedded into the binary), the signaling WebSocket, health,
 //! metrics and a read-only admin API.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{Path, State};
-use axum::http::{StatusCode, header};
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
 use include_dir::{Dir, include_dir};
 
 use crate::metrics::Metrics;
+use crate::signal::connections::Refused;
 use crate::signal::{ServerContext, run_session};
 use crate::types::RoomName;
 
@@ -33,7 +35,46 @@ pub fn router(ctx: Arc<ServerContext>) -> Router {
 /// Bytes read from a signaling socket at a time (messages may be larger; they are assembled).
 const SOCKET_BUFFER: usize = 8 * 1024;
 
-async fn websocket(State(ctx): State<Arc<ServerContext>>, upgrade: WebSocketUpgrade) -> Response {
+async fn websocket(
+    State(ctx): State<Arc<ServerContext>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let limits = &ctx.limits;
+    // Browsers always send Origin on a WebSocket upgrade; a page from another site must not
+    // open sockets with its visitors' cookies and network position. Clients that are not
+    // browsers send none (and could send any): they are not what this guards against.
+    if let Some(origin) = headers.get(header::ORIGIN)
+        && !limits.allowed_origins.is_empty()
+    {
+        let origin = origin.to_str().unwrap_or("");
+        if !limits
+            .allowed_origins
+            .iter()
+            .any(|allowed| allowed == origin)
+        {
+            ctx.metrics.connections_refused_origin.inc();
+            tracing::info!(%peer, origin, "signaling socket refused: origin not allowed");
+            return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
+        }
+    }
+    let guard = match ctx.connections.admit(
+        peer.ip(),
+        limits.max_connections,
+        limits.max_connections_per_ip,
+    ) {
+        Ok(guard) => guard,
+        Err(refused) => {
+            ctx.metrics.connections_refused.inc();
+            tracing::info!(%peer, "signaling socket refused: {refused}");
+            let status = match refused {
+                Refused::Total(_) => StatusCode::SERVICE_UNAVAILABLE,
+                Refused::PerIp(_) => StatusCode::TOO_MANY_REQUESTS,
+            };
+            return (status, format!("{refused}\n")).into_response();
+        }
+    };
     // The library's own cap sits above ours so that an oversized message reaches the session,
     // which closes with 1009 and logs it; anything bigger still is cut off by the library.
     let cap = ctx.limits.max_message_bytes.saturating_mul(2).max(1024);
@@ -45,7 +86,10 @@ async fn websocket(State(ctx): State<Arc<ServerContext>>, upgrade: WebSocketUpgr
         .max_message_size(cap)
         .max_frame_size(cap)
         .on_failed_upgrade(|e| tracing::info!("websocket upgrade failed: {e}"))
-        .on_upgrade(move |socket| run_session(socket, ctx))
+        .on_upgrade(move |socket| async move {
+            run_session(socket, ctx).await;
+            drop(guard);
+        })
 }
 
 async fn index() -> Response {

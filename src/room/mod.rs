@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use dashmap::DashMap;
+use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
@@ -69,8 +70,9 @@ pub const MAX_ACTIVE_SPEAKERS: usize = 3;
 /// How a room reaches one member.
 #[derive(Debug, Clone)]
 pub struct MemberChannels {
-    /// Membership and track events, and mesh relays: rare, never dropped.
-    pub events: mpsc::UnboundedSender<RoomEvent>,
+    /// Membership and track events, and mesh relays: never dropped. Bounded
+    /// (`--member-queue`): a member whose session falls a whole queue behind is removed.
+    pub events: mpsc::Sender<RoomEvent>,
     /// Chat lines (JSON) for the member's `chat` data channel: bounded, dropped when full.
     pub chat: mpsc::Sender<Arc<str>>,
 }
@@ -84,6 +86,17 @@ struct Member {
 }
 
 impl Member {
+    /// Queues an event for the member's session. A session a whole queue behind is cut off:
+    /// the room drops its end of the channel, the session sees it closed once it has read what
+    /// is queued, and its leave removes the member.
+    fn deliver(&mut self, event: RoomEvent, lagging: &Counter) {
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.channels.events.try_send(event) {
+            self.channels.events = mpsc::channel(1).0;
+            lagging.inc();
+            tracing::warn!("a member fell a whole event queue behind; removing it from the room");
+        }
+    }
+
     fn info(&self, id: &ParticipantId) -> ParticipantInfo {
         ParticipantInfo {
             id: id.to_string(),
@@ -106,6 +119,8 @@ struct RoomState {
     active_speakers: Arc<[ParticipantId]>,
     /// Set when the registry dropped the room; a late joiner must pick a fresh one.
     closed: bool,
+    /// Counts members removed for falling behind (`switchboard_members_lagging_total`).
+    lagging: Counter,
 }
 
 impl RoomState {
@@ -128,8 +143,8 @@ impl RoomState {
         }
         self.active_speakers = active.into();
         let event = RoomEvent::ActiveSpeakers(self.active_speakers.clone());
-        for member in self.members.values() {
-            let _ = member.channels.events.send(event.clone());
+        for member in self.members.values_mut() {
+            member.deliver(event.clone(), &self.lagging);
         }
     }
 
@@ -201,11 +216,14 @@ impl Room {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn broadcast_except(state: &RoomState, except: &ParticipantId, event: &RoomEvent) {
-        for (id, member) in &state.members {
+    fn broadcast_except(state: &mut RoomState, except: &ParticipantId, event: &RoomEvent) {
+        let RoomState {
+            members, lagging, ..
+        } = state;
+        for (id, member) in members.iter_mut() {
             if id != except {
                 // A member whose session ended is cleaned up by its own leave; nothing to do.
-                let _ = member.channels.events.send(event.clone());
+                member.deliver(event.clone(), lagging);
             }
         }
     }
@@ -256,7 +274,7 @@ impl Room {
         });
         state.tracks.insert(track_id, publication.clone());
         Self::broadcast_except(
-            &state,
+            &mut state,
             publisher,
             &RoomEvent::TrackPublished(publication.clone()),
         );
@@ -290,7 +308,7 @@ impl Room {
         let mut state = self.lock();
         if let Some(publication) = state.tracks.remove(track_id) {
             let event = RoomEvent::TrackUnpublished(publication.clone());
-            Self::broadcast_except(&state, &publication.publisher, &event);
+            Self::broadcast_except(&mut state, &publication.publisher, &event);
         }
     }
 
@@ -300,13 +318,15 @@ impl Room {
 
     /// Delivers a relayed signaling message to one member (mesh rooms). False if no such member.
     pub fn relay(&self, to: &ParticipantId, message: ServerMessage) -> bool {
-        let state = self.lock();
-        match state.members.get(to) {
-            Some(member) => member
-                .channels
-                .events
-                .send(RoomEvent::Relay(message))
-                .is_ok(),
+        let mut state = self.lock();
+        let RoomState {
+            members, lagging, ..
+        } = &mut *state;
+        match members.get_mut(to) {
+            Some(member) => {
+                member.deliver(RoomEvent::Relay(message), lagging);
+                true
+            }
             None => false,
         }
     }
@@ -343,7 +363,7 @@ impl Room {
         }
         *flag = muted;
         let event = RoomEvent::ParticipantUpdated(member.info(who));
-        Room::broadcast_except(&state, who, &event);
+        Room::broadcast_except(&mut state, who, &event);
     }
 
     /// The active speakers last announced, loudest first.
@@ -418,7 +438,7 @@ impl Registry {
             let participants = state.participants();
             let tracks = state.tracks.values().cloned().collect();
             let joined = RoomEvent::ParticipantJoined(member.info(&participant_id));
-            Room::broadcast_except(&state, &participant_id, &joined);
+            Room::broadcast_except(&mut state, &participant_id, &joined);
             state.members.insert(participant_id.clone(), member);
             state.order.push(participant_id.clone());
             drop(state);
@@ -447,7 +467,10 @@ impl Registry {
                 Arc::new(Room {
                     name: name.clone(),
                     mode,
-                    state: Mutex::new(RoomState::default()),
+                    state: Mutex::new(RoomState {
+                        lagging: self.metrics.members_lagging.clone(),
+                        ..RoomState::default()
+                    }),
                     _gauge: GaugeGuard::new(&self.metrics, |m| &m.rooms),
                 })
             })
@@ -475,10 +498,14 @@ impl Registry {
                 .collect();
             for track_id in gone {
                 if let Some(publication) = state.tracks.remove(&track_id) {
-                    Room::broadcast_except(&state, id, &RoomEvent::TrackUnpublished(publication));
+                    Room::broadcast_except(
+                        &mut state,
+                        id,
+                        &RoomEvent::TrackUnpublished(publication),
+                    );
                 }
             }
-            Room::broadcast_except(&state, id, &RoomEvent::ParticipantLeft(id.clone()));
+            Room::broadcast_except(&mut state, id, &RoomEvent::ParticipantLeft(id.clone()));
         }
         let removed = self.rooms.remove_if(room.name(), |_, r| {
             let mut state = r.lock();
@@ -525,10 +552,10 @@ mod tests {
 
     fn channels() -> (
         MemberChannels,
-        mpsc::UnboundedReceiver<RoomEvent>,
+        mpsc::Receiver<RoomEvent>,
         mpsc::Receiver<Arc<str>>,
     ) {
-        let (events, erx) = mpsc::unbounded_channel();
+        let (events, erx) = mpsc::channel(64);
         let (chat, crx) = mpsc::channel(4);
         (MemberChannels { events, chat }, erx, crx)
     }
@@ -603,7 +630,7 @@ mod tests {
         let room = members[0].0.room.clone();
         let ids: Vec<ParticipantId> = members.iter().map(|m| m.0.participant_id.clone()).collect();
         let id = |i: usize| ids[i].clone();
-        let speakers = |events: &mut mpsc::UnboundedReceiver<RoomEvent>| {
+        let speakers = |events: &mut mpsc::Receiver<RoomEvent>| {
             let mut last = None;
             while let Ok(e) = events.try_recv() {
                 if let RoomEvent::ActiveSpeakers(s) = e {
@@ -670,5 +697,43 @@ mod tests {
             .map(|_| a.room.chat(&a.participant_id, "x".into()))
             .sum();
         assert_eq!(dropped, 6, "queue of 4");
+    }
+
+    #[test]
+    fn a_member_a_whole_queue_behind_is_cut_off_and_leaves_cleanly() {
+        let reg = registry(10);
+        let name = RoomName::parse("r").unwrap();
+        let (events, mut behind) = mpsc::channel(4);
+        let (chat, _chat) = mpsc::channel(4);
+        let slow = reg
+            .join(
+                &name,
+                "slow",
+                RoomMode::Mesh,
+                MemberChannels { events, chat },
+            )
+            .unwrap();
+        // Others come and go: more events than the slow member's queue holds.
+        for i in 0..3 {
+            let (c, _e, _) = channels();
+            let other = reg
+                .join(&name, &format!("o{i}"), RoomMode::Mesh, c)
+                .unwrap();
+            reg.leave(&other.room, &other.participant_id);
+        }
+        assert_eq!(reg.metrics.snapshot().members_lagging, 1);
+        // Its session reads what was queued, then finds the channel closed...
+        let mut read = 0;
+        while behind.try_recv().is_ok() {
+            read += 1;
+        }
+        assert_eq!(read, 4);
+        assert!(matches!(
+            behind.try_recv(),
+            Err(mpsc::error::TryRecvError::Disconnected)
+        ));
+        // ... and leaves: the room is gone.
+        reg.leave(&slow.room, &slow.participant_id);
+        assert!(reg.snapshots().is_empty());
     }
 }

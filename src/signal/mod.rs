@@ -2,9 +2,11 @@
 //! ([`session`]), the state machine that joins rooms, negotiates media and relays messages.
 
 mod admission;
+pub mod connections;
 pub mod protocol;
 pub mod resume;
 pub mod session;
 mod sfu;
+mod socket;
 
 pub use session::{ServerContext, run_session};

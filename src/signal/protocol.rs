@@ -82,6 +82,10 @@ pub enum ClientMessage {
         /// The protocol version the client speaks (absent: 1).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         protocol: Option<u32>,
+        /// An access token (JWT) from the application; required unless the server runs in
+        /// development mode (no API keys).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
     },
     /// SDP offer. In SFU rooms to the server (omit `to`); in mesh rooms to participant `to`.
     Offer {
@@ -301,6 +305,12 @@ pub enum ErrorCode {
     /// `resume` named no session waiting for its socket (unknown token, or its grace period
     /// ended): `join` anew.
     ResumeFailed,
+    /// `join` without a valid access token for this room (missing, expired, forged, or for
+    /// another room).
+    Unauthorized,
+    /// The participant's token does not allow this (publishing, or a mesh room with a
+    /// restricted token).
+    NotAllowed,
 }
 
 /// The chat message the server puts on each other participant's `chat` data channel.
@@ -371,6 +381,7 @@ mod tests {
                 name: "b".into(),
                 mode: None,
                 protocol: None,
+                token: None,
             }
         );
         let msg =

@@ -7,9 +7,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use axum::extract::ws::WebSocket;
 use tokio::sync::mpsc;
 
+use super::socket::SignalSocket;
 use crate::types::random_token;
 
 /// Characters of a resume token (62 symbols: about 238 bits).
@@ -18,11 +18,11 @@ const TOKEN_CHARS: usize = 40;
 /// Tokens of the sessions that can be resumed, to the channel their new socket goes through.
 #[derive(Debug, Default)]
 pub struct Resumables {
-    sessions: Mutex<HashMap<String, mpsc::Sender<Box<WebSocket>>>>,
+    sessions: Mutex<HashMap<String, mpsc::Sender<Box<SignalSocket>>>>,
 }
 
 impl Resumables {
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, mpsc::Sender<Box<WebSocket>>>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, mpsc::Sender<Box<SignalSocket>>>> {
         // Every update is one insert or remove: the map is consistent even after a panic.
         self.sessions.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -40,7 +40,11 @@ impl Resumables {
     }
 
     /// Hands `socket` to the session `token` belongs to, or gives it back if none waits.
-    pub fn hand_over(&self, token: &str, socket: Box<WebSocket>) -> Result<(), Box<WebSocket>> {
+    pub fn hand_over(
+        &self,
+        token: &str,
+        socket: Box<SignalSocket>,
+    ) -> Result<(), Box<SignalSocket>> {
         let Some(tx) = self.lock().get(token).cloned() else {
             return Err(socket);
         };
@@ -55,7 +59,7 @@ impl Resumables {
 pub struct Resumable {
     resumables: Arc<Resumables>,
     token: String,
-    pub sockets: mpsc::Receiver<Box<WebSocket>>,
+    pub sockets: mpsc::Receiver<Box<SignalSocket>>,
 }
 
 impl Resumable {

@@ -16,12 +16,15 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, close_code};
 use tokio::sync::{mpsc, watch};
 
 use super::admission::admit_to_forwarding_cap;
+use super::connections::Connections;
 use super::protocol::{
     ChatRelay, ClientMessage, ErrorCode, PROTOCOL_VERSION, PauseReason, RoomMode, ServerMessage,
     parse_client_message,
 };
 use super::resume::{Resumable, Resumables};
 use super::sfu::SfuMedia;
+use super::socket::{MessageRate, SendError, SignalSocket};
+use crate::auth::Keys;
 use crate::config::Limits;
 use crate::media::{MediaError, MediaEvent, MediaPlane, OfferOutcome, PauseCause, Visibility};
 use crate::metrics::{GaugeGuard, Metrics};
@@ -47,6 +50,10 @@ pub struct ServerContext {
     pub limits: Limits,
     /// Sessions that can be taken over by a `resume`.
     pub resumables: Arc<Resumables>,
+    /// Signaling sockets open, in total and per address.
+    pub connections: Arc<Connections>,
+    /// The API keys access tokens are checked with (none: development mode).
+    pub keys: Keys,
     /// ICE servers for clients, with per-participant credentials.
     pub ice_servers: IceServers,
     /// Flips to true when the server shuts down.
@@ -56,33 +63,60 @@ pub struct ServerContext {
 /// Runs a session until the socket closes, the participant's media fails, or shutdown.
 pub async fn run_session(socket: WebSocket, ctx: Arc<ServerContext>) {
     let _gauge = GaugeGuard::new(&ctx.metrics, |m| &m.sessions);
+    let limits = &ctx.limits;
+    let socket = SignalSocket::new(
+        socket,
+        limits.send_queue_messages,
+        Duration::from_secs(limits.send_timeout_secs),
+        MessageRate::new(
+            limits.max_messages_per_sec,
+            limits.message_burst,
+            Instant::now(),
+        ),
+        ctx.metrics.sessions_slow_reader.clone(),
+    );
     let mut session = Session {
         ctx: ctx.clone(),
         socket: Some(socket),
         joined: None,
         detached: None,
+        idle_since: Instant::now(),
     };
     let close = session.run().await;
     session.leave();
-    if let (Some(frame), Some(socket)) = (close, session.socket.as_mut()) {
-        let _ = socket.send(Message::Close(Some(frame))).await;
+    if let Some(socket) = session.socket.take() {
+        socket.close(close).await;
     }
 }
 
 struct Session {
     ctx: Arc<ServerContext>,
     /// None while detached (waiting for a resume), or after the socket was handed over.
-    socket: Option<WebSocket>,
+    socket: Option<SignalSocket>,
     joined: Option<Membership>,
     /// Since when the session has waited for its client to resume.
     detached: Option<(Instant, GaugeGuard)>,
+    /// Since when the socket has been open without being in a room (the join timeout).
+    idle_since: Instant,
+}
+
+/// Whatever ends a session, a panic included, its participant leaves its room: no ghost
+/// member stays behind, and an empty room is closed.
+impl Drop for Session {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.ctx.metrics.sessions_panicked.inc();
+            tracing::error!(participant = ?self.joined.as_ref().map(|m| &m.id), "session panicked; removing its participant");
+        }
+        self.leave();
+    }
 }
 
 struct Membership {
     room: Arc<Room>,
     id: ParticipantId,
     name: String,
-    events: mpsc::UnboundedReceiver<RoomEvent>,
+    events: mpsc::Receiver<RoomEvent>,
     /// Chat lines from the room for this participant's `chat` data channel.
     chat_out: mpsc::Receiver<Arc<str>>,
     media: Option<SfuMedia>,
@@ -192,6 +226,7 @@ impl Session {
                         return None;
                     }
                     Some(_) => Ok(()),
+                    None if self.joined.is_none() => self.check_join_timeout(),
                     None => self.check_negotiation().await,
                 },
             };
@@ -201,9 +236,10 @@ impl Session {
         }
     }
 
-    /// Sends to the client; while detached the message is lost (a resume resynchronises).
+    /// Queues a message to the client; while detached the message is lost (a resume
+    /// resynchronises). A client that does not read has its socket cut, as if it dropped.
     async fn send(&mut self, message: &ServerMessage) -> Result<(), Close> {
-        let Some(socket) = self.socket.as_mut() else {
+        let Some(socket) = self.socket.as_ref() else {
             return Ok(());
         };
         let text = match serde_json::to_string(message) {
@@ -213,12 +249,26 @@ impl Session {
                 return Ok(());
             }
         };
-        if let Err(e) = socket.send(Message::Text(text.into())).await {
-            // The next read says why: the client's close frame (the session ends) or a dropped
-            // connection (it detaches).
-            tracing::debug!("signaling send failed: {e}");
+        match socket.send(Message::Text(text.into())) {
+            Ok(()) => return Ok(()),
+            Err(SendError::SlowReader) => {
+                self.ctx.metrics.sessions_slow_reader.inc();
+                tracing::info!(participant = ?self.joined.as_ref().map(|m| &m.id), "the client does not read its signaling messages; cutting its socket");
+            }
+            Err(SendError::Closed) => {}
         }
-        Ok(())
+        if self.detach() { Ok(()) } else { Err(None) }
+    }
+
+    /// A socket that has not joined a room (or left one) within the join timeout is closed.
+    fn check_join_timeout(&self) -> Result<(), Close> {
+        let limit = Duration::from_secs(self.ctx.limits.join_timeout_secs);
+        if limit.is_zero() || self.idle_since.elapsed() < limit {
+            return Ok(());
+        }
+        self.ctx.metrics.sessions_join_timeout.inc();
+        tracing::info!("no join within {limit:?}; closing the socket");
+        Err(close_frame(close_code::POLICY, "no join in time"))
     }
 
     fn resume_grace(&self) -> Duration {
@@ -267,15 +317,13 @@ impl Session {
 
     /// The client came back on `socket`: the session goes on with it. The client is told what
     /// the room holds now and everything it may have missed that still matters.
-    async fn resumed(&mut self, socket: Box<WebSocket>) -> Result<(), Close> {
-        if let Some(mut old) = self.socket.replace(*socket) {
+    async fn resumed(&mut self, socket: Box<SignalSocket>) -> Result<(), Close> {
+        if let Some(old) = self.socket.replace(*socket) {
             // The client gave up on it (its network changed): the new socket wins.
-            let _ = old
-                .send(Message::Close(close_frame(
-                    close_code::NORMAL,
-                    "replaced by a resumed connection",
-                )))
-                .await;
+            tokio::spawn(old.close(close_frame(
+                close_code::NORMAL,
+                "replaced by a resumed connection",
+            )));
         }
         self.detached = None;
         let Some(membership) = self.joined.as_mut() else {
@@ -338,6 +386,13 @@ impl Session {
             Message::Close(_) => return Err(None),
             Message::Ping(_) | Message::Pong(_) => return Ok(()),
         };
+        if let Some(socket) = self.socket.as_mut()
+            && !socket.take_message_budget(Instant::now())
+        {
+            self.ctx.metrics.sessions_rate_limited.inc();
+            tracing::info!(participant = ?self.joined.as_ref().map(|m| &m.id), "client sends messages too fast; closing its socket");
+            return Err(close_frame(close_code::POLICY, "too many messages"));
+        }
         if text.len() > self.ctx.limits.max_message_bytes {
             tracing::warn!(bytes = text.len(), "oversized signaling message, closing");
             return Err(close_frame(close_code::SIZE, "message too big"));
@@ -355,9 +410,11 @@ impl Session {
                 name,
                 mode,
                 protocol,
+                token,
             } => {
                 let protocol = protocol.unwrap_or(1).clamp(1, PROTOCOL_VERSION);
-                self.join(&room, &name, mode, protocol).await
+                self.join(&room, &name, mode, protocol, token.as_deref())
+                    .await
             }
             ClientMessage::Resume { token } => self.resume_into(&token).await,
             ClientMessage::SetMuted { kind, muted } => {
@@ -402,6 +459,7 @@ impl Session {
         name: &str,
         mode: Option<RoomMode>,
         protocol: u32,
+        token: Option<&str>,
     ) -> Result<(), Close> {
         if self.joined.is_some() {
             return self
@@ -416,7 +474,15 @@ impl Session {
                 )
                 .await;
         };
-        let name = name.trim();
+        let admission = match self.ctx.keys.admit(token, room) {
+            Ok(admission) => admission,
+            Err(e) => {
+                self.ctx.metrics.joins_unauthorized.inc();
+                return self.error(ErrorCode::Unauthorized, e.to_string()).await;
+            }
+        };
+        // The token's name, when it has one: the application vouches for it.
+        let name = admission.name.as_deref().unwrap_or(name).trim();
         if name.is_empty()
             || name.chars().count() > MAX_NAME_CHARS
             || name.chars().any(char::is_control)
@@ -433,10 +499,18 @@ impl Session {
             .registry
             .mode_of(&room_name)
             .unwrap_or(mode.unwrap_or_default());
+        if effective_mode == RoomMode::Mesh && admission.grants.is_restricted() {
+            return self
+                .error(
+                    ErrorCode::NotAllowed,
+                    "a token with restricted rights cannot join a mesh room: its media would go peer to peer, past the server",
+                )
+                .await;
+        }
         if let Err(message) = admit_to_forwarding_cap(&self.ctx, effective_mode) {
             return self.error(ErrorCode::ServerFull, message).await;
         }
-        let (events_tx, events) = mpsc::unbounded_channel();
+        let (events_tx, events) = mpsc::channel(self.ctx.limits.member_queue.max(1));
         let (chat_tx, chat_out) = mpsc::channel(CHAT_QUEUE);
         let channels = MemberChannels {
             events: events_tx,
@@ -458,7 +532,9 @@ impl Session {
             };
         let room = joined.room.clone();
         let id = joined.participant_id.clone();
-        tracing::info!(room = %room.name(), participant = %id, name, mode = ?room.mode(), "joined");
+        // Display names and identities stay out of info-level logs.
+        tracing::info!(room = %room.name(), participant = %id, mode = ?room.mode(), "joined");
+        tracing::debug!(participant = %id, name, identity = ?admission.identity, "joined as");
 
         let mut membership = Membership {
             room: room.clone(),
@@ -489,7 +565,7 @@ impl Session {
                         .await;
                 }
             };
-            let media = SfuMedia::new(handle, media_events, chat_in);
+            let media = SfuMedia::new(handle, media_events, chat_in, admission.grants);
             for publication in &joined.tracks {
                 media.subscribe(publication);
             }
@@ -559,6 +635,7 @@ impl Session {
         let Some(membership) = self.joined.take() else {
             return;
         };
+        self.idle_since = Instant::now();
         self.ctx.registry.leave(&membership.room, &membership.id);
         // Dropping the media handle closes the connection on its worker.
         drop(membership.media);
@@ -720,6 +797,22 @@ impl Session {
             .await?;
             return Err(close_frame(close_code::NORMAL, "media connection closed"));
         }
+        let limit = Duration::from_secs(self.ctx.limits.media_timeout_secs);
+        let unconnected = self
+            .joined
+            .as_ref()
+            .and_then(|m| m.media.as_ref())
+            .and_then(|m| m.connecting_since)
+            .is_some_and(|since| !limit.is_zero() && since.elapsed() > limit);
+        if unconnected {
+            self.ctx.metrics.sessions_media_timeout.inc();
+            self.error(
+                ErrorCode::ConnectionFailed,
+                format!("the media connection did not come up within {limit:?}"),
+            )
+            .await?;
+            return Err(close_frame(close_code::POLICY, "media did not connect"));
+        }
         let limit = Duration::from_secs(self.ctx.limits.answer_timeout_secs);
         let overdue = self
             .joined
@@ -822,6 +915,14 @@ impl Session {
             return Ok(());
         };
         match event {
+            MediaEvent::TrackAdded(_) if !media.grants.can_publish => {
+                tracing::info!(participant = %membership.id, "track refused: the token does not allow publishing");
+                self.error(
+                    ErrorCode::NotAllowed,
+                    "this participant's token does not allow publishing: the track is not forwarded",
+                )
+                .await
+            }
             MediaEvent::TrackAdded(track) => {
                 media.publish(
                     &membership.room,
@@ -837,6 +938,7 @@ impl Session {
                 Ok(())
             }
             MediaEvent::Connected => {
+                media.connecting_since = None;
                 tracing::info!(participant = %membership.id, "media connected");
                 Ok(())
             }
@@ -900,6 +1002,14 @@ impl Session {
         let Some(membership) = self.joined.as_ref() else {
             return;
         };
+        if membership
+            .media
+            .as_ref()
+            .is_some_and(|m| !m.grants.can_publish_data)
+        {
+            tracing::debug!(participant = %membership.id, "chat dropped: the token does not allow data");
+            return;
+        }
         if text.len() > self.ctx.limits.max_chat_bytes {
             tracing::info!(participant = %membership.id, bytes = text.len(), "chat message over the limit, dropped");
             return;
@@ -922,7 +1032,7 @@ impl Session {
 
 enum Step {
     Socket(Option<Result<Message, axum::Error>>),
-    Resumed(Option<Box<WebSocket>>),
+    Resumed(Option<Box<SignalSocket>>),
     Room(Option<RoomEvent>),
     Media(Option<MediaEvent>),
     ChatIn(Option<String>),
@@ -933,3 +1043,66 @@ enum Step {
 
 /// How long shutdown waits for sessions to close.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    /// A bug that panics inside a session must not leave a ghost member in its room.
+    #[tokio::test]
+    async fn a_panicking_session_still_leaves_its_room() {
+        let config = Config::for_tests();
+        let metrics = Arc::new(Metrics::default());
+        let registry = Arc::new(Registry::new(config.limits.clone(), metrics.clone()));
+        let media = Arc::new(MediaPlane::start(&config, metrics.clone()).expect("media plane"));
+        let (_stop, shutdown) = watch::channel(false);
+        let ctx = Arc::new(ServerContext {
+            registry: registry.clone(),
+            media,
+            metrics: metrics.clone(),
+            limits: config.limits.clone(),
+            resumables: Default::default(),
+            connections: Default::default(),
+            keys: Keys::default(),
+            ice_servers: IceServers::new(Vec::new(), String::new(), Duration::ZERO),
+            shutdown,
+        });
+        let room = RoomName::parse("ghosts").expect("room name");
+        let (events_tx, events) = mpsc::channel(8);
+        let (chat_tx, chat_out) = mpsc::channel(8);
+        let channels = MemberChannels {
+            events: events_tx,
+            chat: chat_tx,
+        };
+        let joined = registry
+            .join(&room, "casper", RoomMode::Mesh, channels)
+            .expect("join");
+        let session = Session {
+            ctx: ctx.clone(),
+            socket: None,
+            joined: Some(Membership {
+                room: joined.room,
+                id: joined.participant_id,
+                name: "casper".into(),
+                events,
+                chat_out,
+                media: None,
+                protocol: PROTOCOL_VERSION,
+                resume: None,
+                _gauge: GaugeGuard::new(&metrics, |m| &m.participants),
+            }),
+            detached: None,
+            idle_since: Instant::now(),
+        };
+        assert_eq!(registry.snapshots().len(), 1);
+        let task = tokio::spawn(async move {
+            let _session = session;
+            panic!("a bug in a session");
+        });
+        assert!(task.await.is_err_and(|e| e.is_panic()));
+        assert!(registry.snapshots().is_empty(), "the room is gone");
+        let m = metrics.snapshot();
+        assert_eq!((m.participants, m.rooms, m.sessions_panicked), (0, 0, 1));
+    }
+}

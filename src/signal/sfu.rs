@@ -7,6 +7,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 
 use super::protocol::ServerMessage;
+use crate::auth::Grants;
 use crate::media::{IncomingTrack, IncomingTrackId, MediaEvent, MediaHandle, Subscription};
 use crate::room::{NewTrack, Publication, Room};
 use crate::types::{ParticipantId, TrackId};
@@ -36,6 +37,10 @@ pub struct SfuMedia {
     pub ignoring_offer: bool,
     /// When the client closed its connection; a `leave` may be on its way.
     pub closed_by_peer_at: Option<Instant>,
+    /// When the connection was opened, until its ICE and DTLS are up (None from then on).
+    pub connecting_since: Option<Instant>,
+    /// What the participant's token allows.
+    pub grants: Grants,
 }
 
 impl SfuMedia {
@@ -43,6 +48,7 @@ impl SfuMedia {
         handle: MediaHandle,
         events: mpsc::UnboundedReceiver<MediaEvent>,
         chat_in: mpsc::Receiver<String>,
+        grants: Grants,
     ) -> Self {
         SfuMedia {
             handle,
@@ -54,6 +60,8 @@ impl SfuMedia {
             last_state: HashMap::new(),
             ignoring_offer: false,
             closed_by_peer_at: None,
+            connecting_since: Some(Instant::now()),
+            grants,
         }
     }
 
@@ -88,8 +96,12 @@ impl SfuMedia {
         messages
     }
 
-    /// Adds a room's publication to this participant's connection (never its own).
+    /// Adds a room's publication to this participant's connection (never its own), if its
+    /// token lets it receive media.
     pub fn subscribe(&self, publication: &Publication) {
+        if !self.grants.can_subscribe {
+            return;
+        }
         let sub = Subscription {
             route: publication.route,
             kind: publication.info.kind,

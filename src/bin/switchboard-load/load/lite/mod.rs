@@ -131,6 +131,8 @@ impl Receiver {
                 name: name.to_owned(),
                 mode: Some(RoomMode::Sfu),
                 protocol: Some(PROTOCOL_VERSION),
+                // Load runs target servers in development mode (no API keys).
+                token: None,
             },
         )
         .await?;

@@ -1,0 +1,191 @@
+//! A signaling WebSocket as a session uses it: messages are read in the session task, and
+//! written by a task of their own from a bounded queue, so a client that does not read cannot
+//! stall its session (its timers, its media events, its room's events). A full queue or a write
+//! that does not finish in time means the client stopped reading: the socket is cut.
+//!
+//! It also holds the per-socket message-rate bucket, so a session that moves to a new socket
+//! (resume) starts that socket's budget afresh.
+
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+/// How long the writer waits for a close frame to go out before it gives up.
+const CLOSE_FLUSH: Duration = Duration::from_secs(1);
+
+/// Why a message could not be queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// The queue is full: the client does not read.
+    #[error("the client does not read its messages (outgoing queue full)")]
+    SlowReader,
+    /// The writer stopped: the connection is gone, or a write timed out.
+    #[error("the connection is gone")]
+    Closed,
+}
+
+#[derive(Debug)]
+pub struct SignalSocket {
+    stream: SplitStream<WebSocket>,
+    queue: mpsc::Sender<Message>,
+    writer: Option<JoinHandle<()>>,
+    rate: MessageRate,
+}
+
+impl SignalSocket {
+    /// Takes over `socket`: at most `queue` messages wait to be written, each write may take
+    /// `write_timeout` (a write that takes longer counts in `slow_reader`), and the client may
+    /// send messages as fast as `rate` allows.
+    pub fn new(
+        socket: WebSocket,
+        queue: usize,
+        write_timeout: Duration,
+        rate: MessageRate,
+        slow_reader: Counter,
+    ) -> Self {
+        let (sink, stream) = socket.split();
+        let (tx, rx) = mpsc::channel(queue.max(1));
+        SignalSocket {
+            stream,
+            queue: tx,
+            writer: Some(tokio::spawn(write_loop(
+                sink,
+                rx,
+                write_timeout,
+                slow_reader,
+            ))),
+            rate,
+        }
+    }
+
+    /// The next message from the client (None: the connection is gone).
+    pub async fn recv(&mut self) -> Option<Result<Message, axum::Error>> {
+        self.stream.next().await
+    }
+
+    /// Queues a message for the client.
+    pub fn send(&self, message: Message) -> Result<(), SendError> {
+        self.queue.try_send(message).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => SendError::SlowReader,
+            mpsc::error::TrySendError::Closed(_) => SendError::Closed,
+        })
+    }
+
+    /// Whether the client may send one more message now (takes it from the budget).
+    pub fn take_message_budget(&mut self, now: Instant) -> bool {
+        self.rate.take(now)
+    }
+
+    /// Sends a close frame after what is queued (if the client reads within a second), then
+    /// drops the connection.
+    pub async fn close(mut self, frame: Option<CloseFrame>) {
+        let _ = self.queue.try_send(Message::Close(frame));
+        let Some(mut writer) = self.writer.take() else {
+            return;
+        };
+        // Dropping our sender ends the writer once the queue is written.
+        drop(self);
+        if tokio::time::timeout(CLOSE_FLUSH, &mut writer)
+            .await
+            .is_err()
+        {
+            writer.abort();
+        }
+    }
+}
+
+impl Drop for SignalSocket {
+    fn drop(&mut self) {
+        if let Some(writer) = self.writer.take() {
+            writer.abort();
+        }
+    }
+}
+
+async fn write_loop(
+    mut sink: SplitSink<WebSocket, Message>,
+    mut queue: mpsc::Receiver<Message>,
+    timeout: Duration,
+    slow_reader: Counter,
+) {
+    while let Some(message) = queue.recv().await {
+        let closing = matches!(message, Message::Close(_));
+        match tokio::time::timeout(timeout, sink.send(message)).await {
+            Ok(Ok(())) if !closing => {}
+            Ok(Ok(())) => break,
+            Ok(Err(e)) => {
+                tracing::debug!("signaling write failed: {e}");
+                break;
+            }
+            Err(_) => {
+                slow_reader.inc();
+                tracing::info!(
+                    "signaling write blocked for {timeout:?}: the client does not read, cutting it"
+                );
+                break;
+            }
+        }
+    }
+}
+
+/// A token bucket: `per_second` messages a second on average, up to `burst` at once.
+#[derive(Debug, Clone)]
+pub struct MessageRate {
+    per_second: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl MessageRate {
+    /// `per_second` 0: no limit.
+    pub fn new(per_second: u32, burst: u32, now: Instant) -> Self {
+        let burst = f64::from(burst.max(1));
+        MessageRate {
+            per_second: f64::from(per_second),
+            burst,
+            tokens: burst,
+            last: now,
+        }
+    }
+
+    fn take(&mut self, now: Instant) -> bool {
+        if self.per_second <= 0.0 {
+            return true;
+        }
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.per_second).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bucket_allows_bursts_then_the_average_rate() {
+        let t0 = Instant::now();
+        let mut rate = MessageRate::new(10, 5, t0);
+        assert_eq!((0..7).filter(|_| rate.take(t0)).count(), 5, "the burst");
+        // 10 a second: one more every 100 ms.
+        assert!(rate.take(t0 + Duration::from_millis(100)));
+        assert!(!rate.take(t0 + Duration::from_millis(150)));
+        // A long quiet spell refills to the burst, no more.
+        let later = t0 + Duration::from_secs(60);
+        assert_eq!((0..7).filter(|_| rate.take(later)).count(), 5);
+        let mut open = MessageRate::new(0, 0, t0);
+        assert!((0..1000).all(|_| open.take(t0)), "0: no limit");
+    }
+}
