@@ -115,8 +115,6 @@ pub enum AuthError {
     Malformed(String),
     #[error("an API key must be KEY_ID:SECRET with a secret of at least 32 characters: `{0}`")]
     BadKeySpec(String),
-    #[error("no API key `{0}` to sign with")]
-    NoSigningKey(String),
 }
 
 /// The server's API keys, by key id.
@@ -138,7 +136,8 @@ impl Keys {
     /// Keys from `KEY_ID:SECRET` specifications.
     pub fn parse(specs: &[String]) -> Result<Self, AuthError> {
         let mut secrets = HashMap::new();
-        for spec in specs {
+        // An empty entry (an unset variable in a compose file) is no key.
+        for spec in specs.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
             let Some((id, secret)) = spec.split_once(':') else {
                 return Err(AuthError::BadKeySpec(redact(spec)));
             };
@@ -155,20 +154,23 @@ impl Keys {
         self.secrets.is_empty()
     }
 
-    /// Signs `claims` with key `id` (None: the only key there is).
-    pub fn mint(&self, id: Option<&str>, claims: &Claims) -> Result<String, AuthError> {
-        let (id, secret) = match id {
-            Some(id) => self
-                .secrets
-                .get_key_value(id)
-                .ok_or_else(|| AuthError::NoSigningKey(id.to_owned()))?,
-            None if self.secrets.len() == 1 => {
-                self.secrets.iter().next().ok_or(AuthError::NoKeyId)?
-            }
+    /// Key `id`, or the only key there is when `id` is None.
+    fn key(&self, id: Option<&str>) -> Result<(&str, &[u8]), AuthError> {
+        let found = match id {
+            Some(id) => self.secrets.get_key_value(id),
+            None if self.secrets.len() == 1 => self.secrets.iter().next(),
             None => return Err(AuthError::NoKeyId),
         };
+        found
+            .map(|(id, secret)| (id.as_str(), secret.as_slice()))
+            .ok_or_else(|| AuthError::UnknownKey(id.unwrap_or_default().to_owned()))
+    }
+
+    /// Signs `claims` with key `id` (None: the only key there is).
+    pub fn mint(&self, id: Option<&str>, claims: &Claims) -> Result<String, AuthError> {
+        let (id, secret) = self.key(id)?;
         let header = Header {
-            kid: Some(id.clone()),
+            kid: Some(id.to_owned()),
             ..Header::new(Algorithm::HS256)
         };
         let key =
@@ -180,16 +182,7 @@ impl Keys {
     pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
         let header =
             jsonwebtoken::decode_header(token).map_err(|e| AuthError::Malformed(e.to_string()))?;
-        let secret = match &header.kid {
-            Some(id) => self
-                .secrets
-                .get(id)
-                .ok_or_else(|| AuthError::UnknownKey(id.clone()))?,
-            None if self.secrets.len() == 1 => {
-                self.secrets.values().next().ok_or(AuthError::NoKeyId)?
-            }
-            None => return Err(AuthError::NoKeyId),
-        };
+        let (_, secret) = self.key(header.kid.as_deref())?;
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = LEEWAY_SECS;
         validation.set_required_spec_claims(&["exp", "sub"]);
@@ -317,5 +310,6 @@ mod tests {
             Err(AuthError::BadKeySpec(s)) if s == "k:…"
         ));
         assert!(Keys::parse(&["nocolon".to_string()]).is_err());
+        assert!(Keys::parse(&[String::new()]).expect("empty").is_dev_mode());
     }
 }

@@ -38,6 +38,10 @@ pub struct Limits {
     /// (protocol 3 clients). 0: removed at once.
     #[arg(long, env = "SWITCHBOARD_RESUME_GRACE_SECS", default_value_t = 20)]
     pub resume_grace_secs: u64,
+    /// On SIGTERM or SIGINT, how long calls in progress may go on (clients are told, new joins
+    /// are refused, `/healthz` says 503) before every socket is closed.
+    #[arg(long, env = "SWITCHBOARD_DRAIN_SECS", default_value_t = 30)]
+    pub drain_secs: u64,
     /// Largest chat message relayed, in bytes.
     #[arg(long, env = "SWITCHBOARD_MAX_CHAT_BYTES", default_value_t = 4096)]
     pub max_chat_bytes: usize,

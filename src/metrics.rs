@@ -26,6 +26,14 @@ pub struct LayerLabel {
     pub layer: u32,
 }
 
+/// Upper bounds of the event-loop turn buckets, in seconds.
+const TURN_BUCKETS: [f64; 12] = [
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
+    0.1,
+];
+/// Upper bounds of the join-time buckets, in seconds.
+const JOIN_BUCKETS: [f64; 10] = [0.05, 0.1, 0.15, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0];
+
 /// Upper bounds of the forwarding latency buckets, in seconds.
 const LATENCY_BUCKETS: [f64; 16] = [
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002, 0.003, 0.004, 0.005, 0.007_5, 0.01, 0.015,
@@ -41,6 +49,10 @@ macro_rules! metrics {
             $(#[doc = $cdoc] pub $c: Counter,)*
             /// Time from a media datagram reaching the server to its forwarded copies being sent.
             pub forward_latency: Histogram,
+            /// Time each media worker's event-loop turn works, from wake-up to done.
+            pub loop_turn_busy: Histogram,
+            /// Time from an SFU participant's `join` to its media connection being up.
+            pub join_time: Histogram,
             /// Connections living on each media worker.
             pub worker_connections: Family<WorkerLabel, Gauge>,
             /// Share of the last second each media worker was busy (what admission looks at).
@@ -65,6 +77,8 @@ macro_rules! metrics {
                     $($g: Gauge::default(),)*
                     $($c: Counter::default(),)*
                     forward_latency: Histogram::new(LATENCY_BUCKETS),
+                    loop_turn_busy: Histogram::new(TURN_BUCKETS),
+                    join_time: Histogram::new(JOIN_BUCKETS),
                     worker_connections: Family::default(),
                     worker_load_ratio: Family::default(),
                     worker_receive_drops: Family::default(),
@@ -78,6 +92,16 @@ macro_rules! metrics {
                     "forward_latency_seconds",
                     "Time from a media datagram reaching the server to its forwarded copies being sent",
                     m.forward_latency.clone(),
+                );
+                r.register(
+                    "loop_turn_busy_seconds",
+                    "Time each media worker's event-loop turn works, from wake-up to done (the rest of the time it waits)",
+                    m.loop_turn_busy.clone(),
+                );
+                r.register(
+                    "join_seconds",
+                    "Time from an SFU participant's join to its media connection being up (ICE and DTLS done)",
+                    m.join_time.clone(),
                 );
                 r.register(
                     "worker_connections",
@@ -125,6 +149,7 @@ metrics! {
         forward_rate: "RTP packets per second queued to subscribers, over the last second",
         downtracks_paused_bandwidth: "Subscribed videos paused because the subscriber's downlink has no room for their lowest layer",
         downtracks_paused_hidden: "Subscribed videos paused because the subscriber does not show them",
+        draining: "1 while the server drains before shutting down (new joins refused, /healthz 503)",
     }
     counters {
         packets_in: "RTP packets received from publishers",
@@ -147,6 +172,7 @@ metrics! {
         sessions_slow_reader: "Signaling sockets cut because their client did not read (outgoing queue full, or a write blocked past the send timeout)",
         sessions_panicked: "Sessions that panicked (a bug); their participant was still removed from its room",
         members_lagging: "Members removed from a room because they fell a whole event queue behind",
+        admin_unauthorized: "Admin API calls refused: a missing, invalid or non-admin token, or one for another room",
         joins_unauthorized: "Joins refused for a missing, expired, forged or wrong-room access token",
         connections_refused: "Signaling WebSocket upgrades refused: over the total or per-IP connection cap",
         connections_refused_origin: "Signaling WebSocket upgrades refused: an Origin not on the allow-list",

@@ -28,6 +28,9 @@ pub struct ServerHandle {
     media: Arc<MediaPlane>,
     turn: Option<TurnServer>,
     shutdown: watch::Sender<bool>,
+    draining: watch::Sender<bool>,
+    /// How long draining lets calls go on (`--drain-secs`).
+    drain_grace: Duration,
     task: JoinHandle<()>,
 }
 
@@ -37,6 +40,7 @@ impl Server {
         let metrics = Arc::new(Metrics::default());
         let registry = Arc::new(Registry::new(config.limits.clone(), metrics.clone()));
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let (draining, draining_rx) = watch::channel(false);
         let media = Arc::new(
             MediaPlane::start(&config, metrics.clone()).context("starting the media workers")?,
         );
@@ -57,6 +61,7 @@ impl Server {
             keys,
             ice_servers,
             shutdown: shutdown_rx.clone(),
+            draining: draining_rx,
         });
         let listener = tokio::net::TcpListener::bind(config.http)
             .await
@@ -81,6 +86,8 @@ impl Server {
             media,
             turn,
             shutdown,
+            draining,
+            drain_grace: Duration::from_secs(config.limits.drain_secs),
             task,
         })
     }
@@ -203,10 +210,28 @@ impl ServerHandle {
         let _ = tokio::task::spawn_blocking(move || media.shutdown()).await;
     }
 
-    /// Runs until `signal` resolves, then shuts down.
+    /// Drains, then shuts down: new joins are refused and `/healthz` answers 503 (a load
+    /// balancer stops sending clients), joined clients are told (`server-draining`), and calls go
+    /// on until they end or `grace` passes.
+    pub async fn drain(self, grace: Duration) {
+        let _ = self.draining.send(true);
+        self.metrics.draining.set(1);
+        tracing::info!(
+            ?grace,
+            sessions = self.metrics.snapshot().sessions,
+            "draining"
+        );
+        let deadline = Instant::now() + grace;
+        while self.metrics.snapshot().participants > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.shutdown().await;
+    }
+
+    /// Runs until `signal` resolves, then drains for `--drain-secs` and shuts down.
     pub async fn run_until(self, signal: impl std::future::Future<Output = ()>) {
         signal.await;
-        tracing::info!("shutting down");
-        self.shutdown().await;
+        let grace = self.drain_grace;
+        self.drain(grace).await;
     }
 }

@@ -480,6 +480,9 @@ async fn sfu_call(env: Arc<Env>) -> Result<()> {
     let carol = pages.pop().expect("three pages");
     let carol_id = ids[2].clone();
     let closed_at = Instant::now();
+    // Leaving the page closes its socket and peer connection as a closed tab does. Killing the
+    // browser outright may not (then the server waits out the resume grace period).
+    carol.session.goto("about:blank").await?;
     carol.session.quit().await?;
     for page in &pages {
         page.wait_participant_gone(&carol_id, Duration::from_secs(15))

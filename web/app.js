@@ -27,6 +27,8 @@ const ERROR_TEXT = {
   "connection-failed": "The media connection to the server failed.",
   unauthorized: "This server needs a valid invitation link for this room (its token is missing, expired or for another room).",
   "not-allowed": "Your invitation does not allow that.",
+  "server-draining": "The server is restarting. Try again in a moment.",
+  removed: "You were removed from the room.",
 };
 
 const RECONNECT_DELAYS_MS = [1000, 2000, 4000, 8000, 8000, 8000];
@@ -370,6 +372,12 @@ function onMessage(msg) {
       state.activeSpeakers = msg.participants;
       ui.setActiveSpeakers(msg.participants);
       break;
+    case "server-draining":
+      // The socket closes after the deadline; the usual reconnect then joins again (a load
+      // balancer sends us to another server).
+      ui.showBanner("warn", `The server is restarting: this call ends within ${msg.deadline_secs} s, then we reconnect.`);
+      addChat({ system: true, text: "The server is restarting." });
+      break;
     case "error":
       console.warn("[app] server error", msg);
       // A tile reported just as its track went away: nothing for the user to see.
@@ -377,6 +385,10 @@ function onMessage(msg) {
       state.error = { code: msg.code, message: msg.message };
       if (msg.code === "connection-failed") {
         startReconnect(ERROR_TEXT["connection-failed"]);
+      } else if (msg.code === "removed") {
+        // Taken out by an administrator: back to the lobby, no resume, no rejoin.
+        leave();
+        ui.showBanner("error", ERROR_TEXT.removed);
       } else {
         ui.showBanner("error", ERROR_TEXT[msg.code] ?? `Server error: ${msg.message}`);
       }

@@ -497,7 +497,8 @@ impl Session {
             }
             ServerMessage::SubscriptionState { .. }
             | ServerMessage::ActiveSpeakers { .. }
-            | ServerMessage::ParticipantUpdated { .. } => self.shared.push_event(message),
+            | ServerMessage::ParticipantUpdated { .. }
+            | ServerMessage::ServerDraining { .. } => self.shared.push_event(message),
             ServerMessage::PublisherLayers {
                 ref mid,
                 ref active,

@@ -1,5 +1,5 @@
 //! HTTP: the browser client (embedded into the binary), the signaling WebSocket, health,
-//! metrics and a read-only admin API.
+//! metrics and the admin API (`admin.rs`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,9 +8,11 @@ use axum::Router;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Json, Response};
-use axum::routing::get;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
 use include_dir::{Dir, include_dir};
+
+mod admin;
 
 use crate::metrics::Metrics;
 use crate::signal::connections::Refused;
@@ -24,10 +26,21 @@ pub fn router(ctx: Arc<ServerContext>) -> Router {
         .route("/", get(index))
         .route("/room/{name}", get(room_page))
         .route("/ws", get(websocket))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
-        .route("/api/rooms", get(rooms))
-        .route("/api/rooms/{name}", get(room))
+        .route(
+            "/api/rooms",
+            get(admin::list_rooms).post(admin::create_room),
+        )
+        .route(
+            "/api/rooms/{name}",
+            get(admin::get_room).delete(admin::close_room),
+        )
+        .route(
+            "/api/rooms/{name}/participants/{id}",
+            delete(admin::remove_participant),
+        )
+        .route("/api/rooms/{name}/data", post(admin::send_data))
         .route("/{*path}", get(static_file))
         .with_state(ctx)
 }
@@ -92,6 +105,15 @@ async fn websocket(
         })
 }
 
+/// `ok`, or 503 while the server drains (a load balancer sends new clients elsewhere).
+async fn healthz(State(ctx): State<Arc<ServerContext>>) -> Response {
+    if *ctx.draining.borrow() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else {
+        "ok\n".into_response()
+    }
+}
+
 async fn index() -> Response {
     static_file(Path("index.html".to_string())).await
 }
@@ -137,15 +159,4 @@ async fn metrics(State(ctx): State<Arc<ServerContext>>) -> Response {
         ctx.metrics.render(),
     )
         .into_response()
-}
-
-async fn rooms(State(ctx): State<Arc<ServerContext>>) -> Response {
-    Json(ctx.registry.snapshots()).into_response()
-}
-
-async fn room(State(ctx): State<Arc<ServerContext>>, Path(name): Path<String>) -> Response {
-    match ctx.registry.room_snapshot(&name) {
-        Some(snapshot) => Json(snapshot).into_response(),
-        None => (StatusCode::NOT_FOUND, "no such room\n").into_response(),
-    }
 }

@@ -1458,7 +1458,9 @@ impl Worker {
         self.send_written(now);
         self.publish_tally();
         let done = Instant::now();
-        self.busy += done.saturating_duration_since(woke);
+        let turn = done.saturating_duration_since(woke);
+        self.busy += turn;
+        self.metrics.loop_turn_busy.observe(turn.as_secs_f64());
         let window = done.saturating_duration_since(self.window_start);
         if window >= LOAD_WINDOW {
             self.publish_load(window);

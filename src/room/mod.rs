@@ -62,6 +62,8 @@ pub enum RoomEvent {
     Relay(ServerMessage),
     /// Who speaks now, loudest first (at most [`MAX_ACTIVE_SPEAKERS`]; empty: nobody).
     ActiveSpeakers(Arc<[ParticipantId]>),
+    /// An administrator removed this member (or closed the room): its session ends.
+    Removed(String),
 }
 
 /// Active speakers a room names at once.
@@ -344,6 +346,34 @@ impl Room {
         dropped
     }
 
+    /// Asks a member's session to end (admin API). False if no such member.
+    pub fn remove(&self, who: &ParticipantId, reason: &str) -> bool {
+        let mut state = self.lock();
+        let RoomState {
+            members, lagging, ..
+        } = &mut *state;
+        match members.get_mut(who) {
+            Some(member) => {
+                member.deliver(RoomEvent::Removed(reason.to_owned()), lagging);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Asks every member's session to end (admin API); the room closes when the last leaves.
+    /// Returns how many were asked.
+    pub fn remove_all(&self, reason: &str) -> usize {
+        let mut state = self.lock();
+        let RoomState {
+            members, lagging, ..
+        } = &mut *state;
+        for member in members.values_mut() {
+            member.deliver(RoomEvent::Removed(reason.to_owned()), lagging);
+        }
+        members.len()
+    }
+
     pub fn member_name(&self, id: &ParticipantId) -> Option<String> {
         self.lock().members.get(id).map(|m| m.name.clone())
     }
@@ -507,6 +537,11 @@ impl Registry {
             }
             Room::broadcast_except(&mut state, id, &RoomEvent::ParticipantLeft(id.clone()));
         }
+        self.close_if_empty(room);
+    }
+
+    /// Drops `room` if nobody is in it; true if it was dropped (or already gone).
+    pub fn close_if_empty(&self, room: &Room) -> bool {
         let removed = self.rooms.remove_if(room.name(), |_, r| {
             let mut state = r.lock();
             if state.members.is_empty() {
@@ -519,6 +554,13 @@ impl Registry {
         if removed.is_some() {
             tracing::info!(room = %room.name(), "room closed (empty)");
         }
+        removed.is_some() || !self.rooms.contains_key(room.name())
+    }
+
+    /// Opens an empty room in `mode` ahead of its participants (admin API), or finds the open
+    /// one of that name. It stays until closed, or until its last participant leaves.
+    pub fn open(&self, name: &RoomName, mode: RoomMode) -> Result<Arc<Room>, JoinError> {
+        self.room_or_create(name, mode)
     }
 
     /// The mode of a room, if it exists.
@@ -530,6 +572,12 @@ impl Registry {
         let mut names: Vec<String> = self.rooms.iter().map(|r| r.key().to_string()).collect();
         names.sort();
         names
+    }
+
+    /// The room called `name`, if it is open.
+    pub fn room(&self, name: &str) -> Option<Arc<Room>> {
+        let name = RoomName::parse(name)?;
+        self.rooms.get(&name).map(|r| r.clone())
     }
 
     pub fn room_snapshot(&self, name: &str) -> Option<RoomSnapshot> {

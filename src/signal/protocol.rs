@@ -257,6 +257,12 @@ pub enum ServerMessage {
     ActiveSpeakers {
         participants: Vec<String>,
     },
+    /// The server is shutting down (protocol 3): the call goes on for `deadline_secs`, then
+    /// the socket closes. A client should join again then (through a load balancer, another
+    /// server takes it).
+    ServerDraining {
+        deadline_secs: u64,
+    },
     /// Answer to `leave`.
     Left,
     Pong,
@@ -311,6 +317,10 @@ pub enum ErrorCode {
     /// The participant's token does not allow this (publishing, or a mesh room with a
     /// restricted token).
     NotAllowed,
+    /// An administrator removed the participant, or closed the room; the session ends.
+    Removed,
+    /// `join` while the server is shutting down: try again shortly (another server).
+    ServerDraining,
 }
 
 /// The chat message the server puts on each other participant's `chat` data channel.

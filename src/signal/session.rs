@@ -58,6 +58,8 @@ pub struct ServerContext {
     pub ice_servers: IceServers,
     /// Flips to true when the server shuts down.
     pub shutdown: watch::Receiver<bool>,
+    /// Flips to true when the server starts draining: no new joins, clients told.
+    pub draining: watch::Receiver<bool>,
 }
 
 /// Runs a session until the socket closes, the participant's media fails, or shutdown.
@@ -73,7 +75,6 @@ pub async fn run_session(socket: WebSocket, ctx: Arc<ServerContext>) {
             limits.message_burst,
             Instant::now(),
         ),
-        ctx.metrics.sessions_slow_reader.clone(),
     );
     let mut session = Session {
         ctx: ctx.clone(),
@@ -150,6 +151,8 @@ async fn next_or_pending<T>(
 impl Session {
     async fn run(&mut self) -> Close {
         let mut shutdown = self.ctx.shutdown.clone();
+        let mut draining = self.ctx.draining.clone();
+        let mut told_draining = false;
         let mut watchdog = tokio::time::interval(WATCHDOG_PERIOD);
         watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -176,6 +179,7 @@ impl Session {
                 line = next_or_pending(chat_in.map(|rx| rx.recv())) => Step::ChatIn(line),
                 line = next_or_pending(chat_out.map(|rx| rx.recv())) => Step::ChatOut(line),
                 _ = shutdown.wait_for(|stop| *stop) => Step::Shutdown,
+                _ = draining.wait_for(|d| *d), if !told_draining => Step::Draining,
                 _ = watchdog.tick() => Step::Watchdog,
             };
             let outcome = match step {
@@ -220,9 +224,19 @@ impl Session {
                 Step::Shutdown => {
                     return close_frame(close_code::AWAY, "server shutting down");
                 }
+                Step::Draining => {
+                    told_draining = true;
+                    self.tell_draining().await
+                }
                 Step::Watchdog => match self.detached {
                     Some((since, _)) if since.elapsed() >= self.resume_grace() => {
                         tracing::info!(participant = ?self.joined.as_ref().map(|m| &m.id), "no resume within the grace period");
+                        return None;
+                    }
+                    // Socket and media connection both closed: the client is gone, not
+                    // reconnecting (a resuming client keeps its media connection).
+                    Some(_) if self.media_closed_by_peer() => {
+                        tracing::info!(participant = ?self.joined.as_ref().map(|m| &m.id), "socket dropped and media closed by the client: it left");
                         return None;
                     }
                     Some(_) => Ok(()),
@@ -250,14 +264,25 @@ impl Session {
             }
         };
         match socket.send(Message::Text(text.into())) {
-            Ok(()) => return Ok(()),
+            // The next read says what happened: the client's close frame (the session ends)
+            // or a dropped connection (it detaches).
+            Ok(()) | Err(SendError::Closed) => Ok(()),
             Err(SendError::SlowReader) => {
                 self.ctx.metrics.sessions_slow_reader.inc();
                 tracing::info!(participant = ?self.joined.as_ref().map(|m| &m.id), "the client does not read its signaling messages; cutting its socket");
+                if self.detach() { Ok(()) } else { Err(None) }
             }
-            Err(SendError::Closed) => {}
         }
-        if self.detach() { Ok(()) } else { Err(None) }
+    }
+
+    /// The server drains: a joined protocol-3 client hears how long its call has left.
+    async fn tell_draining(&mut self) -> Result<(), Close> {
+        if self.joined.as_ref().is_none_or(|m| m.protocol < 3) {
+            return Ok(());
+        }
+        let deadline_secs = self.ctx.limits.drain_secs;
+        self.send(&ServerMessage::ServerDraining { deadline_secs })
+            .await
     }
 
     /// A socket that has not joined a room (or left one) within the join timeout is closed.
@@ -464,6 +489,14 @@ impl Session {
         if self.joined.is_some() {
             return self
                 .error(ErrorCode::AlreadyJoined, "already in a room; `leave` first")
+                .await;
+        }
+        if *self.ctx.draining.borrow() {
+            return self
+                .error(
+                    ErrorCode::ServerDraining,
+                    "the server is shutting down: join again shortly",
+                )
                 .await;
         }
         let Some(room_name) = RoomName::parse(room) else {
@@ -779,16 +812,19 @@ impl Session {
         Ok(())
     }
 
-    /// A client that leaves the server's offer unanswered would never receive another track:
-    /// end its session so that it can rejoin in a consistent state.
-    async fn check_negotiation(&mut self) -> Result<(), Close> {
-        let closed = self
-            .joined
+    /// The client closed its media connection at least [`LEAVE_GRACE`] ago.
+    fn media_closed_by_peer(&self) -> bool {
+        self.joined
             .as_ref()
             .and_then(|m| m.media.as_ref())
             .and_then(|m| m.closed_by_peer_at)
-            .is_some_and(|at| at.elapsed() >= LEAVE_GRACE);
-        if closed {
+            .is_some_and(|at| at.elapsed() >= LEAVE_GRACE)
+    }
+
+    /// A client that leaves the server's offer unanswered would never receive another track:
+    /// end its session so that it can rejoin in a consistent state.
+    async fn check_negotiation(&mut self) -> Result<(), Close> {
+        if self.media_closed_by_peer() {
             tracing::info!("client closed its media connection without leaving");
             self.error(
                 ErrorCode::ConnectionFailed,
@@ -892,6 +928,14 @@ impl Session {
                 self.offer_if_needed().await
             }
             RoomEvent::Relay(message) => self.send(&message).await,
+            RoomEvent::Removed(reason) => {
+                tracing::info!(participant = %membership.id, %reason, "removed by an administrator");
+                self.error(ErrorCode::Removed, reason).await?;
+                Err(close_frame(
+                    close_code::NORMAL,
+                    "removed by an administrator",
+                ))
+            }
             RoomEvent::ActiveSpeakers(speakers) => {
                 if let Some(media) = membership.media.as_ref() {
                     media.prioritize_speakers(&membership.room, &speakers);
@@ -938,7 +982,12 @@ impl Session {
                 Ok(())
             }
             MediaEvent::Connected => {
-                media.connecting_since = None;
+                if let Some(since) = media.connecting_since.take() {
+                    self.ctx
+                        .metrics
+                        .join_time
+                        .observe(since.elapsed().as_secs_f64());
+                }
                 tracing::info!(participant = %membership.id, "media connected");
                 Ok(())
             }
@@ -1038,6 +1087,7 @@ enum Step {
     ChatIn(Option<String>),
     ChatOut(Option<Arc<str>>),
     Shutdown,
+    Draining,
     Watchdog,
 }
 
@@ -1057,6 +1107,7 @@ mod tests {
         let registry = Arc::new(Registry::new(config.limits.clone(), metrics.clone()));
         let media = Arc::new(MediaPlane::start(&config, metrics.clone()).expect("media plane"));
         let (_stop, shutdown) = watch::channel(false);
+        let (_drain, draining) = watch::channel(false);
         let ctx = Arc::new(ServerContext {
             registry: registry.clone(),
             media,
@@ -1067,6 +1118,7 @@ mod tests {
             keys: Keys::default(),
             ice_servers: IceServers::new(Vec::new(), String::new(), Duration::ZERO),
             shutdown,
+            draining,
         });
         let room = RoomName::parse("ghosts").expect("room name");
         let (events_tx, events) = mpsc::channel(8);

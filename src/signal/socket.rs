@@ -6,12 +6,13 @@
 //! It also holds the per-socket message-rate bucket, so a session that moves to a new socket
 //! (resume) starts that socket's budget afresh.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -21,10 +22,11 @@ const CLOSE_FLUSH: Duration = Duration::from_secs(1);
 /// Why a message could not be queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum SendError {
-    /// The queue is full: the client does not read.
-    #[error("the client does not read its messages (outgoing queue full)")]
+    /// The queue is full, or a write blocked past the send timeout: the client does not read.
+    #[error("the client does not read its messages")]
     SlowReader,
-    /// The writer stopped: the connection is gone, or a write timed out.
+    /// The writer stopped because the connection failed; reading says how (a close frame, or
+    /// the connection dropped).
     #[error("the connection is gone")]
     Closed,
 }
@@ -34,22 +36,23 @@ pub struct SignalSocket {
     stream: SplitStream<WebSocket>,
     queue: mpsc::Sender<Message>,
     writer: Option<JoinHandle<()>>,
+    /// Set by the writer when a write blocked past the send timeout.
+    stalled: Arc<AtomicBool>,
     rate: MessageRate,
 }
 
 impl SignalSocket {
     /// Takes over `socket`: at most `queue` messages wait to be written, each write may take
-    /// `write_timeout` (a write that takes longer counts in `slow_reader`), and the client may
-    /// send messages as fast as `rate` allows.
+    /// `write_timeout`, and the client may send messages as fast as `rate` allows.
     pub fn new(
         socket: WebSocket,
         queue: usize,
         write_timeout: Duration,
         rate: MessageRate,
-        slow_reader: Counter,
     ) -> Self {
         let (sink, stream) = socket.split();
         let (tx, rx) = mpsc::channel(queue.max(1));
+        let stalled = Arc::new(AtomicBool::new(false));
         SignalSocket {
             stream,
             queue: tx,
@@ -57,8 +60,9 @@ impl SignalSocket {
                 sink,
                 rx,
                 write_timeout,
-                slow_reader,
+                stalled.clone(),
             ))),
+            stalled,
             rate,
         }
     }
@@ -72,6 +76,9 @@ impl SignalSocket {
     pub fn send(&self, message: Message) -> Result<(), SendError> {
         self.queue.try_send(message).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => SendError::SlowReader,
+            mpsc::error::TrySendError::Closed(_) if self.stalled.load(Ordering::Relaxed) => {
+                SendError::SlowReader
+            }
             mpsc::error::TrySendError::Closed(_) => SendError::Closed,
         })
     }
@@ -111,7 +118,7 @@ async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
     mut queue: mpsc::Receiver<Message>,
     timeout: Duration,
-    slow_reader: Counter,
+    stalled: Arc<AtomicBool>,
 ) {
     while let Some(message) = queue.recv().await {
         let closing = matches!(message, Message::Close(_));
@@ -123,7 +130,7 @@ async fn write_loop(
                 break;
             }
             Err(_) => {
-                slow_reader.inc();
+                stalled.store(true, Ordering::Relaxed);
                 tracing::info!(
                     "signaling write blocked for {timeout:?}: the client does not read, cutting it"
                 );
