@@ -12,6 +12,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::room::Room;
 use crate::signal::ServerContext;
 use crate::signal::protocol::{ChatRelay, RoomMode};
 use crate::types::{ParticipantId, RoomName};
@@ -90,6 +91,18 @@ fn authorize_room(ctx: &ServerContext, headers: &HeaderMap, room: &str) -> Resul
     }
 }
 
+/// `authorize_room`, and the open room of that name.
+fn managed_room(
+    ctx: &ServerContext,
+    headers: &HeaderMap,
+    name: &str,
+) -> Result<Arc<Room>, Refusal> {
+    authorize_room(ctx, headers, name)?;
+    ctx.registry
+        .room(name)
+        .ok_or_else(|| Refusal(StatusCode::NOT_FOUND, "no such room".into()))
+}
+
 /// `GET /api/rooms`: the rooms the caller may manage.
 pub async fn list_rooms(State(ctx): State<Arc<ServerContext>>, headers: HeaderMap) -> Response {
     let scope = match authorize(&ctx, &headers) {
@@ -139,12 +152,9 @@ pub async fn get_room(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Response {
-    if let Err(refused) = authorize_room(&ctx, &headers, &name) {
-        return refused.into_response();
-    }
-    match ctx.registry.room_snapshot(&name) {
-        Some(snapshot) => Json(snapshot).into_response(),
-        None => refuse(StatusCode::NOT_FOUND, "no such room"),
+    match managed_room(&ctx, &headers, &name) {
+        Ok(room) => Json(room.snapshot()).into_response(),
+        Err(refused) => refused.into_response(),
     }
 }
 
@@ -154,11 +164,9 @@ pub async fn close_room(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Response {
-    if let Err(refused) = authorize_room(&ctx, &headers, &name) {
-        return refused.into_response();
-    }
-    let Some(room) = ctx.registry.room(&name) else {
-        return refuse(StatusCode::NOT_FOUND, "no such room");
+    let room = match managed_room(&ctx, &headers, &name) {
+        Ok(room) => room,
+        Err(refused) => return refused.into_response(),
     };
     let removed = room.remove_all("the room was closed by an administrator");
     ctx.registry.close_if_empty(&room);
@@ -202,11 +210,9 @@ pub async fn send_data(
     Path(name): Path<String>,
     Json(body): Json<DataMessage>,
 ) -> Response {
-    if let Err(refused) = authorize_room(&ctx, &headers, &name) {
-        return refused.into_response();
-    }
-    let Some(room) = ctx.registry.room(&name) else {
-        return refuse(StatusCode::NOT_FOUND, "no such room");
+    let room = match managed_room(&ctx, &headers, &name) {
+        Ok(room) => room,
+        Err(refused) => return refused.into_response(),
     };
     if room.mode() == RoomMode::Mesh {
         return refuse(

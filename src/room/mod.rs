@@ -150,6 +150,17 @@ impl RoomState {
         }
     }
 
+    /// Queues an event for one member; false if there is no such member.
+    fn deliver_to(&mut self, to: &ParticipantId, event: RoomEvent) -> bool {
+        match self.members.get_mut(to) {
+            Some(member) => {
+                member.deliver(event, &self.lagging);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// The members in join order.
     fn participants(&self) -> Vec<ParticipantInfo> {
         self.order
@@ -320,17 +331,7 @@ impl Room {
 
     /// Delivers a relayed signaling message to one member (mesh rooms). False if no such member.
     pub fn relay(&self, to: &ParticipantId, message: ServerMessage) -> bool {
-        let mut state = self.lock();
-        let RoomState {
-            members, lagging, ..
-        } = &mut *state;
-        match members.get_mut(to) {
-            Some(member) => {
-                member.deliver(RoomEvent::Relay(message), lagging);
-                true
-            }
-            None => false,
-        }
+        self.lock().deliver_to(to, RoomEvent::Relay(message))
     }
 
     /// Sends a chat line to every member but the sender. Returns how many were dropped because
@@ -348,17 +349,8 @@ impl Room {
 
     /// Asks a member's session to end (admin API). False if no such member.
     pub fn remove(&self, who: &ParticipantId, reason: &str) -> bool {
-        let mut state = self.lock();
-        let RoomState {
-            members, lagging, ..
-        } = &mut *state;
-        match members.get_mut(who) {
-            Some(member) => {
-                member.deliver(RoomEvent::Removed(reason.to_owned()), lagging);
-                true
-            }
-            None => false,
-        }
+        self.lock()
+            .deliver_to(who, RoomEvent::Removed(reason.to_owned()))
     }
 
     /// Asks every member's session to end (admin API); the room closes when the last leaves.
