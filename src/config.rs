@@ -82,6 +82,10 @@ pub struct Limits {
     /// member that falls this far behind is removed from its room.
     #[arg(long, env = "SWITCHBOARD_MEMBER_QUEUE", default_value_t = 1024)]
     pub member_queue: usize,
+    /// Webhook events waiting for one receiver; more are dropped (and counted) while it is
+    /// slow or down.
+    #[arg(long, env = "SWITCHBOARD_WEBHOOK_QUEUE", default_value_t = 1024)]
+    pub webhook_queue: usize,
     /// Web origins whose pages may open the signaling socket (the `Origin` header), e.g.
     /// `https://meet.example.com`; comma-separated. Unset: any origin.
     #[arg(long, env = "SWITCHBOARD_ALLOWED_ORIGINS", value_delimiter = ',')]
@@ -113,6 +117,26 @@ pub struct Config {
     /// Address for HTTP (browser client) and the signaling WebSocket.
     #[arg(long, env = "SWITCHBOARD_HTTP", default_value = "0.0.0.0:8080")]
     pub http: SocketAddr,
+    /// Serves HTTPS and WSS on `--http` with this PEM certificate chain (leaf first), with
+    /// `--tls-key`. Browsers only give the camera to secure pages (and localhost).
+    #[arg(
+        long,
+        env = "SWITCHBOARD_TLS_CERT",
+        requires = "tls_key",
+        conflicts_with = "tls_self_signed"
+    )]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The PEM private key of `--tls-cert`.
+    #[arg(long, env = "SWITCHBOARD_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Serves HTTPS and WSS with a self-signed certificate made at start-up (for localhost,
+    /// `--public-ip` and `--tls-name`), for a LAN test: browsers warn once, then the page may
+    /// use the camera. Its SHA-256 fingerprint is printed at start-up.
+    #[arg(long, env = "SWITCHBOARD_TLS_SELF_SIGNED")]
+    pub tls_self_signed: bool,
+    /// Host names the self-signed certificate is also for; comma-separated.
+    #[arg(long, env = "SWITCHBOARD_TLS_NAME", value_delimiter = ',')]
+    pub tls_name: Vec<String>,
     /// First UDP port for WebRTC media: media worker k serves all its participants on port
     /// UDP_PORT + k. 0: ephemeral ports (tests).
     #[arg(long, env = "SWITCHBOARD_UDP_PORT", default_value_t = 7882)]
@@ -183,6 +207,19 @@ pub struct Config {
         hide_env_values = true
     )]
     pub api_keys: Vec<String>,
+    /// URLs that receive webhooks: JSON POSTs when rooms start and finish, participants join
+    /// and leave, tracks are published and unpublished. Comma-separated in the environment.
+    #[arg(
+        long = "webhook-url",
+        env = "SWITCHBOARD_WEBHOOK_URLS",
+        value_delimiter = ',',
+        requires = "webhook_secret"
+    )]
+    pub webhook_urls: Vec<String>,
+    /// The secret webhooks are signed with (HMAC-SHA256, `Switchboard-Signature` header); 16
+    /// characters or more.
+    #[arg(long, env = "SWITCHBOARD_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
     #[command(flatten)]
     pub limits: Limits,
     #[command(subcommand)]

@@ -1,7 +1,8 @@
 //! Switchboard: a selective forwarding unit for group video calls.
 //!
 //! Layers, imports going downward only:
-//! `http` → `signal` → `room`, `media` → `forward` → `types`, `config`, `metrics`.
+//! `http` → `signal` → `room`, `media` → `forward` → `types`, `config`, `metrics`; `webhook`
+//! (below `room`) and `tls` (below `server` and `turn`) are leaves.
 //! `forward` is the engine-independent packet path (routing, rewriting, keyframes, throttling);
 //! `media` runs the media workers on the sans-IO engine str0m and drives `forward`; `room` keeps
 //! membership; `signal` runs one participant's session; `http` serves the client and the
@@ -18,5 +19,7 @@ pub mod metrics;
 pub mod room;
 pub mod server;
 pub mod signal;
+pub mod tls;
 pub mod turn;
 pub mod types;
+pub mod webhook;

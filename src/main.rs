@@ -27,9 +27,17 @@ async fn main() -> anyhow::Result<()> {
         public_ip = ?config.public_ip,
         "switchboard listening"
     );
+    let scheme = match &server.tls_certificate {
+        Some(_) => "https",
+        None => "http",
+    };
     println!(
-        "Switchboard is up. Open http://{host}:{port}/room/standup in a browser (any room name works)."
+        "Switchboard is up. Open {scheme}://{host}:{port}/room/standup in a browser (any room name works)."
     );
+    if let Some(certificate) = &server.tls_certificate {
+        let fingerprint = switchboard::tls::fingerprint(certificate);
+        println!("Its TLS certificate's SHA-256 fingerprint: {fingerprint}");
+    }
     server.run_until(shutdown_signal()).await;
     Ok(())
 }

@@ -176,6 +176,10 @@ metrics! {
         joins_unauthorized: "Joins refused for a missing, expired, forged or wrong-room access token",
         connections_refused: "Signaling WebSocket upgrades refused: over the total or per-IP connection cap",
         connections_refused_origin: "Signaling WebSocket upgrades refused: an Origin not on the allow-list",
+        webhooks_delivered: "Webhook requests a receiver accepted (2xx)",
+        webhooks_retried: "Webhook attempts that failed and were retried",
+        webhooks_failed: "Webhook events given up on after every attempt failed",
+        webhooks_dropped: "Webhook events dropped because a receiver's queue was full",
     }
 }
 

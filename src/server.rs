@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use axum_server::tls_rustls::RustlsConfig;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -15,18 +16,23 @@ use crate::metrics::Metrics;
 use crate::room::Registry;
 use crate::signal::ServerContext;
 use crate::signal::session::DRAIN_TIMEOUT;
+use crate::tls::Certificate;
 use crate::turn::{IceServers, TurnConfig, TurnServer, TurnTls};
 use crate::types::random_token;
+use crate::webhook::{WebhookConfig, Webhooks};
 
 pub struct Server;
 
 /// A running server.
 pub struct ServerHandle {
     pub http_addr: SocketAddr,
+    /// Serving HTTPS and WSS: the certificate (self-signed or the operator's leaf).
+    pub tls_certificate: Option<rustls::pki_types::CertificateDer<'static>>,
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
     media: Arc<MediaPlane>,
     turn: Option<TurnServer>,
+    webhooks: Webhooks,
     shutdown: watch::Sender<bool>,
     draining: watch::Sender<bool>,
     /// How long draining lets calls go on (`--drain-secs`).
@@ -38,7 +44,18 @@ impl Server {
     /// Binds the HTTP listener and starts serving.
     pub async fn start(config: Config) -> anyhow::Result<ServerHandle> {
         let metrics = Arc::new(Metrics::default());
-        let registry = Arc::new(Registry::new(config.limits.clone(), metrics.clone()));
+        let webhooks = Webhooks::start(
+            WebhookConfig {
+                urls: config.webhook_urls.clone(),
+                secret: config.webhook_secret.clone().unwrap_or_default(),
+                queue: config.limits.webhook_queue,
+            },
+            metrics.clone(),
+        )
+        .context("starting the webhooks")?;
+        let registry = Arc::new(
+            Registry::new(config.limits.clone(), metrics.clone()).with_webhooks(webhooks.clone()),
+        );
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (draining, draining_rx) = watch::channel(false);
         let media = Arc::new(
@@ -67,30 +84,69 @@ impl Server {
             .await
             .with_context(|| format!("binding HTTP on {}", config.http))?;
         let http_addr = listener.local_addr()?;
-        let app = crate::http::router(ctx);
+        let certificate = certificate(&config)?;
+        let tls_certificate = certificate.as_ref().map(|c| c.leaf().clone());
+        let app =
+            crate::http::router(ctx).into_make_service_with_connect_info::<std::net::SocketAddr>();
         let mut stop = shutdown_rx;
-        let task = tokio::spawn(async move {
-            let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
-            let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-                let _ = stop.wait_for(|s| *s).await;
-            });
-            if let Err(e) = serve.await {
-                tracing::error!("http server: {e}");
+        let task = match certificate {
+            None => tokio::spawn(async move {
+                let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                });
+                if let Err(e) = serve.await {
+                    tracing::error!("http server: {e}");
+                }
+            }),
+            Some(certificate) => {
+                // HTTP/1.1 only: the signaling WebSocket is an HTTP/1.1 upgrade.
+                let tls = RustlsConfig::from_config(certificate.server_config(&[b"http/1.1"])?);
+                let handle = axum_server::Handle::new();
+                let server =
+                    axum_server::from_tcp_rustls(listener.into_std()?, tls)?.handle(handle.clone());
+                tokio::spawn(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                    handle.graceful_shutdown(Some(DRAIN_TIMEOUT));
+                });
+                tokio::spawn(async move {
+                    if let Err(e) = server.serve(app).await {
+                        tracing::error!("https server: {e}");
+                    }
+                })
             }
-        });
+        };
         tokio::spawn(sample_forward_rate(metrics.clone(), shutdown.subscribe()));
         Ok(ServerHandle {
             http_addr,
+            tls_certificate,
             registry,
             metrics,
             media,
             turn,
+            webhooks,
             shutdown,
             draining,
             drain_grace: Duration::from_secs(config.limits.drain_secs),
             task,
         })
     }
+}
+
+/// The certificate HTTPS is served with, if any (`--tls-cert`, `--tls-self-signed`).
+fn certificate(config: &Config) -> anyhow::Result<Option<Certificate>> {
+    let certificate = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Certificate::load(cert, key)?,
+        _ if config.tls_self_signed => {
+            let addrs: Vec<_> = config
+                .public_ip
+                .into_iter()
+                .chain([config.http.ip()])
+                .collect();
+            Certificate::self_signed(&config.tls_name, &addrs)?
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(certificate))
 }
 
 /// The embedded TURN server (unless `--no-turn`), and the ICE servers clients are given.
@@ -206,6 +262,8 @@ impl ServerHandle {
         if let Some(turn) = self.turn {
             turn.stop().await;
         }
+        // After the sessions: their leaves and the rooms' ends are the last events.
+        self.webhooks.close().await;
         let media = self.media.clone();
         let _ = tokio::task::spawn_blocking(move || media.shutdown()).await;
     }

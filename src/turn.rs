@@ -29,6 +29,7 @@ use webrtc_util::Conn;
 
 use crate::metrics::Metrics;
 use crate::signal::protocol::IceServer;
+use crate::tls::Certificate;
 
 const REALM: &str = "switchboard";
 /// Largest STUN message or ChannelData accepted on a TCP connection.
@@ -368,23 +369,11 @@ impl TurnTls {
         cert: &std::path::Path,
         key: &std::path::Path,
     ) -> anyhow::Result<Self> {
-        use rustls::pki_types::pem::PemObject as _;
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-        let chain = CertificateDer::pem_file_iter(cert)
-            .map_err(|e| anyhow::anyhow!("reading {}: {e}", cert.display()))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| anyhow::anyhow!("reading {}: {e}", cert.display()))?;
-        let key = PrivateKeyDer::from_pem_file(key)
-            .map_err(|e| anyhow::anyhow!("reading {}: {e}", key.display()))?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_single_cert(chain, key)?;
+        let config = Certificate::load(cert, key)?.server_config(&[])?;
         Ok(TurnTls {
             listen,
             host,
-            acceptor: TlsAcceptor::from(Arc::new(config)),
+            acceptor: TlsAcceptor::from(config),
         })
     }
 }

@@ -132,6 +132,37 @@ async fn mesh_relayed(env: Arc<Env>) -> Result<()> {
     env.finish(pages).await
 }
 
+/// Two pages join an SFU room over HTTPS and WSS (a self-signed certificate made at start-up)
+/// and decode each other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_over_https_in_chromium() {
+    let setup = Setup {
+        tls: true,
+        ..Setup::default()
+    };
+    run_browser_test_on("a_call_over_https_in_chromium", setup, https_call).await;
+}
+
+async fn https_call(env: Arc<Env>) -> Result<()> {
+    ensure!(
+        env.base.starts_with("https://"),
+        "not served over https: {}",
+        env.base
+    );
+    let pages = env.open_pages(&["Hana", "Hugo"]).await?;
+    for page in &pages {
+        page.join(&env.base, "e2e-https", None).await?;
+    }
+    step("two pages on an https origin decode each other");
+    for page in &pages {
+        page.wait_remote_media(1, Duration::from_secs(60)).await?;
+    }
+    for page in &pages {
+        page.wait_media_rising(1, Duration::from_secs(20)).await?;
+    }
+    env.finish(pages).await
+}
+
 /// What a page's (first) connection really uses: its selected pair's local candidate, as
 /// [candidateType, protocol, relayProtocol].
 async fn selected_path(page: &Page) -> Result<Value> {
@@ -1131,7 +1162,7 @@ impl Env {
 }
 
 fn chrome_options(chromium: &Path, profile: &Path, base: &str) -> Value {
-    json!({
+    let mut options = json!({
         "binary": chromium,
         "args": [
             // The shaped-link test serves on a veth address: not a secure context by itself.
@@ -1163,7 +1194,14 @@ fn chrome_options(chromium: &Path, profile: &Path, base: &str) -> Value {
             "--disable-quic",
             "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE localhost , EXCLUDE 127.0.0.1 , EXCLUDE 10.77.0.1",
         ],
-    })
+    });
+    if base.starts_with("https:")
+        && let Some(args) = options["args"].as_array_mut()
+    {
+        // The server's certificate is self-signed, made at start-up.
+        args.push("--ignore-certificate-errors".into());
+    }
+    options
 }
 
 /// Everything around a browser test: skip or re-exec decisions, the server, chromedriver,
@@ -1202,6 +1240,9 @@ struct Setup {
     tcp_only: bool,
     /// The embedded TURN server, allowed to relay between loopback addresses.
     turn: bool,
+    /// HTTPS and WSS with a self-signed certificate (`--tls-self-signed`); the browser is told
+    /// to accept it.
+    tls: bool,
 }
 
 async fn run_browser_test_on<F, Fut>(name: &str, setup: Setup, test: F)
@@ -1285,8 +1326,10 @@ where
         }
         net
     });
+    config.tls_self_signed = setup.tls;
     let server = Server::start(config).await.expect("starting the server");
-    let base = format!("http://{}", server.http_addr);
+    let scheme = if setup.tls { "https" } else { "http" };
+    let base = format!("{scheme}://{}", server.http_addr);
     eprintln!(
         "[browser] {name}: server at {base}, chromium {}",
         chromium.display()

@@ -44,6 +44,7 @@ use rtc::rtp_transceiver::rtp_sender::RtpCodecKind;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub use media::{MediaProfile, SIMULCAST_RIDS, VideoCodec};
 pub use peer::{CHAT_LABEL, publisher_of_stream};
@@ -79,6 +80,9 @@ pub struct ClientOptions {
     pub media_relay: Option<relay::MediaRelay>,
     /// The access token sent in `join` (servers with API keys require one).
     pub token: Option<String>,
+    /// The TLS configuration for `wss://` URLs (e.g. one that trusts a test's self-signed
+    /// certificate). None: the public web's root certificates.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// Sees every intact media packet a client receives, on the receive task, right after its
@@ -102,8 +106,44 @@ impl Default for ClientOptions {
             probe: None,
             media_relay: None,
             token: None,
+            tls: None,
         }
     }
+}
+
+/// The public web's root certificates (webpki-roots), with the ring provider the rest of the
+/// crate uses.
+fn public_roots() -> Arc<rustls::ClientConfig> {
+    let roots = rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    tls_client_config(roots)
+}
+
+/// A client configuration trusting `roots`: for tests, a store holding their self-signed
+/// certificate.
+pub fn tls_client_config(roots: rustls::RootCertStore) -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Arc::new(config)
+}
+
+/// Opens a signaling socket (`ws://` or `wss://`).
+async fn open_socket(
+    ws_url: &str,
+    tls: &Arc<rustls::ClientConfig>,
+    timeout: Duration,
+) -> anyhow::Result<WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>> {
+    let connector = tokio_tungstenite::Connector::Rustls(tls.clone());
+    let connect =
+        tokio_tungstenite::connect_async_tls_with_config(ws_url, None, true, Some(connector));
+    let (socket, _) = tokio::time::timeout(timeout, connect)
+        .await
+        .map_err(|_| anyhow!("connecting to {ws_url} timed out"))?
+        .with_context(|| format!("connecting to {ws_url}"))?;
+    Ok(socket)
 }
 
 impl ClientOptions {
@@ -188,6 +228,8 @@ pub struct Client {
     reader: Mutex<JoinHandle<()>>,
     writer: JoinHandle<()>,
     closed: AtomicBool,
+    /// For `wss://` URLs, kept for resumes.
+    tls: Arc<rustls::ClientConfig>,
 }
 
 impl Client {
@@ -201,11 +243,8 @@ impl Client {
         name: &str,
         opts: ClientOptions,
     ) -> anyhow::Result<Client> {
-        let (socket, _) =
-            tokio::time::timeout(opts.join_timeout, tokio_tungstenite::connect_async(ws_url))
-                .await
-                .map_err(|_| anyhow!("connecting to {ws_url} timed out"))?
-                .with_context(|| format!("connecting to {ws_url}"))?;
+        let tls = opts.tls.clone().unwrap_or_else(public_roots);
+        let socket = open_socket(ws_url, &tls, opts.join_timeout).await?;
         let (mut sink, mut stream) = socket.split();
         let join = ClientMessage::Join {
             room: room.to_owned(),
@@ -284,6 +323,7 @@ impl Client {
             reader: Mutex::new(reader),
             writer,
             closed: AtomicBool::new(false),
+            tls,
         })
     }
 
@@ -459,13 +499,7 @@ impl Client {
             .shared
             .read(|r| r.resume_token.clone())
             .ok_or_else(|| anyhow!("the server gave no resume token"))?;
-        let (socket, _) = tokio::time::timeout(
-            Duration::from_secs(10),
-            tokio_tungstenite::connect_async(ws_url),
-        )
-        .await
-        .map_err(|_| anyhow!("connecting to {ws_url} timed out"))?
-        .with_context(|| format!("connecting to {ws_url}"))?;
+        let socket = open_socket(ws_url, &self.tls, Duration::from_secs(10)).await?;
         let (mut sink, mut stream) = socket.split();
         let resume = ClientMessage::Resume { token };
         sink.send(Message::Text(serde_json::to_string(&resume)?.into()))

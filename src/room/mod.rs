@@ -18,6 +18,7 @@ use crate::forward::{TrackKey, TrackRoute};
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::signal::protocol::{ParticipantInfo, RoomMode, ServerMessage, TrackInfo};
 use crate::types::{MediaKind, ParticipantId, RoomName, TrackCodec, TrackId};
+use crate::webhook::{self, EventKind, Webhooks};
 
 /// A track published in a room.
 #[derive(Debug)]
@@ -82,6 +83,8 @@ pub struct MemberChannels {
 #[derive(Debug)]
 struct Member {
     name: String,
+    /// The access token's identity (none in development mode).
+    identity: Option<String>,
     audio_muted: bool,
     video_muted: bool,
     channels: MemberChannels,
@@ -96,6 +99,14 @@ impl Member {
             self.channels.events = mpsc::channel(1).0;
             lagging.inc();
             tracing::warn!("a member fell a whole event queue behind; removing it from the room");
+        }
+    }
+
+    fn webhook_participant(&self, id: &ParticipantId) -> webhook::Participant {
+        webhook::Participant {
+            id: id.to_string(),
+            identity: self.identity.clone(),
+            name: self.name.clone(),
         }
     }
 
@@ -175,6 +186,7 @@ pub struct Room {
     name: RoomName,
     mode: RoomMode,
     state: Mutex<RoomState>,
+    webhooks: Webhooks,
     _gauge: GaugeGuard,
 }
 
@@ -291,6 +303,8 @@ impl Room {
             publisher,
             &RoomEvent::TrackPublished(publication.clone()),
         );
+        let member = state.members.get(publisher);
+        self.track_webhook(EventKind::TrackPublished, &publication, member);
         Ok(publication)
     }
 
@@ -322,7 +336,32 @@ impl Room {
         if let Some(publication) = state.tracks.remove(track_id) {
             let event = RoomEvent::TrackUnpublished(publication.clone());
             Self::broadcast_except(&mut state, &publication.publisher, &event);
+            let member = state.members.get(&publication.publisher);
+            self.track_webhook(EventKind::TrackUnpublished, &publication, member);
         }
+    }
+
+    /// A webhook about one track and its publisher.
+    fn track_webhook(
+        &self,
+        kind: EventKind,
+        publication: &Publication,
+        publisher: Option<&Member>,
+    ) {
+        self.webhooks.notify(|| {
+            let info = &publication.info;
+            let mut event =
+                webhook::Event::new(kind, self.name.as_str()).with_track(webhook::Track {
+                    id: info.track_id.clone(),
+                    kind: info.kind,
+                    codec: info.codec.clone(),
+                    layers: info.layers.clone(),
+                });
+            if let Some(member) = publisher {
+                event = event.with_participant(member.webhook_participant(&publication.publisher));
+            }
+            event
+        });
     }
 
     pub fn publication(&self, track_id: &TrackId) -> Option<Arc<Publication>> {
@@ -416,6 +455,7 @@ pub struct Registry {
     rooms: DashMap<RoomName, Arc<Room>>,
     limits: Limits,
     metrics: Arc<Metrics>,
+    webhooks: Webhooks,
 }
 
 impl Registry {
@@ -424,7 +464,14 @@ impl Registry {
             rooms: DashMap::new(),
             limits,
             metrics,
+            webhooks: Webhooks::default(),
         }
+    }
+
+    /// Tells `webhooks` what happens in rooms.
+    pub fn with_webhooks(mut self, webhooks: Webhooks) -> Self {
+        self.webhooks = webhooks;
+        self
     }
 
     pub fn limits(&self) -> &Limits {
@@ -438,6 +485,7 @@ impl Registry {
         name: &str,
         mode: RoomMode,
         channels: MemberChannels,
+        identity: Option<String>,
     ) -> Result<Joined, JoinError> {
         loop {
             let room = self.room_or_create(room_name, mode)?;
@@ -453,6 +501,7 @@ impl Registry {
             let participant_id = ParticipantId::random();
             let member = Member {
                 name: name.to_string(),
+                identity,
                 audio_muted: false,
                 video_muted: false,
                 channels,
@@ -461,6 +510,10 @@ impl Registry {
             let tracks = state.tracks.values().cloned().collect();
             let joined = RoomEvent::ParticipantJoined(member.info(&participant_id));
             Room::broadcast_except(&mut state, &participant_id, &joined);
+            self.webhooks.notify(|| {
+                webhook::Event::new(EventKind::ParticipantJoined, room_name.as_str())
+                    .with_participant(member.webhook_participant(&participant_id))
+            });
             state.members.insert(participant_id.clone(), member);
             state.order.push(participant_id.clone());
             drop(state);
@@ -486,6 +539,8 @@ impl Registry {
             .entry(name.clone())
             .or_insert_with(|| {
                 tracing::info!(room = %name, ?mode, "room created");
+                self.webhooks
+                    .notify(|| webhook::Event::new(EventKind::RoomStarted, name.as_str()));
                 Arc::new(Room {
                     name: name.clone(),
                     mode,
@@ -493,6 +548,7 @@ impl Registry {
                         lagging: self.metrics.members_lagging.clone(),
                         ..RoomState::default()
                     }),
+                    webhooks: self.webhooks.clone(),
                     _gauge: GaugeGuard::new(&self.metrics, |m| &m.rooms),
                 })
             })
@@ -505,9 +561,9 @@ impl Registry {
     pub fn leave(&self, room: &Room, id: &ParticipantId) {
         {
             let mut state = room.lock();
-            if state.members.remove(id).is_none() {
+            let Some(member) = state.members.remove(id) else {
                 return;
-            }
+            };
             state.order.retain(|m| m != id);
             if state.loudness.remove(id).is_some() {
                 state.update_speakers();
@@ -520,6 +576,7 @@ impl Registry {
                 .collect();
             for track_id in gone {
                 if let Some(publication) = state.tracks.remove(&track_id) {
+                    room.track_webhook(EventKind::TrackUnpublished, &publication, Some(&member));
                     Room::broadcast_except(
                         &mut state,
                         id,
@@ -528,6 +585,10 @@ impl Registry {
                 }
             }
             Room::broadcast_except(&mut state, id, &RoomEvent::ParticipantLeft(id.clone()));
+            self.webhooks.notify(|| {
+                webhook::Event::new(EventKind::ParticipantLeft, room.name().as_str())
+                    .with_participant(member.webhook_participant(id))
+            });
         }
         self.close_if_empty(room);
     }
@@ -545,6 +606,8 @@ impl Registry {
         });
         if removed.is_some() {
             tracing::info!(room = %room.name(), "room closed (empty)");
+            self.webhooks
+                .notify(|| webhook::Event::new(EventKind::RoomFinished, room.name().as_str()));
         }
         removed.is_some() || !self.rooms.contains_key(room.name())
     }
@@ -631,10 +694,10 @@ mod tests {
         let reg = registry(10);
         let name = RoomName::parse("r").unwrap();
         let (ca, mut ea, _) = channels();
-        let a = reg.join(&name, "alice", RoomMode::Sfu, ca).unwrap();
+        let a = reg.join(&name, "alice", RoomMode::Sfu, ca, None).unwrap();
         assert!(a.participants.is_empty());
         let (cb, _eb, _) = channels();
-        let b = reg.join(&name, "bob", RoomMode::Mesh, cb).unwrap();
+        let b = reg.join(&name, "bob", RoomMode::Mesh, cb, None).unwrap();
         assert_eq!(b.participants[0].name, "alice");
         assert_eq!(b.room.mode(), RoomMode::Sfu, "the creator's mode wins");
         assert!(matches!(ea.try_recv(), Ok(RoomEvent::ParticipantJoined(p)) if p.name == "bob"));
@@ -665,7 +728,10 @@ mod tests {
         let mut members = Vec::new();
         for who in ["a", "b", "c", "d"] {
             let (ch, events, _) = channels();
-            members.push((reg.join(&name, who, RoomMode::Sfu, ch).unwrap(), events));
+            members.push((
+                reg.join(&name, who, RoomMode::Sfu, ch, None).unwrap(),
+                events,
+            ));
         }
         let room = members[0].0.room.clone();
         let ids: Vec<ParticipantId> = members.iter().map(|m| m.0.participant_id.clone()).collect();
@@ -705,10 +771,10 @@ mod tests {
         let reg = registry(1);
         let name = RoomName::parse("r").unwrap();
         let (ca, _ea, _) = channels();
-        let a = reg.join(&name, "alice", RoomMode::Sfu, ca).unwrap();
+        let a = reg.join(&name, "alice", RoomMode::Sfu, ca, None).unwrap();
         let (cb, _eb, _) = channels();
         assert!(matches!(
-            reg.join(&name, "bob", RoomMode::Sfu, cb),
+            reg.join(&name, "bob", RoomMode::Sfu, cb, None),
             Err(JoinError::RoomFull(..))
         ));
         a.room
@@ -727,9 +793,9 @@ mod tests {
         let reg = registry(10);
         let name = RoomName::parse("r").unwrap();
         let (ca, _ea, mut chat_a) = channels();
-        let a = reg.join(&name, "alice", RoomMode::Sfu, ca).unwrap();
+        let a = reg.join(&name, "alice", RoomMode::Sfu, ca, None).unwrap();
         let (cb, _eb, mut chat_b) = channels();
-        let _b = reg.join(&name, "bob", RoomMode::Sfu, cb).unwrap();
+        let _b = reg.join(&name, "bob", RoomMode::Sfu, cb, None).unwrap();
         assert_eq!(a.room.chat(&a.participant_id, "hi".into()), 0);
         assert_eq!(&*chat_b.try_recv().unwrap(), "hi");
         assert!(chat_a.try_recv().is_err(), "not echoed to the sender");
@@ -751,13 +817,14 @@ mod tests {
                 "slow",
                 RoomMode::Mesh,
                 MemberChannels { events, chat },
+                None,
             )
             .unwrap();
         // Others come and go: more events than the slow member's queue holds.
         for i in 0..3 {
             let (c, _e, _) = channels();
             let other = reg
-                .join(&name, &format!("o{i}"), RoomMode::Mesh, c)
+                .join(&name, &format!("o{i}"), RoomMode::Mesh, c, None)
                 .unwrap();
             reg.leave(&other.room, &other.participant_id);
         }

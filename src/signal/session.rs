@@ -549,20 +549,21 @@ impl Session {
             events: events_tx,
             chat: chat_tx,
         };
-        let joined =
-            match self
-                .ctx
-                .registry
-                .join(&room_name, name, mode.unwrap_or_default(), channels)
-            {
-                Ok(joined) => joined,
-                Err(e @ JoinError::RoomFull(..)) => {
-                    return self.error(ErrorCode::RoomFull, e.to_string()).await;
-                }
-                Err(e @ JoinError::TooManyRooms(..)) => {
-                    return self.error(ErrorCode::ServerFull, e.to_string()).await;
-                }
-            };
+        let joined = match self.ctx.registry.join(
+            &room_name,
+            name,
+            mode.unwrap_or_default(),
+            channels,
+            admission.identity.clone(),
+        ) {
+            Ok(joined) => joined,
+            Err(e @ JoinError::RoomFull(..)) => {
+                return self.error(ErrorCode::RoomFull, e.to_string()).await;
+            }
+            Err(e @ JoinError::TooManyRooms(..)) => {
+                return self.error(ErrorCode::ServerFull, e.to_string()).await;
+            }
+        };
         let room = joined.room.clone();
         let id = joined.participant_id.clone();
         // Display names and identities stay out of info-level logs.
@@ -1128,7 +1129,7 @@ mod tests {
             chat: chat_tx,
         };
         let joined = registry
-            .join(&room, "casper", RoomMode::Mesh, channels)
+            .join(&room, "casper", RoomMode::Mesh, channels, None)
             .expect("join");
         let session = Session {
             ctx: ctx.clone(),
