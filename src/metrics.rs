@@ -158,6 +158,7 @@ metrics! {
         red_packets_out: "Audio packets sent as RED to subscribers that take it (the others get the primary block only)",
         packets_dropped: "RTP packets dropped: a relay queue to another worker or the socket's send buffer was full",
         packets_dropped_pacer: "Video packets dropped because the subscriber's pacer queue already held more than 500 ms (its downlink is congested; layer choice catches up)",
+        packets_muted: "RTP packets dropped on arrival because an administrator muted their track",
         datagrams_unroutable: "Datagrams dropped because they matched no connection (unknown address and ICE ufrag)",
         keyframe_requests: "Keyframe requests (PLI) sent to publishers",
         media_loop_turns: "Turns of the media workers' event loops (wake-ups); packets per turn is the batching",

@@ -209,3 +209,90 @@ async fn admin_calls_act_on_live_rooms() {
     cal.close().await;
     assert_all_clean(&server, "town-hall").await;
 }
+
+/// The microphone state `participant-updated` last gave for `who`.
+fn audio_muted_of(s: &switchboard::client::ClientSnapshot, who: &str) -> Option<bool> {
+    s.events.iter().rev().find_map(|e| match e {
+        switchboard::signal::protocol::ServerMessage::ParticipantUpdated { participant }
+            if participant.id == who =>
+        {
+            Some(participant.audio_muted)
+        }
+        _ => None,
+    })
+}
+
+#[tokio::test]
+async fn an_admin_mutes_and_unmutes_a_participants_track() {
+    use switchboard::signal::protocol::ServerMessage;
+    use switchboard::types::MediaKind;
+    let _serial = serial().await;
+    let server = start_server().await;
+    let ann = join(&server, "hush", "ann", ClientOptions::default()).await;
+    let ben = join(&server, "hush", "ben", ClientOptions::default()).await;
+    let ann_id = ann.id().to_string();
+    let audio_from_ann =
+        |s: &switchboard::client::ClientSnapshot| s.intact_from(&ann_id, MediaKind::Audio);
+    wait_all(&[&ben], "Ann's audio and video", MEDIA, |_, s| {
+        audio_from_ann(s) > 20 && s.intact_from(ann.id(), MediaKind::Video) > 20
+    })
+    .await;
+    let (_, room) = call(&server, "GET", "/api/rooms/hush", None, None).await;
+    let track = room["tracks"]
+        .as_array()
+        .and_then(|tracks| {
+            tracks
+                .iter()
+                .find(|t| t["participant_id"] == ann.id() && t["kind"] == "audio")
+        })
+        .and_then(|t| t["track_id"].as_str())
+        .expect("Ann's audio track in the room")
+        .to_string();
+    let path = format!("/api/rooms/hush/tracks/{track}/mute");
+
+    let (status, body) = call(&server, "POST", &path, None, Some(json!({"muted": true}))).await;
+    assert_eq!(status, 200, "{body}");
+    wait_all(&[&ann], "told it is muted", MEDIA, |_, s| {
+        s.events.iter().any(|e| {
+            matches!(e, ServerMessage::Muted { track_id, muted: true, kind: MediaKind::Audio } if *track_id == track)
+        })
+    })
+    .await;
+    wait_all(&[&ben], "Ann shown muted", MEDIA, |_, s| {
+        audio_muted_of(s, ann.id()) == Some(true)
+    })
+    .await;
+    // Ann's client keeps sending; the server forwards none of it, and still her video.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let audio_before = audio_from_ann(&ben.snapshot());
+    let video_before = ben.snapshot().intact_from(ann.id(), MediaKind::Video);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = ben.snapshot();
+    assert_eq!(
+        audio_from_ann(&after),
+        audio_before,
+        "muted audio still forwarded"
+    );
+    assert!(after.intact_from(ann.id(), MediaKind::Video) > video_before + 5);
+    assert!(server.metrics.snapshot().packets_muted > 20);
+
+    let (status, _) = call(&server, "POST", &path, None, Some(json!({"muted": false}))).await;
+    assert_eq!(status, 200);
+    wait_all(&[&ben], "Ann's audio again", MEDIA, |_, s| {
+        audio_from_ann(s) > audio_before + 20 && audio_muted_of(s, ann.id()) == Some(false)
+    })
+    .await;
+    let unknown = call(
+        &server,
+        "POST",
+        "/api/rooms/hush/tracks/t-none/mute",
+        None,
+        Some(json!({"muted": true})),
+    )
+    .await;
+    assert_eq!(unknown.0, 404);
+
+    close_all(&[&ann, &ben]).await;
+    assert_all_clean(&server, "hush").await;
+    server.shutdown().await;
+}

@@ -372,6 +372,19 @@ function onMessage(msg) {
       state.activeSpeakers = msg.participants;
       ui.setActiveSpeakers(msg.participants);
       break;
+    case "muted": {
+      // An administrator muted one of our tracks: the server drops it until they unmute it.
+      // Turn it off here too; turning it back on after an unmute is the user's choice.
+      const what = msg.kind === "audio" ? "microphone" : "camera";
+      if (msg.muted) {
+        const off = msg.kind === "audio" ? media.setMic(false) : media.setCamera(false);
+        Promise.resolve(off).catch((err) => console.warn("[app] muting", err));
+        ui.showBanner("warn", `An administrator muted your ${what}.`);
+      } else {
+        ui.showBanner("info", `An administrator let your ${what} back on.`);
+      }
+      break;
+    }
     case "server-draining":
       // The socket closes after the deadline; the usual reconnect then joins again (a load
       // balancer sends us to another server).

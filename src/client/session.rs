@@ -498,6 +498,7 @@ impl Session {
             ServerMessage::SubscriptionState { .. }
             | ServerMessage::ActiveSpeakers { .. }
             | ServerMessage::ParticipantUpdated { .. }
+            | ServerMessage::Muted { .. }
             | ServerMessage::ServerDraining { .. } => self.shared.push_event(message),
             ServerMessage::PublisherLayers {
                 ref mid,

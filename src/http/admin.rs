@@ -15,7 +15,7 @@ use serde_json::json;
 use crate::room::Room;
 use crate::signal::ServerContext;
 use crate::signal::protocol::{ChatRelay, RoomMode};
-use crate::types::{ParticipantId, RoomName};
+use crate::types::{ParticipantId, RoomName, TrackId};
 
 /// The rooms a caller may manage.
 enum Scope {
@@ -195,6 +195,54 @@ pub async fn remove_participant(
     } else {
         refuse(StatusCode::NOT_FOUND, "no such participant in this room")
     }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Mute {
+    #[serde(default = "yes")]
+    muted: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `POST /api/rooms/{name}/tracks/{track_id}/mute` `{"muted": true|false}`: stops (or
+/// resumes) forwarding a published track to everyone. The publisher's client is told
+/// (`muted`); the others see its mute state change. It holds until an administrator unmutes
+/// it, whatever the publisher's client does.
+pub async fn mute_track(
+    State(ctx): State<Arc<ServerContext>>,
+    headers: HeaderMap,
+    Path((name, track_id)): Path<(String, String)>,
+    Json(body): Json<Mute>,
+) -> Response {
+    let room = match managed_room(&ctx, &headers, &name) {
+        Ok(room) => room,
+        Err(refused) => return refused.into_response(),
+    };
+    if room.mode() == RoomMode::Mesh {
+        return refuse(
+            StatusCode::CONFLICT,
+            "mesh rooms carry media peer to peer; the server cannot mute it",
+        );
+    }
+    let track = TrackId::from(track_id.as_str());
+    let Some(publication) = room.mute_by_admin(&track, body.muted) else {
+        return refuse(StatusCode::NOT_FOUND, "no such track in this room");
+    };
+    if ctx
+        .media
+        .set_track_muted(&publication.route, body.muted)
+        .is_err()
+    {
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the media plane is stopping",
+        );
+    }
+    tracing::info!(room = %name, track = %track_id, muted = body.muted, "track muted by an administrator");
+    Json(json!({ "track": publication.info, "muted": body.muted })).into_response()
 }
 
 #[derive(Debug, Deserialize)]

@@ -41,6 +41,10 @@ pub fn router(ctx: Arc<ServerContext>) -> Router {
             delete(admin::remove_participant),
         )
         .route("/api/rooms/{name}/data", post(admin::send_data))
+        .route(
+            "/api/rooms/{name}/tracks/{track_id}/mute",
+            post(admin::mute_track),
+        )
         .route("/{*path}", get(static_file))
         .with_state(ctx)
 }

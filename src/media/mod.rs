@@ -289,6 +289,19 @@ impl MediaPlane {
         ))
     }
 
+    /// Mutes or unmutes a published track for everyone (admin API): its packets are dropped
+    /// where they arrive, and a video asks for a keyframe when it comes back.
+    pub fn set_track_muted(&self, route: &TrackRoute, muted: bool) -> Result<(), MediaError> {
+        let worker = self.workers.get(route.worker).ok_or(MediaError::Closed)?;
+        worker
+            .commands
+            .send(Command::MuteTrack {
+                key: route.key,
+                muted,
+            })
+            .map_err(|_| MediaError::Closed)
+    }
+
     /// Stops the workers (after every session closed its connection).
     pub fn shutdown(&self) {
         for w in self.workers.iter() {

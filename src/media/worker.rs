@@ -188,6 +188,11 @@ pub enum Command {
         worker: usize,
         layers: u32,
     },
+    /// An administrator muted (or unmuted) a track published on this worker.
+    MuteTrack {
+        key: TrackKey,
+        muted: bool,
+    },
     /// From the publisher's worker: the layers the publisher was asked to switch off.
     Suspended {
         key: TrackKey,
@@ -261,6 +266,8 @@ enum Source {
         dynacast: Dynacast,
         /// Audio: who speaks, and the loudness last told to the session.
         speech: Option<(SpeechMeter, f32)>,
+        /// Muted by an administrator: its packets are dropped on arrival.
+        muted: bool,
         _gauge: GaugeGuard,
     },
     /// Relayed from the publisher's worker.
@@ -312,6 +319,7 @@ struct Tally {
     red_out: u64,
     packets_dropped: u64,
     packets_dropped_pacer: u64,
+    packets_muted: u64,
     unroutable: u64,
     keyframe_requests: u64,
     turns: u64,
@@ -757,6 +765,10 @@ impl Worker {
         };
         self.tally.packets_in += 1;
         self.tally.red_in += u64::from(red);
+        if let Source::Local { muted: true, .. } = f.source {
+            self.tally.packets_muted += 1;
+            return;
+        }
         if let (
             Source::Local {
                 speech: Some((meter, _)),
@@ -1295,6 +1307,19 @@ impl Worker {
                     f.fwd.set_suspended(layers, Instant::now());
                 }
             }
+            Command::MuteTrack { key, muted } => {
+                if let Some(f) = self.forwarders.get_mut(&key)
+                    && let Source::Local { muted: flag, .. } = &mut f.source
+                {
+                    *flag = muted;
+                    // Video resumes on a keyframe of every layer in use.
+                    if !muted && f.fwd.is_video() {
+                        for layer in 0..f.fwd.layer_count() {
+                            f.fwd.request_keyframe(layer);
+                        }
+                    }
+                }
+            }
             Command::KeyframeRequest { key, layers } => {
                 if let Some(f) = self.forwarders.get_mut(&key) {
                     for layer in 0..u32::BITS as u8 {
@@ -1392,6 +1417,7 @@ impl Worker {
                     mid,
                     dynacast: Dynacast::new(layers.len() as u8),
                     speech: (kind == MediaKind::Audio).then(|| (SpeechMeter::default(), 0.0)),
+                    muted: false,
                     layers,
                     _gauge: GaugeGuard::new(&self.metrics, |m| &m.forwarders),
                 },
@@ -1543,6 +1569,7 @@ impl Worker {
             (&m.red_packets_out, t.red_out),
             (&m.packets_dropped, t.packets_dropped),
             (&m.packets_dropped_pacer, t.packets_dropped_pacer),
+            (&m.packets_muted, t.packets_muted),
             (&m.datagrams_unroutable, t.unroutable),
             (&m.keyframe_requests, t.keyframe_requests),
             (&m.media_loop_turns, t.turns),

@@ -65,6 +65,11 @@ pub enum RoomEvent {
     ActiveSpeakers(Arc<[ParticipantId]>),
     /// An administrator removed this member (or closed the room): its session ends.
     Removed(String),
+    /// An administrator muted or unmuted one of this member's tracks.
+    MutedByAdmin {
+        track: TrackInfo,
+        muted: bool,
+    },
 }
 
 /// Active speakers a room names at once.
@@ -425,6 +430,21 @@ impl Room {
         *flag = muted;
         let event = RoomEvent::ParticipantUpdated(member.info(who));
         Room::broadcast_except(&mut state, who, &event);
+    }
+
+    /// An administrator muted or unmuted a track (its packets are dropped in the media plane):
+    /// the publisher is told, and the others see the publisher's mute state change. The
+    /// publication, or None if there is no such track.
+    pub fn mute_by_admin(&self, track_id: &TrackId, muted: bool) -> Option<Arc<Publication>> {
+        let publication = self.publication(track_id)?;
+        let who = &publication.publisher;
+        self.set_muted(who, publication.info.kind, muted);
+        let event = RoomEvent::MutedByAdmin {
+            track: publication.info.clone(),
+            muted,
+        };
+        self.lock().deliver_to(who, event);
+        Some(publication)
     }
 
     /// The active speakers last announced, loudest first.

@@ -263,6 +263,14 @@ pub enum ServerMessage {
     ServerDraining {
         deadline_secs: u64,
     },
+    /// To a publisher (protocol 3): an administrator muted (or unmuted) one of its tracks.
+    /// The server drops that track's packets until an administrator unmutes it; a client
+    /// should show it muted (and may stop sending it).
+    Muted {
+        track_id: String,
+        kind: MediaKind,
+        muted: bool,
+    },
     /// Answer to `leave`.
     Left,
     Pong,

@@ -937,6 +937,17 @@ impl Session {
                     "removed by an administrator",
                 ))
             }
+            RoomEvent::MutedByAdmin { track, muted } => {
+                if membership.protocol < 3 {
+                    return Ok(());
+                }
+                self.send(&ServerMessage::Muted {
+                    track_id: track.track_id,
+                    kind: track.kind,
+                    muted,
+                })
+                .await
+            }
             RoomEvent::ActiveSpeakers(speakers) => {
                 if let Some(media) = membership.media.as_ref() {
                     media.prioritize_speakers(&membership.room, &speakers);
