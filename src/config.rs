@@ -1,9 +1,13 @@
-//! Server configuration: command-line flags, each with an environment-variable twin, and the
-//! documented limits. Nothing here touches sockets.
+//! Server configuration: command-line flags, each with an environment-variable twin, an
+//! optional TOML file (`--config`) under both, and the documented limits. Nothing here touches
+//! sockets.
 
+use std::ffi::OsString;
 use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 
-use clap::Parser;
+use clap::parser::ValueSource;
+use clap::{CommandFactory, Parser};
 
 /// Bounds on what clients may use. Every bound has a metric or an error code that shows it
 /// being hit. A value of 0 means "no limit" only where the field says so.
@@ -114,6 +118,11 @@ impl Default for Limits {
 #[derive(Debug, Clone, Parser)]
 #[command(name = "switchboard", version, about)]
 pub struct Config {
+    /// A TOML file of settings: any flag below by its long name (`max-connections = 500`,
+    /// `api-key = ["k1:..."]`), at the top or in tables such as `[limits]`. Flags and
+    /// environment variables override it.
+    #[arg(long, env = "SWITCHBOARD_CONFIG")]
+    pub config: Option<PathBuf>,
     /// Address for HTTP (browser client) and the signaling WebSocket.
     #[arg(long, env = "SWITCHBOARD_HTTP", default_value = "0.0.0.0:8080")]
     pub http: SocketAddr,
@@ -265,7 +274,56 @@ pub struct TokenArgs {
     pub room_admin: bool,
 }
 
+/// Why the configuration could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A bad flag or value, or `--help`/`--version` (`exit()` prints it).
+    #[error(transparent)]
+    Args(#[from] clap::Error),
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not valid TOML: {source}")]
+    Toml {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("{path}: `{key}` is not a setting (see `switchboard --help`)")]
+    UnknownKey { path: PathBuf, key: String },
+    #[error("{path}: `{key}` has a value of a kind no setting takes (a table or a date)")]
+    BadValue { path: PathBuf, key: String },
+}
+
 impl Config {
+    /// Reads the flags and environment of this process, and the `--config` file if named.
+    pub fn load() -> Result<Config, ConfigError> {
+        Self::load_from(std::env::args_os())
+    }
+
+    /// As [`Config::load`], from these arguments (the first is the program name). A setting in
+    /// the file counts only where neither a flag nor an environment variable gave one: the
+    /// file's settings become flags placed before the given ones, and clap parses the lot, so
+    /// the file's values are checked exactly as flags are.
+    pub fn load_from<I, T>(args: I) -> Result<Config, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+        let matches = Config::command().try_get_matches_from(&args)?;
+        let Some(path) = matches.get_one::<PathBuf>("config").cloned() else {
+            return Ok(Config::try_parse_from(&args)?);
+        };
+        let from_file = file_args(&path, &matches)?;
+        let mut merged = Vec::with_capacity(args.len() + from_file.len());
+        merged.extend(args.first().cloned());
+        merged.extend(from_file);
+        merged.extend(args.into_iter().skip(1));
+        Ok(Config::try_parse_from(merged)?)
+    }
+
     /// The number of media workers in force.
     pub fn media_workers(&self) -> usize {
         self.workers
@@ -284,9 +342,147 @@ impl Config {
     }
 }
 
+/// The settings of a TOML file as flags, leaving out those the command line or environment
+/// already set.
+fn file_args(path: &Path, given: &clap::ArgMatches) -> Result<Vec<OsString>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let table: toml::Table = toml::from_str(&text).map_err(|source| ConfigError::Toml {
+        path: path.to_owned(),
+        source,
+    })?;
+    let command = Config::command();
+    let mut entries: Vec<(String, toml::Value)> = Vec::new();
+    for (key, value) in table {
+        match value {
+            // Tables only group settings (`[limits]`, `[webhooks]`): their keys are flags too.
+            toml::Value::Table(inner) => entries.extend(inner),
+            value => entries.push((key, value)),
+        }
+    }
+    let mut out = Vec::new();
+    for (key, value) in entries {
+        let long = key.replace('_', "-");
+        let arg = command
+            .get_arguments()
+            .find(|a| a.get_long() == Some(long.as_str()) || a.get_id().as_str() == key)
+            .filter(|a| a.get_id() != "config")
+            .ok_or_else(|| ConfigError::UnknownKey {
+                path: path.to_owned(),
+                key: key.clone(),
+            })?;
+        let id = arg.get_id().as_str();
+        if matches!(
+            given.value_source(id),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        ) {
+            continue;
+        }
+        let flag = format!("--{}", arg.get_long().unwrap_or(id));
+        let bad = || ConfigError::BadValue {
+            path: path.to_owned(),
+            key: key.clone(),
+        };
+        let values = match value {
+            toml::Value::Array(items) => items,
+            value => vec![value],
+        };
+        for value in values {
+            match value {
+                // Switches (`no-turn = true`); false is their default.
+                toml::Value::Boolean(true) => out.push(flag.clone().into()),
+                toml::Value::Boolean(false) => {}
+                toml::Value::String(text) => out.extend([flag.clone().into(), text.into()]),
+                toml::Value::Integer(n) => out.extend([flag.clone().into(), n.to_string().into()]),
+                toml::Value::Float(x) => out.extend([flag.clone().into(), x.to_string().into()]),
+                toml::Value::Table(_) | toml::Value::Array(_) | toml::Value::Datetime(_) => {
+                    return Err(bad());
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn write_config(name: &str, text: &str) -> PathBuf {
+        let path = std::env::temp_dir().join(format!(
+            "switchboard-config-{}-{name}.toml",
+            std::process::id()
+        ));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_config_file_sets_what_flags_do_not() {
+        let path = write_config(
+            "sets",
+            r#"
+            http = "127.0.0.1:9000"
+            api-key = ["k1:an-api-secret-of-32-characters-at-least"]
+            no_turn = true
+            [limits]
+            max-connections = 500
+            allowed-origins = ["https://meet.example.com", "https://app.example.com"]
+            [webhooks]
+            webhook-url = ["https://hooks.example.com/switchboard"]
+            webhook-secret = "a-webhook-secret-for-tests"
+            "#,
+        );
+        let file = path.to_str().unwrap();
+        let config =
+            Config::load_from(["switchboard", "--config", file, "--max-connections", "7"]).unwrap();
+        assert_eq!(config.http.to_string(), "127.0.0.1:9000");
+        assert_eq!(config.api_keys.len(), 1);
+        assert!(config.no_turn);
+        assert_eq!(
+            config.limits.max_connections, 7,
+            "the flag wins over the file"
+        );
+        assert_eq!(config.limits.allowed_origins.len(), 2);
+        assert_eq!(
+            config.webhook_urls,
+            ["https://hooks.example.com/switchboard"]
+        );
+        assert_eq!(config.limits.max_rooms, 1000, "defaults stay");
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn a_bad_config_file_is_a_clear_error() {
+        let unknown = write_config("unknown", "max-conections = 5\n");
+        let error =
+            Config::load_from(["switchboard", "--config", unknown.to_str().unwrap()]).unwrap_err();
+        assert!(
+            matches!(&error, ConfigError::UnknownKey { key, .. } if key == "max-conections"),
+            "{error}"
+        );
+        let bad_value = write_config("value", "max-connections = \"many\"\n");
+        let error = Config::load_from(["switchboard", "--config", bad_value.to_str().unwrap()])
+            .unwrap_err();
+        assert!(error.to_string().contains("many"), "{error}");
+        let not_toml = write_config("toml", "max-connections = = 5\n");
+        let error =
+            Config::load_from(["switchboard", "--config", not_toml.to_str().unwrap()]).unwrap_err();
+        assert!(matches!(error, ConfigError::Toml { .. }), "{error}");
+        let missing = Config::load_from(["switchboard", "--config", "/nonexistent.toml"]);
+        assert!(matches!(missing, Err(ConfigError::Read { .. })));
+        for path in [unknown, bad_value, not_toml] {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+
+    #[test]
+    fn the_example_config_file_is_valid() {
+        let example = concat!(env!("CARGO_MANIFEST_DIR"), "/switchboard.example.toml");
+        Config::load_from(["switchboard", "--config", example]).unwrap();
+    }
 
     #[test]
     fn defaults() {

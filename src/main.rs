@@ -1,12 +1,16 @@
-use clap::Parser;
 use switchboard::auth::{Claims, Keys};
-use switchboard::config::{Command, Config, TokenArgs};
+use switchboard::config::{Command, Config, ConfigError, TokenArgs};
 use switchboard::server::Server;
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = Config::parse();
+    let config = match Config::load() {
+        Ok(config) => config,
+        // Usage errors, --help and --version print themselves, with clap's exit codes.
+        Err(ConfigError::Args(e)) => e.exit(),
+        Err(e) => anyhow::bail!(e),
+    };
     if let Some(Command::Token(args)) = &config.command {
         println!("{}", mint(&config, args)?);
         return Ok(());
