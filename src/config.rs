@@ -202,6 +202,15 @@ pub struct Config {
     /// address.
     #[arg(long, env = "SWITCHBOARD_TURN_TLS_HOST")]
     pub turn_tls_host: Option<String>,
+    /// Relays the embedded TURN server holds open at once; more allocations are refused
+    /// (0: no limit).
+    #[arg(long, env = "SWITCHBOARD_TURN_MAX_ALLOCATIONS", default_value_t = 1000)]
+    pub turn_max_allocations: usize,
+    /// The rate, in kbit/s, at which one TURN relay may send to its peers; faster datagrams are
+    /// dropped (0: no limit). A client relaying a whole call (simulcast up, RTCP) needs 2-3
+    /// Mbit/s.
+    #[arg(long, env = "SWITCHBOARD_TURN_RELAY_KBPS", default_value_t = 10_000)]
+    pub turn_relay_kbps: u64,
     /// Lets the embedded TURN server relay to loopback and private addresses too (tests, LANs).
     /// Off, relays reach public addresses and this server's media ports only.
     #[arg(long, env = "SWITCHBOARD_TURN_ALLOW_PRIVATE")]

@@ -149,6 +149,7 @@ metrics! {
         forward_rate: "RTP packets per second queued to subscribers, over the last second",
         downtracks_paused_bandwidth: "Subscribed videos paused because the subscriber's downlink has no room for their lowest layer",
         downtracks_paused_hidden: "Subscribed videos paused because the subscriber does not show them",
+        turn_allocations: "Relays the embedded TURN server holds open",
         draining: "1 while the server drains before shutting down (new joins refused, /healthz 503)",
     }
     counters {
@@ -165,6 +166,8 @@ metrics! {
         signaling_errors: "Error messages sent to clients",
         chat_messages: "Chat messages relayed (counted once per sender message)",
         turn_auth_refused: "TURN requests refused for expired or malformed credentials",
+        turn_allocations_refused: "TURN allocations refused because the server held --turn-max-allocations relays",
+        turn_relay_throttled: "Datagrams a TURN relay dropped because its client sent faster than --turn-relay-kbps",
         turn_relay_denied: "Datagrams a TURN relay was asked to send to a private or loopback address and dropped",
         joins_refused_at_capacity: "Joins refused because every media worker was at the load limit or the forwarding rate at its cap",
         sessions_join_timeout: "Signaling sockets closed because they did not join a room in time",

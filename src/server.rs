@@ -191,6 +191,8 @@ async fn start_turn(
                 allow_private: config.turn_allow_private,
                 media: media_addrs,
                 tls,
+                max_allocations: config.turn_max_allocations,
+                relay_bytes_per_sec: config.turn_relay_kbps * 1000 / 8,
             };
             Some(
                 TurnServer::start(turn_config, metrics.clone(), shutdown.clone())

@@ -12,6 +12,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -27,9 +28,10 @@ use turn::server::Server as TurnProtocol;
 use turn::server::config::{ConnConfig, ServerConfig};
 use webrtc_util::Conn;
 
-use crate::metrics::Metrics;
+use crate::metrics::{GaugeGuard, Metrics};
 use crate::signal::protocol::IceServer;
 use crate::tls::Certificate;
+use crate::types::TokenBucket;
 
 const REALM: &str = "switchboard";
 /// Largest STUN message or ChannelData accepted on a TCP connection.
@@ -126,10 +128,28 @@ struct RelayPolicy {
     allow_private: bool,
     /// This server's media addresses: always reachable.
     media: Arc<[SocketAddr]>,
+    /// Relays open at once, over every transport (0: no limit).
+    max_allocations: usize,
+    allocations: Arc<AtomicUsize>,
+    /// Bytes a second one relay may send to its peers (0: no limit).
+    relay_bytes_per_sec: u64,
     metrics: Arc<Metrics>,
 }
 
 impl RelayPolicy {
+    /// A place for one more relay, or None at the cap.
+    fn take_slot(&self) -> Option<AllocationSlot> {
+        let held = self.allocations.fetch_add(1, Ordering::Relaxed);
+        if self.max_allocations != 0 && held >= self.max_allocations {
+            self.allocations.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(AllocationSlot {
+            allocations: self.allocations.clone(),
+            _gauge: GaugeGuard::new(&self.metrics, |m| &m.turn_allocations),
+        })
+    }
+
     fn allows(&self, to: SocketAddr) -> bool {
         if self.allow_private || self.media.contains(&to) {
             return true;
@@ -172,6 +192,14 @@ impl RelayAddressGenerator for Relays {
         _use_ipv4: bool,
         requested_port: u16,
     ) -> Result<(Arc<dyn Conn + Send + Sync>, SocketAddr), turn::Error> {
+        let Some(slot) = self.policy.take_slot() else {
+            self.policy.metrics.turn_allocations_refused.inc();
+            tracing::warn!(
+                max = self.policy.max_allocations,
+                "TURN allocation refused: the server holds its maximum of relays"
+            );
+            return Err(turn::Error::Other("allocation quota reached".into()));
+        };
         let socket = UdpSocket::bind((self.bind, requested_port))
             .await
             .map_err(|e| turn::Error::Other(e.to_string()))?;
@@ -179,18 +207,41 @@ impl RelayAddressGenerator for Relays {
             .local_addr()
             .map_err(|e| turn::Error::Other(e.to_string()))?;
         announced.set_ip(self.announce);
+        let budget = self.policy.relay_bytes_per_sec;
         let conn = PolicedRelay {
             socket,
             policy: self.policy.clone(),
+            // A second's worth of burst.
+            rate: std::sync::Mutex::new(TokenBucket::new(
+                budget,
+                budget,
+                std::time::Instant::now(),
+            )),
+            _slot: slot,
         };
         Ok((Arc::new(conn), announced))
     }
 }
 
-/// A relay socket that drops (and counts) what it may not send.
+/// A relay socket that drops (and counts) what it may not send: to where the policy forbids,
+/// or faster than its byte rate.
 struct PolicedRelay {
     socket: UdpSocket,
     policy: RelayPolicy,
+    rate: std::sync::Mutex<TokenBucket>,
+    _slot: AllocationSlot,
+}
+
+/// One relay's place under `--turn-max-allocations`, given back when the relay is dropped.
+struct AllocationSlot {
+    allocations: Arc<AtomicUsize>,
+    _gauge: GaugeGuard,
+}
+
+impl Drop for AllocationSlot {
+    fn drop(&mut self) {
+        self.allocations.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 #[async_trait]
@@ -211,6 +262,15 @@ impl Conn for PolicedRelay {
         if !self.policy.allows(target) {
             self.policy.metrics.turn_relay_denied.inc();
             return Ok(buf.len()); // dropped, as a firewall would
+        }
+        let within_rate = self
+            .rate
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take(buf.len() as u64, std::time::Instant::now());
+        if !within_rate {
+            self.policy.metrics.turn_relay_throttled.inc();
+            return Ok(buf.len()); // dropped, as a congested link would
         }
         Ok(self.socket.send_to(buf, target).await?)
     }
@@ -341,6 +401,10 @@ pub struct TurnConfig {
     pub media: Vec<SocketAddr>,
     /// TURN over TLS (`turns:`), where the server has a certificate.
     pub tls: Option<TurnTls>,
+    /// Relays open at once (0: no limit).
+    pub max_allocations: usize,
+    /// Bytes a second one relay may send to its peers (0: no limit).
+    pub relay_bytes_per_sec: u64,
 }
 
 /// TURN over TLS: where it listens, the name clients reach it by (what its certificate is
@@ -410,6 +474,9 @@ impl TurnServer {
         let policy = RelayPolicy {
             allow_private: config.allow_private,
             media: config.media.into(),
+            max_allocations: config.max_allocations,
+            allocations: Arc::default(),
+            relay_bytes_per_sec: config.relay_bytes_per_sec,
             metrics: metrics.clone(),
         };
         let auth: Arc<dyn AuthHandler + Send + Sync> = Arc::new(RestAuth {
@@ -596,6 +663,9 @@ mod tests {
         let policy = RelayPolicy {
             allow_private: false,
             media: vec![media].into(),
+            max_allocations: 0,
+            allocations: Arc::default(),
+            relay_bytes_per_sec: 0,
             metrics: Arc::new(Metrics::default()),
         };
         assert!(policy.allows("93.184.216.34:5000".parse().expect("addr")));

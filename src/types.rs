@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Instant;
 
 macro_rules! id_type {
     ($name:ident, $prefix:literal) => {
@@ -116,9 +117,69 @@ pub fn random_token(len: usize) -> String {
         .collect()
 }
 
+/// A token bucket: `per_second` units (messages, bytes) a second on average, up to `burst` at
+/// once.
+#[derive(Debug, Clone)]
+pub struct TokenBucket {
+    per_second: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    /// `per_second` 0: no limit.
+    pub fn new(per_second: u64, burst: u64, now: Instant) -> Self {
+        let burst = burst.max(1) as f64;
+        TokenBucket {
+            per_second: per_second as f64,
+            burst,
+            tokens: burst,
+            last: now,
+        }
+    }
+
+    /// Takes `cost` units if there are that many; false (and nothing taken) if not.
+    pub fn take(&mut self, cost: u64, now: Instant) -> bool {
+        if self.per_second <= 0.0 {
+            return true;
+        }
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.per_second).min(self.burst);
+        let cost = cost as f64;
+        if self.tokens >= cost {
+            self.tokens -= cost;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bucket_allows_bursts_then_the_average_rate() {
+        use std::time::Duration;
+        let t0 = Instant::now();
+        let mut rate = TokenBucket::new(10, 5, t0);
+        assert_eq!((0..7).filter(|_| rate.take(1, t0)).count(), 5, "the burst");
+        // 10 a second: one more every 100 ms.
+        assert!(rate.take(1, t0 + Duration::from_millis(100)));
+        assert!(!rate.take(1, t0 + Duration::from_millis(150)));
+        // A long quiet spell refills to the burst, no more.
+        let later = t0 + Duration::from_secs(60);
+        assert_eq!((0..7).filter(|_| rate.take(1, later)).count(), 5);
+        // Costs: a 1200-byte datagram from a 1000-byte bucket is refused whole.
+        let mut bytes = TokenBucket::new(1000, 1000, t0);
+        assert!(!bytes.take(1200, t0));
+        assert!(bytes.take(800, t0));
+        let mut open = TokenBucket::new(0, 0, t0);
+        assert!((0..1000).all(|_| open.take(1, t0)), "0: no limit");
+    }
 
     #[test]
     fn ids_are_prefixed_and_dashless() {

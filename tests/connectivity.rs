@@ -203,6 +203,85 @@ async fn turn_takes_fresh_credentials_and_refuses_expired_ones() {
     server.shutdown().await;
 }
 
+/// The embedded TURN server's caps: past `--turn-max-allocations` relays an allocation is
+/// refused until one closes, and a relay sending faster than `--turn-relay-kbps` has the excess
+/// dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turn_allocations_and_relay_rates_are_capped() {
+    use std::sync::Arc;
+    use tokio::net::UdpSocket;
+    use webrtc_util::Conn;
+
+    let _serial = serial().await;
+    let server = start_server_with(|c| {
+        c.no_turn = false;
+        c.turn_port = 0;
+        c.turn_allow_private = true;
+        c.turn_max_allocations = 1;
+        c.turn_relay_kbps = 16; // 2,000 bytes a second
+    })
+    .await;
+    let turn_addr = server.turn_addr().expect("the TURN server runs");
+    let client = join(&server, "turn-caps", "t", ClientOptions::silent()).await;
+    let ice = joined_ice_server(&client);
+    let (username, password) = (ice.username.expect("user"), ice.credential.expect("pass"));
+    let allocate = || async {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let turn = turn_client(
+            turn_addr,
+            username.clone(),
+            password.clone(),
+            Arc::new(socket),
+        )
+        .await;
+        let relay = tokio::time::timeout(Duration::from_secs(10), turn.allocate())
+            .await
+            .expect("an answer");
+        (turn, relay)
+    };
+
+    let (first_turn, first) = allocate().await;
+    let first = first.expect("the first relay");
+    assert_eq!(server.metrics.snapshot().turn_allocations, 1);
+    let (second_turn, second) = allocate().await;
+    assert!(second.is_err(), "a relay past the cap");
+    assert_eq!(server.metrics.snapshot().turn_allocations_refused, 1);
+    let _ = second_turn.close().await;
+
+    // 20 datagrams of 500 bytes at once: the burst (a second's worth, 2,000 bytes) passes.
+    let peer = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let to = peer.local_addr().expect("addr");
+    for _ in 0..20 {
+        first.send_to(&[7u8; 500], to).await.expect("send");
+    }
+    let mut received = 0;
+    let mut buf = [0u8; 1500];
+    while let Ok(Ok(_)) =
+        tokio::time::timeout(Duration::from_millis(500), peer.recv_from(&mut buf)).await
+    {
+        received += 1;
+    }
+    assert!((1..=5).contains(&received), "{received} of 20 relayed");
+    assert!(server.metrics.snapshot().turn_relay_throttled >= 15);
+
+    // Closing the relay gives its place back.
+    let _ = first.close().await;
+    let _ = first_turn.close().await;
+    eventually("the relay's place freed", CLEANUP, || async {
+        server.metrics.snapshot().turn_allocations == 0
+    })
+    .await
+    .expect("freed");
+    let (third_turn, third) = allocate().await;
+    let third = third.expect("a relay once one closed");
+    let _ = third.close().await;
+    let _ = third_turn.close().await;
+
+    close_all(&[&client]).await;
+    assert_all_clean(&server, "turn-caps").await;
+    server.shutdown().await;
+}
+
 /// TURN over TLS (`turns:`) with the server's certificate: the URL is handed out with the
 /// certificate's name, and a client that trusts the certificate allocates a relay over TLS.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -23,14 +23,14 @@ use super::protocol::{
 };
 use super::resume::{Resumable, Resumables};
 use super::sfu::SfuMedia;
-use super::socket::{MessageRate, SendError, SignalSocket};
+use super::socket::{SendError, SignalSocket};
 use crate::auth::Keys;
 use crate::config::Limits;
 use crate::media::{MediaError, MediaEvent, MediaPlane, OfferOutcome, PauseCause, Visibility};
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::room::{JoinError, MemberChannels, Registry, Room, RoomEvent};
 use crate::turn::IceServers;
-use crate::types::{IceCandidate, ParticipantId, RoomName, TrackId};
+use crate::types::{IceCandidate, ParticipantId, RoomName, TokenBucket, TrackId};
 
 /// Chat lines queued per participant before new ones are dropped.
 const CHAT_QUEUE: usize = 64;
@@ -70,9 +70,9 @@ pub async fn run_session(socket: WebSocket, ctx: Arc<ServerContext>) {
         socket,
         limits.send_queue_messages,
         Duration::from_secs(limits.send_timeout_secs),
-        MessageRate::new(
-            limits.max_messages_per_sec,
-            limits.message_burst,
+        TokenBucket::new(
+            limits.max_messages_per_sec.into(),
+            limits.message_burst.into(),
             Instant::now(),
         ),
     );

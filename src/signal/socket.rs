@@ -16,6 +16,8 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use crate::types::TokenBucket;
+
 /// How long the writer waits for a close frame to go out before it gives up.
 const CLOSE_FLUSH: Duration = Duration::from_secs(1);
 
@@ -38,7 +40,7 @@ pub struct SignalSocket {
     writer: Option<JoinHandle<()>>,
     /// Set by the writer when a write blocked past the send timeout.
     stalled: Arc<AtomicBool>,
-    rate: MessageRate,
+    rate: TokenBucket,
 }
 
 impl SignalSocket {
@@ -48,7 +50,7 @@ impl SignalSocket {
         socket: WebSocket,
         queue: usize,
         write_timeout: Duration,
-        rate: MessageRate,
+        rate: TokenBucket,
     ) -> Self {
         let (sink, stream) = socket.split();
         let (tx, rx) = mpsc::channel(queue.max(1));
@@ -85,7 +87,7 @@ impl SignalSocket {
 
     /// Whether the client may send one more message now (takes it from the budget).
     pub fn take_message_budget(&mut self, now: Instant) -> bool {
-        self.rate.take(now)
+        self.rate.take(1, now)
     }
 
     /// Sends a close frame after what is queued (if the client reads within a second), then
@@ -137,62 +139,5 @@ async fn write_loop(
                 break;
             }
         }
-    }
-}
-
-/// A token bucket: `per_second` messages a second on average, up to `burst` at once.
-#[derive(Debug, Clone)]
-pub struct MessageRate {
-    per_second: f64,
-    burst: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl MessageRate {
-    /// `per_second` 0: no limit.
-    pub fn new(per_second: u32, burst: u32, now: Instant) -> Self {
-        let burst = f64::from(burst.max(1));
-        MessageRate {
-            per_second: f64::from(per_second),
-            burst,
-            tokens: burst,
-            last: now,
-        }
-    }
-
-    fn take(&mut self, now: Instant) -> bool {
-        if self.per_second <= 0.0 {
-            return true;
-        }
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + elapsed * self.per_second).min(self.burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_bucket_allows_bursts_then_the_average_rate() {
-        let t0 = Instant::now();
-        let mut rate = MessageRate::new(10, 5, t0);
-        assert_eq!((0..7).filter(|_| rate.take(t0)).count(), 5, "the burst");
-        // 10 a second: one more every 100 ms.
-        assert!(rate.take(t0 + Duration::from_millis(100)));
-        assert!(!rate.take(t0 + Duration::from_millis(150)));
-        // A long quiet spell refills to the burst, no more.
-        let later = t0 + Duration::from_secs(60);
-        assert_eq!((0..7).filter(|_| rate.take(later)).count(), 5);
-        let mut open = MessageRate::new(0, 0, t0);
-        assert!((0..1000).all(|_| open.take(t0)), "0: no limit");
     }
 }
