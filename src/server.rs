@@ -34,7 +34,7 @@ pub struct ServerHandle {
     turn: Option<TurnServer>,
     webhooks: Webhooks,
     shutdown: watch::Sender<bool>,
-    draining: watch::Sender<bool>,
+    draining: watch::Sender<Option<Instant>>,
     /// How long draining lets calls go on (`--drain-secs`).
     drain_grace: Duration,
     task: JoinHandle<()>,
@@ -57,7 +57,7 @@ impl Server {
             Registry::new(config.limits.clone(), metrics.clone()).with_webhooks(webhooks.clone()),
         );
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let (draining, draining_rx) = watch::channel(false);
+        let (draining, draining_rx) = watch::channel(None);
         let media = Arc::new(
             MediaPlane::start(&config, metrics.clone()).context("starting the media workers")?,
         );
@@ -274,14 +274,14 @@ impl ServerHandle {
     /// balancer stops sending clients), joined clients are told (`server-draining`), and calls go
     /// on until they end or `grace` passes.
     pub async fn drain(self, grace: Duration) {
-        let _ = self.draining.send(true);
+        let deadline = Instant::now() + grace;
+        let _ = self.draining.send(Some(deadline));
         self.metrics.draining.set(1);
         tracing::info!(
             ?grace,
             sessions = self.metrics.snapshot().sessions,
             "draining"
         );
-        let deadline = Instant::now() + grace;
         while self.metrics.snapshot().participants > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

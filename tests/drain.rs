@@ -29,7 +29,8 @@ async fn healthz(addr: std::net::SocketAddr) -> String {
 #[tokio::test]
 async fn a_draining_server_lets_calls_finish_then_closes() {
     let _serial = serial().await;
-    let server = start_server_with(|c| c.limits.drain_secs = 4).await;
+    // The drain's own grace (4 s), not --drain-secs (30 s), is what clients are told.
+    let server = start_server().await;
     let (addr, metrics) = (server.http_addr, server.metrics.clone());
     let url = ws_url(&server);
     let a = Client::connect(&url, "late", "a", ClientOptions::default())

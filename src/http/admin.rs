@@ -103,6 +103,21 @@ fn managed_room(
         .ok_or_else(|| Refusal(StatusCode::NOT_FOUND, "no such room".into()))
 }
 
+/// `managed_room`, for a call that needs the server in the media path: a mesh room is a
+/// conflict (`why`).
+fn managed_sfu_room(
+    ctx: &ServerContext,
+    headers: &HeaderMap,
+    name: &str,
+    why: &str,
+) -> Result<Arc<Room>, Refusal> {
+    let room = managed_room(ctx, headers, name)?;
+    if room.mode() == RoomMode::Mesh {
+        return Err(Refusal(StatusCode::CONFLICT, why.into()));
+    }
+    Ok(room)
+}
+
 /// `GET /api/rooms`: the rooms the caller may manage.
 pub async fn list_rooms(State(ctx): State<Arc<ServerContext>>, headers: HeaderMap) -> Response {
     let scope = match authorize(&ctx, &headers) {
@@ -217,16 +232,11 @@ pub async fn mute_track(
     Path((name, track_id)): Path<(String, String)>,
     Json(body): Json<Mute>,
 ) -> Response {
-    let room = match managed_room(&ctx, &headers, &name) {
+    let why = "mesh rooms carry media peer to peer; the server cannot mute it";
+    let room = match managed_sfu_room(&ctx, &headers, &name, why) {
         Ok(room) => room,
         Err(refused) => return refused.into_response(),
     };
-    if room.mode() == RoomMode::Mesh {
-        return refuse(
-            StatusCode::CONFLICT,
-            "mesh rooms carry media peer to peer; the server cannot mute it",
-        );
-    }
     let track = TrackId::from(track_id.as_str());
     let Some(publication) = room.mute_by_admin(&track, body.muted) else {
         return refuse(StatusCode::NOT_FOUND, "no such track in this room");
@@ -258,16 +268,11 @@ pub async fn send_data(
     Path(name): Path<String>,
     Json(body): Json<DataMessage>,
 ) -> Response {
-    let room = match managed_room(&ctx, &headers, &name) {
+    let why = "mesh rooms chat peer to peer; the server has no data channel into them";
+    let room = match managed_sfu_room(&ctx, &headers, &name, why) {
         Ok(room) => room,
         Err(refused) => return refused.into_response(),
     };
-    if room.mode() == RoomMode::Mesh {
-        return refuse(
-            StatusCode::CONFLICT,
-            "mesh rooms chat peer to peer; the server has no data channel into them",
-        );
-    }
     if body.text.len() > ctx.limits.max_chat_bytes {
         return refuse(
             StatusCode::PAYLOAD_TOO_LARGE,

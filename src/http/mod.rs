@@ -111,7 +111,7 @@ async fn websocket(
 
 /// `ok`, or 503 while the server drains (a load balancer sends new clients elsewhere).
 async fn healthz(State(ctx): State<Arc<ServerContext>>) -> Response {
-    if *ctx.draining.borrow() {
+    if ctx.draining.borrow().is_some() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
     } else {
         "ok\n".into_response()

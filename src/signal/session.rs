@@ -58,8 +58,8 @@ pub struct ServerContext {
     pub ice_servers: IceServers,
     /// Flips to true when the server shuts down.
     pub shutdown: watch::Receiver<bool>,
-    /// Flips to true when the server starts draining: no new joins, clients told.
-    pub draining: watch::Receiver<bool>,
+    /// Set to the drain's deadline when the server starts draining: no new joins, clients told.
+    pub draining: watch::Receiver<Option<Instant>>,
 }
 
 /// Runs a session until the socket closes, the participant's media fails, or shutdown.
@@ -179,7 +179,7 @@ impl Session {
                 line = next_or_pending(chat_in.map(|rx| rx.recv())) => Step::ChatIn(line),
                 line = next_or_pending(chat_out.map(|rx| rx.recv())) => Step::ChatOut(line),
                 _ = shutdown.wait_for(|stop| *stop) => Step::Shutdown,
-                _ = draining.wait_for(|d| *d), if !told_draining => Step::Draining,
+                _ = draining.wait_for(Option::is_some), if !told_draining => Step::Draining,
                 _ = watchdog.tick() => Step::Watchdog,
             };
             let outcome = match step {
@@ -280,7 +280,12 @@ impl Session {
         if self.joined.as_ref().is_none_or(|m| m.protocol < 3) {
             return Ok(());
         }
-        let deadline_secs = self.ctx.limits.drain_secs;
+        let deadline = *self.ctx.draining.borrow();
+        let deadline_secs = deadline.map_or(0, |d| {
+            d.saturating_duration_since(Instant::now())
+                .as_secs_f64()
+                .ceil() as u64
+        });
         self.send(&ServerMessage::ServerDraining { deadline_secs })
             .await
     }
@@ -491,7 +496,7 @@ impl Session {
                 .error(ErrorCode::AlreadyJoined, "already in a room; `leave` first")
                 .await;
         }
-        if *self.ctx.draining.borrow() {
+        if self.ctx.draining.borrow().is_some() {
             return self
                 .error(
                     ErrorCode::ServerDraining,
@@ -1119,7 +1124,7 @@ mod tests {
         let registry = Arc::new(Registry::new(config.limits.clone(), metrics.clone()));
         let media = Arc::new(MediaPlane::start(&config, metrics.clone()).expect("media plane"));
         let (_stop, shutdown) = watch::channel(false);
-        let (_drain, draining) = watch::channel(false);
+        let (_drain, draining) = watch::channel(None);
         let ctx = Arc::new(ServerContext {
             registry: registry.clone(),
             media,
