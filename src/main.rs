@@ -42,7 +42,7 @@ async fn main() -> anyhow::Result<()> {
         let fingerprint = switchboard::tls::fingerprint(certificate);
         println!("Its TLS certificate's SHA-256 fingerprint: {fingerprint}");
     }
-    server.run_until(shutdown_signal()).await;
+    server.run_until(shutdown_signal).await;
     Ok(())
 }
 

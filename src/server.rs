@@ -274,6 +274,11 @@ impl ServerHandle {
     /// balancer stops sending clients), joined clients are told (`server-draining`), and calls go
     /// on until they end or `grace` passes.
     pub async fn drain(self, grace: Duration) {
+        self.drain_unless(grace, std::future::pending()).await
+    }
+
+    /// As [`ServerHandle::drain`], cut short (straight to shutdown) when `cut` resolves.
+    pub async fn drain_unless(self, grace: Duration, cut: impl std::future::Future<Output = ()>) {
         let deadline = Instant::now() + grace;
         let _ = self.draining.send(Some(deadline));
         self.metrics.draining.set(1);
@@ -282,16 +287,27 @@ impl ServerHandle {
             sessions = self.metrics.snapshot().sessions,
             "draining"
         );
-        while self.metrics.snapshot().participants > 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        let calls_end = async {
+            while self.metrics.snapshot().participants > 0 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        tokio::select! {
+            _ = calls_end => {}
+            _ = cut => tracing::info!("drain cut short"),
         }
         self.shutdown().await;
     }
 
-    /// Runs until `signal` resolves, then drains for `--drain-secs` and shuts down.
-    pub async fn run_until(self, signal: impl std::future::Future<Output = ()>) {
-        signal.await;
+    /// Runs until `signal()` resolves, then drains for `--drain-secs` and shuts down; a second
+    /// `signal()` during the drain (a second Ctrl-C or SIGTERM) cuts the drain short.
+    pub async fn run_until<F, Fut>(self, signal: F)
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        signal().await;
         let grace = self.drain_grace;
-        self.drain(grace).await;
+        self.drain_unless(grace, signal()).await;
     }
 }

@@ -77,3 +77,29 @@ async fn a_draining_server_lets_calls_finish_then_closes() {
     let m = metrics.snapshot();
     assert_eq!((m.sessions, m.participants, m.peer_connections), (0, 0, 0));
 }
+
+/// A second signal during a drain (`drain_unless`'s cut) ends the grace at once: the call in
+/// progress is closed and everything freed, long before the grace would have run out.
+#[tokio::test]
+async fn a_second_signal_cuts_the_drain_short() {
+    let _serial = serial().await;
+    let server = start_server().await;
+    let metrics = server.metrics.clone();
+    let url = ws_url(&server);
+    let a = Client::connect(&url, "cut", "a", ClientOptions::default())
+        .await
+        .expect("joins");
+    wait_all(&[&a], "connected", MEDIA, |_, s| s.all_connected()).await;
+    let second_signal = tokio::time::sleep(Duration::from_millis(500));
+    let started = std::time::Instant::now();
+    tokio::time::timeout(
+        Duration::from_secs(15),
+        server.drain_unless(Duration::from_secs(300), second_signal),
+    )
+    .await
+    .expect("the drain is cut short");
+    assert!(started.elapsed() < Duration::from_secs(15));
+    wait_all(&[&a], "closed", MEDIA, |_, s| s.socket_closed).await;
+    let m = metrics.snapshot();
+    assert_eq!((m.sessions, m.participants, m.peer_connections), (0, 0, 0));
+}
