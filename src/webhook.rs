@@ -12,6 +12,7 @@
 //! Nothing here knows rooms: callers build an [`Event`] and [`Webhooks::notify`] never blocks.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -139,6 +140,8 @@ pub struct Webhooks {
 #[derive(Debug)]
 struct Inner {
     queues: Vec<mpsc::Sender<Arc<Event>>>,
+    /// Events queued or being delivered, over every URL.
+    pending: Arc<AtomicUsize>,
     tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
     metrics: Arc<Metrics>,
 }
@@ -170,6 +173,7 @@ impl Webhooks {
         let secret: Arc<[u8]> = config.secret.as_bytes().into();
         let mut queues = Vec::new();
         let mut tasks = Vec::new();
+        let pending = Arc::new(AtomicUsize::new(0));
         for url in config.urls {
             let parsed =
                 reqwest::Url::parse(&url).map_err(|_| WebhookError::BadUrl(url.clone()))?;
@@ -182,6 +186,7 @@ impl Webhooks {
                 client: client.clone(),
                 secret: secret.clone(),
                 metrics: metrics.clone(),
+                pending: pending.clone(),
             };
             queues.push(tx);
             tasks.push(tokio::spawn(receiver.run(rx)));
@@ -189,6 +194,7 @@ impl Webhooks {
         Ok(Webhooks {
             inner: Some(Arc::new(Inner {
                 queues,
+                pending,
                 tasks: std::sync::Mutex::new(tasks),
                 metrics,
             })),
@@ -202,18 +208,21 @@ impl Webhooks {
         };
         let event = Arc::new(make());
         for queue in &inner.queues {
-            match queue.try_send(event.clone()) {
-                Ok(()) => {}
-                Err(TrySendError::Full(_)) => {
-                    inner.metrics.webhooks_dropped.inc();
-                    tracing::warn!(event = ?event.event, "webhook queue full: event dropped");
-                }
-                Err(TrySendError::Closed(_)) => {}
+            // Counted before it can be delivered, so the count never goes below zero.
+            inner.pending.fetch_add(1, Ordering::Relaxed);
+            let Err(refused) = queue.try_send(event.clone()) else {
+                continue;
+            };
+            inner.pending.fetch_sub(1, Ordering::Relaxed);
+            if let TrySendError::Full(_) = refused {
+                inner.metrics.webhooks_dropped.inc();
+                tracing::warn!(event = ?event.event, "webhook queue full: event dropped");
             }
         }
     }
 
-    /// Lets the queued events go out (bounded by a few seconds), then stops the tasks.
+    /// Lets the queued events, and those being delivered, go out (bounded by a few seconds),
+    /// then stops the tasks.
     pub async fn close(&self) {
         let Some(inner) = &self.inner else {
             return;
@@ -221,9 +230,7 @@ impl Webhooks {
         let tasks: Vec<JoinHandle<()>> =
             std::mem::take(&mut *inner.tasks.lock().unwrap_or_else(|e| e.into_inner()));
         let deadline = tokio::time::Instant::now() + FLUSH_TIMEOUT;
-        while inner.queues.iter().any(|q| q.capacity() < q.max_capacity())
-            && tokio::time::Instant::now() < deadline
-        {
+        while inner.pending.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         for task in tasks {
@@ -238,6 +245,7 @@ struct Receiver {
     client: reqwest::Client,
     secret: Arc<[u8]>,
     metrics: Arc<Metrics>,
+    pending: Arc<AtomicUsize>,
 }
 
 impl Receiver {
@@ -247,10 +255,12 @@ impl Receiver {
                 Ok(body) => body,
                 Err(e) => {
                     tracing::error!("webhook body: {e}");
+                    self.pending.fetch_sub(1, Ordering::Relaxed);
                     continue;
                 }
             };
             self.deliver(&event, body).await;
+            self.pending.fetch_sub(1, Ordering::Relaxed);
         }
     }
 

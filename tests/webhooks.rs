@@ -148,14 +148,16 @@ async fn room_participant_and_track_events_arrive_signed_in_order_after_a_retry(
     .unwrap();
     close_all(&[&ann, &bob]).await;
     assert_all_clean(&server, "hooks").await;
-    eventually("room_finished", Duration::from_secs(10), || async {
+    // Shutdown lets what is queued or in flight go out (the dead URL's retries are cut at 5 s).
+    let retried = server.metrics.snapshot().webhooks_retried;
+    server.shutdown().await;
+    assert_eq!(
         kinds(&received.events.lock().unwrap())
             .last()
-            .map(String::as_str)
-            == Some("room_finished")
-    })
-    .await
-    .unwrap();
+            .map(String::as_str),
+        Some("room_finished"),
+        "the last events were flushed at shutdown"
+    );
 
     let events = received.events.lock().unwrap().clone();
     let kinds = kinds(&events);
@@ -177,7 +179,7 @@ async fn room_participant_and_track_events_arrive_signed_in_order_after_a_retry(
         events.len() + 1,
         "one failed request and one per event"
     );
-    assert!(server.metrics.snapshot().webhooks_retried >= 1);
+    assert!(retried >= 1);
     let mut ids: Vec<&str> = events.iter().filter_map(|e| e["id"].as_str()).collect();
     ids.sort();
     ids.dedup();
@@ -198,8 +200,6 @@ async fn room_participant_and_track_events_arrive_signed_in_order_after_a_retry(
         .unwrap();
     assert!(published["track"]["id"].is_string(), "{published}");
     assert!(published["participant"]["id"].is_string(), "{published}");
-    // The dead receiver's retries go on in its own queue; the live one got everything.
-    server.shutdown().await;
 }
 
 #[tokio::test]
