@@ -7,11 +7,13 @@
 //! right but `room_admin`.
 
 use std::collections::HashMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
+
+use crate::types::unix_time;
 
 /// Clock skew allowed on `exp`, in seconds.
 const LEEWAY_SECS: u64 = 30;
@@ -55,7 +57,7 @@ impl Claims {
             room: room.to_owned(),
             sub: sub.to_owned(),
             name: None,
-            exp: unix_now() + ttl.as_secs(),
+            exp: unix_time().as_secs() + ttl.as_secs(),
             can_publish: true,
             can_subscribe: true,
             can_publish_data: true,
@@ -228,12 +230,6 @@ fn redact(spec: &str) -> String {
         Some((id, _)) => format!("{id}:…"),
         None => "…".to_owned(),
     }
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]

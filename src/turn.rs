@@ -13,7 +13,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use base64::Engine as _;
@@ -31,7 +31,7 @@ use webrtc_util::Conn;
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::signal::protocol::IceServer;
 use crate::tls::Certificate;
-use crate::types::TokenBucket;
+use crate::types::{TokenBucket, unix_time};
 
 const REALM: &str = "switchboard";
 /// Largest STUN message or ChannelData accepted on a TCP connection.
@@ -67,17 +67,14 @@ impl IceServers {
 
 /// Time-limited TURN credentials for `who`, valid for `ttl` (TURN REST API scheme).
 pub fn credentials(secret: &str, who: &str, ttl: Duration) -> (String, String) {
-    credentials_until(secret, who, unix_now().saturating_add(ttl.as_secs()))
+    credentials_until(
+        secret,
+        who,
+        unix_time().as_secs().saturating_add(ttl.as_secs()),
+    )
 }
 
 /// Seconds since the Unix epoch (what REST-API usernames count in).
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs()
-}
-
 /// TURN credentials for `who` that expire at `expiry` (seconds since the Unix epoch).
 pub fn credentials_until(secret: &str, who: &str, expiry: u64) -> (String, String) {
     let username = format!("{expiry}:{who}");
@@ -108,7 +105,7 @@ impl AuthHandler for RestAuth {
             .next()
             .and_then(|e| e.parse::<u64>().ok());
         match expiry {
-            Some(expiry) if expiry > unix_now() => {
+            Some(expiry) if expiry > unix_time().as_secs() => {
                 let password = password_for(&self.secret, username);
                 Ok(generate_auth_key(username, realm, &password))
             }
@@ -648,7 +645,7 @@ mod tests {
         let (username, password) = credentials("s3cret", "p1", Duration::from_secs(60));
         let (expiry, who) = username.split_once(':').expect("expiry:who");
         assert_eq!(who, "p1");
-        let now = unix_now();
+        let now = unix_time().as_secs();
         let expiry: u64 = expiry.parse().expect("a number");
         assert!((now + 59..=now + 61).contains(&expiry));
         // base64 of a 20-byte HMAC-SHA1, as coturn's use-auth-secret computes it.

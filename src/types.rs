@@ -117,6 +117,14 @@ pub fn random_token(len: usize) -> String {
         .collect()
 }
 
+/// The wall-clock time since the Unix epoch (zero if the clock is set before it): for
+/// timestamps other systems read (token expiries, TURN usernames, webhooks).
+pub fn unix_time() -> std::time::Duration {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
 /// A token bucket: `per_second` units (messages, bytes) a second on average, up to `burst` at
 /// once.
 #[derive(Debug, Clone)]

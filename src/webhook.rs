@@ -13,7 +13,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -21,6 +21,7 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::task::JoinHandle;
 
 use crate::metrics::Metrics;
+use crate::types::unix_time;
 
 /// The header carrying the signature.
 pub const SIGNATURE_HEADER: &str = "switchboard-signature";
@@ -85,7 +86,7 @@ impl Event {
         Event {
             id: crate::types::random_token(16),
             event,
-            created_at: unix_millis(),
+            created_at: unix_time().as_millis() as u64,
             room: room.to_string(),
             participant: None,
             track: None,
@@ -101,12 +102,6 @@ impl Event {
         self.track = Some(track);
         self
     }
-}
-
-fn unix_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Where webhooks go and how they are signed.
@@ -267,9 +262,7 @@ impl Receiver {
     async fn deliver(&self, event: &Event, body: Vec<u8>) {
         let mut backoff = FIRST_BACKOFF;
         for attempt in 1..=MAX_ATTEMPTS {
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
+            let now = unix_time().as_secs();
             let result = self
                 .client
                 .post(self.url.clone())

@@ -112,10 +112,14 @@ impl Default for ClientOptions {
 }
 
 /// The public web's root certificates (webpki-roots), with the ring provider the rest of the
-/// crate uses.
+/// crate uses; built once, shared by every client (the load generator starts hundreds).
 fn public_roots() -> Arc<rustls::ClientConfig> {
-    let roots = rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    tls_client_config(roots)
+    static CONFIG: std::sync::LazyLock<Arc<rustls::ClientConfig>> =
+        std::sync::LazyLock::new(|| {
+            let roots = webpki_roots::TLS_SERVER_ROOTS.iter().cloned();
+            tls_client_config(rustls::RootCertStore::from_iter(roots))
+        });
+    CONFIG.clone()
 }
 
 /// A client configuration trusting `roots`: for tests, a store holding their self-signed
