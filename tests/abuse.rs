@@ -302,3 +302,37 @@ async fn a_client_that_never_reads_is_cut_and_the_room_goes_on() -> Result<()> {
     drop(sloth);
     Ok(())
 }
+
+/// A client that reads, but sends many messages in one go: the server answers them all in a
+/// burst that outruns its small outgoing queue before the writer has run. That is not a slow
+/// reader; the client gets every answer and stays.
+#[tokio::test]
+async fn a_burst_of_answers_is_not_taken_for_a_slow_reader() -> Result<()> {
+    let server = start_server_with(|c| {
+        c.limits.send_queue_messages = 4;
+        c.limits.max_messages_per_sec = 0;
+    })
+    .await;
+    let mut client = connect(&server).await;
+    send(
+        &mut client,
+        json!({"type": "join", "room": "burst", "name": "quick"}),
+    )
+    .await;
+    expect(&mut client, "joined").await;
+    const PINGS: usize = 200;
+    for _ in 0..PINGS {
+        client
+            .feed(Message::text(json!({"type": "ping"}).to_string()))
+            .await?;
+    }
+    client.flush().await?;
+    for i in 0..PINGS {
+        let next = tokio::time::timeout(Duration::from_secs(10), expect(&mut client, "pong"))
+            .await
+            .with_context(|| format!("pong {i} of {PINGS}"))?;
+        assert_eq!(next["type"], "pong");
+    }
+    assert_eq!(server.metrics.snapshot().sessions_slow_reader, 0);
+    Ok(())
+}

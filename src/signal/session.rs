@@ -263,7 +263,7 @@ impl Session {
                 return Ok(());
             }
         };
-        match socket.send(Message::Text(text.into())) {
+        match socket.send(Message::Text(text.into())).await {
             // The next read says what happened: the client's close frame (the session ends)
             // or a dropped connection (it detaches).
             Ok(()) | Err(SendError::Closed) => Ok(()),

@@ -74,15 +74,27 @@ impl SignalSocket {
         self.stream.next().await
     }
 
-    /// Queues a message for the client.
-    pub fn send(&self, message: Message) -> Result<(), SendError> {
-        self.queue.try_send(message).map_err(|e| match e {
+    /// Queues a message for the client. A burst (a session answering many queued client
+    /// messages in one go) can fill the queue before the writer task has run at all, so a full
+    /// queue first lets the writer drain it to the kernel once; only a queue still full after
+    /// that means the client does not read.
+    pub async fn send(&self, message: Message) -> Result<(), SendError> {
+        let message = match self.queue.try_send(message) {
+            Err(mpsc::error::TrySendError::Full(message)) => message,
+            other => return other.map_err(|e| self.why(e)),
+        };
+        tokio::task::yield_now().await;
+        self.queue.try_send(message).map_err(|e| self.why(e))
+    }
+
+    fn why<T>(&self, e: mpsc::error::TrySendError<T>) -> SendError {
+        match e {
             mpsc::error::TrySendError::Full(_) => SendError::SlowReader,
             mpsc::error::TrySendError::Closed(_) if self.stalled.load(Ordering::Relaxed) => {
                 SendError::SlowReader
             }
             mpsc::error::TrySendError::Closed(_) => SendError::Closed,
-        })
+        }
     }
 
     /// Whether the client may send one more message now (takes it from the budget).
