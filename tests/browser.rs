@@ -281,6 +281,87 @@ async fn simulcast_shaped(env: Arc<Env>) -> Result<()> {
     env.finish(pages).await
 }
 
+/// H.264 simulcast (`?codec=h264`): two pages publish their camera as H.264 layers and decode
+/// each other's; a tile shrunk on one page gets the low layer, and decoding goes on across the
+/// switch (the server found an IDR of the low layer to switch on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h264_simulcast_in_chromium() {
+    run_browser_test("h264_simulcast_in_chromium", h264_simulcast).await;
+}
+
+async fn h264_simulcast(env: Arc<Env>) -> Result<()> {
+    let room = "e2e-h264";
+    let pages = env.open_pages(&["Alice", "Bob"]).await?;
+    for page in &pages {
+        page.join(&env.base, room, Some("codec=h264")).await?;
+    }
+    let ids = participant_ids(&pages).await?;
+    let (alice, bob) = (&pages[0], &pages[1]);
+
+    step("both pages send H.264 simulcast and decode each other's H.264");
+    for page in &pages {
+        page.wait_remote_media(1, Duration::from_secs(90)).await?;
+    }
+    for page in &pages {
+        let start = Instant::now();
+        loop {
+            let rtp = page
+                .session
+                .execute("return window.switchboard.rtp();", vec![])
+                .await?;
+            let streams: Vec<&Value> = rtp.as_array().into_iter().flatten().collect();
+            let h264 = |s: &&&Value| s["codec"].as_str() == Some("video/H264");
+            let sending = streams
+                .iter()
+                .filter(|s| s["type"] == "outbound" && s["framesEncoded"].as_u64() > Some(0))
+                .filter(h264)
+                .filter_map(|s| s["rid"].as_str())
+                .collect::<std::collections::BTreeSet<_>>();
+            let decoding = streams
+                .iter()
+                .filter(|s| s["type"] == "inbound" && s["framesDecoded"].as_u64() > Some(0))
+                .filter(h264)
+                .count();
+            if sending.len() >= 2 && decoding == 1 {
+                break;
+            }
+            ensure!(
+                start.elapsed() < Duration::from_secs(30),
+                "{}: not sending H.264 on two layers or more and decoding it: {rtp}",
+                page.name
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    alice
+        .wait_until(
+            "Bob's video at least 640 wide",
+            Duration::from_secs(60),
+            |s| {
+                let w = remote_video_widths(s);
+                w.len() == 1 && w[0] >= 640
+            },
+        )
+        .await?;
+
+    step("a tile shrunk on a page gets the low H.264 layer, and it keeps decoding");
+    shrink_tile(alice, &ids[1]).await?;
+    alice
+        .wait_until(
+            "Bob's shrunk tile at most 320 wide",
+            Duration::from_secs(30),
+            |s| {
+                let w = remote_video_widths(s);
+                w.len() == 1 && (1..=320).contains(&w[0])
+            },
+        )
+        .await?;
+    alice.wait_media_rising(1, Duration::from_secs(20)).await?;
+    bob.wait_media_rising(1, Duration::from_secs(20)).await?;
+    env.screenshot(alice, "h264-simulcast").await?;
+    env.finish(pages).await
+}
+
 /// Shows a participant's camera tile on `page` at 160×90 CSS pixels.
 async fn shrink_tile(page: &Page, participant: &str) -> Result<()> {
     let found = page

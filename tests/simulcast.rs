@@ -14,15 +14,20 @@ use common::{
     assert_all_clean, close_all, eventually, join, serial, start_server_with, summary, wait_all,
 };
 use switchboard::client::relay::ShapedRelay;
-use switchboard::client::{Client, ClientOptions, MediaProfile};
+use switchboard::client::{Client, ClientOptions, MediaProfile, VideoCodec};
 use switchboard::signal::protocol::{ClientMessage, MediaKind, PauseReason, ServerMessage};
 
 const MEDIA: Duration = Duration::from_secs(20);
 
 fn simulcast_publisher() -> ClientOptions {
+    simulcast_publisher_of(VideoCodec::Vp8)
+}
+
+fn simulcast_publisher_of(video_codec: VideoCodec) -> ClientOptions {
     ClientOptions {
         media: MediaProfile {
             simulcast: true,
+            video_codec,
             ..MediaProfile::default()
         },
         ..ClientOptions::default()
@@ -101,9 +106,20 @@ fn subscription_states(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn each_subscriber_gets_the_layer_its_tile_needs() {
+    each_subscriber_gets_its_layer(VideoCodec::Vp8).await;
+}
+
+/// The same with H.264: keyframes (IDR) found in its payload gate the switches, and the
+/// payload type is rewritten to each subscriber's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn h264_simulcast_gets_each_subscriber_its_layer() {
+    each_subscriber_gets_its_layer(VideoCodec::H264).await;
+}
+
+async fn each_subscriber_gets_its_layer(codec: VideoCodec) {
     let _serial = serial().await;
     let server = start_server_with(|c| c.workers = Some(1)).await;
-    let publisher = join(&server, "sim", "pub", simulcast_publisher()).await;
+    let publisher = join(&server, "sim", "pub", simulcast_publisher_of(codec)).await;
     let small = join(&server, "sim", "small", ClientOptions::silent()).await;
     let large = join(&server, "sim", "large", ClientOptions::silent()).await;
     let pid = publisher.id().to_owned();

@@ -58,6 +58,8 @@ const state = {
   // `?token=`: the access token the application minted for this user and room (servers with
   // API keys refuse joins without one).
   token: new URLSearchParams(location.search).get("token") || null,
+  // `?codec=h264` (or vp8, vp9, av1): the video codec to send with, where the browser has it.
+  videoCodec: new URLSearchParams(location.search).get("codec") || null,
   roomMode: null, // what the server says the room is
   name: "",
   selfId: null,
@@ -301,8 +303,8 @@ function enterCall(sig, joined, pending) {
 
   session =
     joined.mode === "mesh"
-      ? new MeshSession({ signaling: sig, media, selfId: state.selfId, selfName: state.name, iceServers: joined.ice_servers ?? [], relayOnly: state.relayOnly })
-      : new SfuSession({ signaling: sig, media, tracks: joined.tracks ?? [], iceServers: joined.ice_servers ?? [], relayOnly: state.relayOnly });
+      ? new MeshSession({ signaling: sig, media, selfId: state.selfId, selfName: state.name, iceServers: joined.ice_servers ?? [], relayOnly: state.relayOnly, videoCodec: state.videoCodec })
+      : new SfuSession({ signaling: sig, media, tracks: joined.tracks ?? [], iceServers: joined.ice_servers ?? [], relayOnly: state.relayOnly, videoCodec: state.videoCodec });
   session.on("stream", onRemoteStream);
   session.on("stream-changed", ({ key }) => ui.tiles.get(tileIdForStream(key))?.refresh());
   session.on("stream-ended", onRemoteStreamEnded);
@@ -813,10 +815,12 @@ window.switchboard = {
         if (s.kind !== "video") continue;
         if (s.type === "inbound-rtp") {
           out.push({ type: "inbound", trackIdentifier: s.trackIdentifier, frameWidth: s.frameWidth ?? 0,
-            frameHeight: s.frameHeight ?? 0, framesDecoded: s.framesDecoded ?? 0 });
+            frameHeight: s.frameHeight ?? 0, framesDecoded: s.framesDecoded ?? 0,
+            codec: report.get(s.codecId)?.mimeType ?? null });
         } else if (s.type === "outbound-rtp") {
           out.push({ type: "outbound", rid: s.rid ?? null, active: s.active ?? null, frameWidth: s.frameWidth ?? 0,
-            framesEncoded: s.framesEncoded ?? 0, bytesSent: s.bytesSent ?? 0 });
+            framesEncoded: s.framesEncoded ?? 0, bytesSent: s.bytesSent ?? 0,
+            codec: report.get(s.codecId)?.mimeType ?? null });
         }
       }
     }

@@ -26,11 +26,13 @@ export class MeshSession extends Emitter {
   #iceServers;
 
   #relayOnly;
+  #videoCodec;
 
-  constructor({ signaling, media, selfId, selfName, iceServers = [], relayOnly = false }) {
+  constructor({ signaling, media, selfId, selfName, iceServers = [], relayOnly = false, videoCodec = null }) {
     super();
     this.#iceServers = iceServers;
     this.#relayOnly = relayOnly;
+    this.#videoCodec = videoCodec;
     this.#signaling = signaling;
     this.#media = media;
     this.#selfId = selfId;
@@ -136,6 +138,7 @@ export class MeshSession extends Emitter {
       label: `mesh:${participantId}`,
       iceServers: this.#iceServers,
       relayOnly: this.#relayOnly,
+      videoCodec: this.#videoCodec,
       send: (msg) => this.#signaling.send({ ...msg, to: participantId }),
       // The responder answers with its media on the offered transceivers (no extra round).
       beforeFirstAnswer: initiator ? undefined : () => {

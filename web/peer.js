@@ -27,6 +27,25 @@ function preferRed(transceiver) {
   }
 }
 
+/**
+ * Puts the browser's `codec` (a name such as "h264" or "vp8") first among the video codecs it
+ * offers, so a sender encodes with it; a browser without it keeps its own order.
+ */
+function preferVideoCodec(transceiver, codec) {
+  const codecs = RTCRtpSender.getCapabilities?.("video")?.codecs ?? [];
+  const wanted = `video/${codec}`.toLowerCase();
+  const first = codecs.filter((c) => c.mimeType.toLowerCase() === wanted);
+  if (first.length === 0 || !transceiver.setCodecPreferences) {
+    console.warn(`[peer] no ${codec} encoder here; sending the browser's default video codec`);
+    return;
+  }
+  try {
+    transceiver.setCodecPreferences([...first, ...codecs.filter((c) => c.mimeType.toLowerCase() !== wanted)]);
+  } catch (err) {
+    console.warn(`[peer] cannot prefer ${codec}`, err);
+  }
+}
+
 /** How long a connection may stay `disconnected` before it restarts ICE. */
 const ICE_RESTART_AFTER_MS = 2000;
 
@@ -42,12 +61,14 @@ export class PeerLink extends Emitter {
    *        (SFU): addTrack would reuse a transceiver the other side offered for *receiving*,
    *        mixing our publication into one of its subscriptions.
    * @param {string} [opts.label]      for log lines
+   * @param {string|null} [opts.videoCodec]  the video codec to send with ("h264", "vp8"...)
    *
    * Events: 'track' (RTCTrackEvent), 'datachannel' (RTCDataChannel), 'state' (connectionState)
    */
-  constructor({ polite, send, beforeFirstAnswer, publishOnly = false, label = "peer", iceServers = [], relayOnly = false }) {
+  constructor({ polite, send, beforeFirstAnswer, publishOnly = false, label = "peer", iceServers = [], relayOnly = false, videoCodec = null }) {
     super();
     this.polite = polite;
+    this.videoCodec = videoCodec;
     this.publishOnly = publishOnly;
     this.label = label;
     this.#send = send;
@@ -219,6 +240,8 @@ export class PeerLink extends Emitter {
     } else {
       sender = this.pc.addTrack(track, stream);
     }
+    const transceiver = this.pc.getTransceivers().find((t) => t.sender === sender);
+    if (track.kind === "video" && this.videoCodec && transceiver) preferVideoCodec(transceiver, this.videoCodec);
     this.#senders.set(`${stream.id}:${track.kind}`, sender);
     return sender;
   }

@@ -63,7 +63,7 @@ export class SfuSession extends Emitter {
    * @param {{signaling: import('./signaling.js').Signaling,
    *          media: import('./media.js').LocalMedia, tracks: object[]}} opts
    */
-  constructor({ signaling, media, tracks = [], iceServers = [], relayOnly = false }) {
+  constructor({ signaling, media, tracks = [], iceServers = [], relayOnly = false, videoCodec = null }) {
     super();
     this.#signaling = signaling;
     this.#media = media;
@@ -75,6 +75,7 @@ export class SfuSession extends Emitter {
       label: "sfu",
       iceServers,
       relayOnly,
+      videoCodec,
       send: (msg) => this.#signaling.send(msg),
     });
     this.#link.on("track", (event) => this.#onTrack(event));

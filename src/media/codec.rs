@@ -2,6 +2,8 @@
 //! parameters: the publisher's codec is described once, and each subscriber's connection
 //! finds the payload type it negotiated for the same codec.
 
+use std::collections::HashMap;
+
 use str0m::Rtc;
 use str0m::format::PayloadParams;
 
@@ -82,33 +84,53 @@ fn negotiated_payload_type(
     by_mime
 }
 
-/// The mids of the m-lines of `sdp` that list RED (RFC 2198) among their payload types, and
-/// of those that do not.
-pub fn red_by_mid(sdp: &str) -> Vec<(String, bool)> {
-    let mut out: Vec<(String, bool)> = Vec::new();
-    let mut section: Option<(Option<String>, bool)> = None;
-    let close = |section: Option<(Option<String>, bool)>, out: &mut Vec<(String, bool)>| {
-        if let Some((Some(mid), red)) = section {
-            out.push((mid, red));
+/// An audio or video m-line of an SDP: its mid, its payload types in the order listed (the
+/// order of preference), and whether RED (RFC 2198) is among them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediaSection {
+    pub mid: String,
+    pub pts: Vec<String>,
+    pub red: bool,
+}
+
+/// The audio and video m-lines of `sdp` that have a mid.
+pub fn media_sections(sdp: &str) -> Vec<MediaSection> {
+    let mut out = Vec::new();
+    let mut section: Option<(Option<String>, MediaSection)> = None;
+    let close = |section: Option<(Option<String>, MediaSection)>, out: &mut Vec<_>| {
+        if let Some((Some(mid), s)) = section {
+            out.push(MediaSection { mid, ..s });
         }
     };
     for line in sdp.lines() {
         if line.starts_with("m=") {
             close(section.take(), &mut out);
-            section = Some((None, false));
-        } else if let Some((mid, red)) = &mut section {
+            if is_media_line(line) {
+                let pts = line.split(' ').skip(3).map(str::to_owned).collect();
+                let s = MediaSection {
+                    mid: String::new(),
+                    pts,
+                    red: false,
+                };
+                section = Some((None, s));
+            }
+        } else if let Some((mid, s)) = &mut section {
             if let Some(m) = line.strip_prefix("a=mid:") {
                 *mid = Some(m.trim().to_owned());
             } else if let Some((_, codec)) = line
                 .strip_prefix("a=rtpmap:")
                 .and_then(|l| l.split_once(' '))
             {
-                *red |= codec.to_ascii_lowercase().starts_with("red/");
+                s.red |= codec.to_ascii_lowercase().starts_with("red/");
             }
         }
     }
     close(section, &mut out);
     out
+}
+
+fn is_media_line(line: &str) -> bool {
+    line.starts_with("m=audio ") || line.starts_with("m=video ")
 }
 
 /// Whether an SDP negotiates transport-wide congestion control (the transport-wide sequence
@@ -125,45 +147,38 @@ pub fn negotiates_twcc(sdp: &str) -> Option<bool> {
     media.then_some(false)
 }
 
-/// `sdp` with RED listed first among each audio m-line's payload types. A browser sends with
-/// the first codec of the answer it supports, and str0m lists Opus before the RED around it:
-/// without this a browser that offered RED first still sends plain Opus.
-pub fn red_first(sdp: &str) -> String {
-    let lines: Vec<&str> = sdp.split("\r\n").collect();
-    let mut out: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+/// `sdp` (the server's offer or answer) with the payload types of each m-line the client has
+/// described in the order it listed them (`client_order`: payload types by mid). A browser
+/// sends with the first codec of the server's description it supports, and str0m writes its
+/// own configured order: without this a client that prefers H.264 (or RED around Opus) still
+/// sends VP8 (plain Opus). Payload types keep their numbers across the session (str0m takes
+/// the client's), so they are matched by number; any the client did not list go last.
+pub fn in_client_order(sdp: &str, client_order: &HashMap<String, Vec<String>>) -> String {
+    let mut lines: Vec<String> = sdp.split("\r\n").map(str::to_owned).collect();
     let mut i = 0;
     while i < lines.len() {
-        if !lines[i].starts_with("m=audio ") {
+        if !is_media_line(&lines[i]) {
             i += 1;
             continue;
         }
         let end = (i + 1..lines.len())
             .find(|&j| lines[j].starts_with("m="))
             .unwrap_or(lines.len());
-        let red: Vec<&str> = lines[i + 1..end]
+        let order = lines[i + 1..end]
             .iter()
-            .filter_map(|l| l.strip_prefix("a=rtpmap:"))
-            .filter_map(|l| l.split_once(' '))
-            .filter(|(_, codec)| codec.to_ascii_lowercase().starts_with("red/"))
-            .map(|(pt, _)| pt)
-            .collect();
-        // m=audio <port> <proto> <pt> <pt> ...
-        let mut fields: Vec<&str> = lines[i].split(' ').collect();
-        if !red.is_empty() && fields.len() > 3 {
-            let (head, pts) = fields.split_at_mut(3);
-            let mut reordered: Vec<&str> =
-                red.iter().copied().filter(|pt| pts.contains(pt)).collect();
-            reordered.extend(pts.iter().copied().filter(|pt| !red.contains(pt)));
-            out[i] = head
-                .iter()
-                .copied()
-                .chain(reordered)
-                .collect::<Vec<_>>()
-                .join(" ");
+            .find_map(|l| l.strip_prefix("a=mid:"))
+            .and_then(|mid| client_order.get(mid.trim()));
+        if let Some(order) = order {
+            let mut fields: Vec<&str> = lines[i].split(' ').collect();
+            if fields.len() > 3 {
+                fields[3..]
+                    .sort_by_key(|pt| order.iter().position(|o| o == pt).unwrap_or(usize::MAX));
+            }
+            lines[i] = fields.join(" ");
         }
         i = end;
     }
-    out.join("\r\n")
+    lines.join("\r\n")
 }
 
 #[cfg(test)]
@@ -171,13 +186,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn red_is_read_per_m_line() {
+    fn sections_are_read_per_m_line() {
         let sdp = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:a\r\na=rtpmap:111 opus/48000/2\r\n\
                    m=audio 9 UDP/TLS/RTP/SAVPF 63 111\r\na=rtpmap:63 red/48000/2\r\na=mid:b\r\n\
+                   m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=mid:c\r\n\
                    m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=rtpmap:96 VP8/90000\r\n";
+        let section = |mid: &str, pts: &[&str], red| MediaSection {
+            mid: mid.into(),
+            pts: pts.iter().map(|p| p.to_string()).collect(),
+            red,
+        };
         assert_eq!(
-            red_by_mid(sdp),
-            vec![("a".to_owned(), false), ("b".to_owned(), true)]
+            media_sections(sdp),
+            vec![
+                section("a", &["111"], false),
+                section("b", &["63", "111"], true)
+            ],
+            "data and mid-less m-lines left out"
         );
     }
 
@@ -201,18 +226,27 @@ mod tests {
     }
 
     #[test]
-    fn red_goes_first_in_audio_m_lines_only() {
-        let sdp = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111 63 0\r\na=rtpmap:111 opus/48000/2\r\n\
-                   a=rtpmap:63 red/48000/2\r\nm=video 9 UDP/TLS/RTP/SAVPF 96 63\r\n\
-                   a=rtpmap:63 red/90000\r\n";
+    fn server_descriptions_list_codecs_in_the_client_order() {
+        let client = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 63 111 0\r\na=mid:0\r\n\
+                      m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=mid:1\r\n\
+                      m=video 9 UDP/TLS/RTP/SAVPF 103 104 96 97\r\na=mid:2\r\n";
+        let order: HashMap<_, _> = media_sections(client)
+            .into_iter()
+            .map(|s| (s.mid, s.pts))
+            .collect();
+        let server = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111 63\r\na=rtpmap:111 opus/48000/2\r\na=mid:0\r\n\
+                      m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=mid:1\r\n\
+                      m=video 9 UDP/TLS/RTP/SAVPF 96 97 100 103 104\r\na=mid:2\r\n\
+                      m=video 9 UDP/TLS/RTP/SAVPF 96 97 103 104\r\na=mid:3\r\n";
         assert_eq!(
-            red_first(sdp),
-            "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 63 111 0\r\na=rtpmap:111 opus/48000/2\r\n\
-             a=rtpmap:63 red/48000/2\r\nm=video 9 UDP/TLS/RTP/SAVPF 96 63\r\n\
-             a=rtpmap:63 red/90000\r\n"
+            in_client_order(server, &order),
+            "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 63 111\r\na=rtpmap:111 opus/48000/2\r\na=mid:0\r\n\
+             m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=mid:1\r\n\
+             m=video 9 UDP/TLS/RTP/SAVPF 103 104 96 97 100\r\na=mid:2\r\n\
+             m=video 9 UDP/TLS/RTP/SAVPF 96 97 103 104\r\na=mid:3\r\n",
+            "RED and H.264 first as the client listed them, one the client lacks last; an \
+             m-line the client has not described (mid 3) as it was"
         );
-        let plain = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=rtpmap:111 opus/48000/2\r\n";
-        assert_eq!(red_first(plain), plain);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use str0m::media::{Direction, Mid, Rid, Rids};
 use str0m::rtp::Ssrc;
 use tokio::sync::mpsc;
 
-use super::codec::{negotiates_twcc, red_by_mid, red_first, str0m_kind};
+use super::codec::{in_client_order, media_sections, negotiates_twcc, str0m_kind};
 use super::{MediaError, MediaEvent, OfferOutcome, Subscription};
 use crate::forward::{LayerChoice, PauseCause, Priority, TrackKey};
 use crate::metrics::{GaugeGuard, Metrics};
@@ -161,6 +161,9 @@ pub struct Conn {
     pub twcc: Option<bool>,
     /// The m-lines on which the client's last SDP listed RED audio.
     pub red_accepted: HashSet<Mid>,
+    /// Payload types of each m-line in the order the client last listed them: the server's
+    /// descriptions follow it, so the client sends with the codec it prefers.
+    client_pt_order: HashMap<String, Vec<String>>,
     pending_offer: Option<SdpPendingOffer>,
     /// The client's first offer was applied: before it there is nothing to renegotiate.
     established: bool,
@@ -193,6 +196,7 @@ impl Conn {
             outbound: Vec::new(),
             twcc: None,
             red_accepted: HashSet::new(),
+            client_pt_order: HashMap::new(),
             pending_offer: None,
             established: false,
             _gauge: gauge,
@@ -210,13 +214,14 @@ impl Conn {
                 self.rtc.bwe().reset(UNESTIMATED);
             }
         }
-        for (mid, red) in red_by_mid(sdp) {
-            let mid = Mid::from(mid.as_str());
-            if red {
+        for section in media_sections(sdp) {
+            let mid = Mid::from(section.mid.as_str());
+            if section.red {
                 self.red_accepted.insert(mid);
             } else {
                 self.red_accepted.remove(&mid);
             }
+            self.client_pt_order.insert(section.mid, section.pts);
         }
     }
 
@@ -234,7 +239,10 @@ impl Conn {
             .map_err(|e| MediaError::BadSdp(e.to_string()))?;
         self.note_remote_sdp(sdp);
         self.established = true;
-        Ok(OfferOutcome::Answer(red_first(&answer.to_sdp_string())))
+        Ok(OfferOutcome::Answer(in_client_order(
+            &answer.to_sdp_string(),
+            &self.client_pt_order,
+        )))
     }
 
     /// Applies the client's answer to the server's offer. Returns true if m-lines opened.
@@ -309,7 +317,10 @@ impl Conn {
             self.outbound[i].state = state;
         }
         self.pending_offer = Some(pending);
-        Some(offer.to_sdp_string())
+        Some(in_client_order(
+            &offer.to_sdp_string(),
+            &self.client_pt_order,
+        ))
     }
 
     /// Adds a subscription; the next offer carries it.
