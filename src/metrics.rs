@@ -160,6 +160,7 @@ metrics! {
         packets_dropped: "RTP packets dropped: a relay queue to another worker or the socket's send buffer was full",
         packets_dropped_pacer: "Video packets dropped because the subscriber's pacer queue already held more than 500 ms (its downlink is congested; layer choice catches up)",
         packets_muted: "RTP packets dropped on arrival because an administrator muted their track",
+        relay_packets_skipped: "Packets of a simulcast layer not relayed to a media worker whose subscribers of the track take other layers",
         datagrams_unroutable: "Datagrams dropped because they matched no connection (unknown address and ICE ufrag)",
         keyframe_requests: "Keyframe requests (PLI) sent to publishers",
         media_loop_turns: "Turns of the media workers' event loops (wake-ups); packets per turn is the batching",

@@ -15,6 +15,7 @@ use common::{
 };
 use switchboard::client::relay::ShapedRelay;
 use switchboard::client::{Client, ClientOptions, MediaProfile, VideoCodec};
+use switchboard::server::ServerHandle;
 use switchboard::signal::protocol::{ClientMessage, MediaKind, PauseReason, ServerMessage};
 
 const MEDIA: Duration = Duration::from_secs(20);
@@ -267,6 +268,105 @@ async fn layers_nobody_receives_are_switched_off_at_the_publisher() {
 
     close_all(&[&publisher, &a, &b]).await;
     assert_all_clean(&server, "dyn").await;
+}
+
+/// Joins `name` and returns it with the media worker it landed on (the one whose connection
+/// count rose).
+async fn join_on_worker(
+    server: &ServerHandle,
+    room: &str,
+    name: &str,
+    opts: ClientOptions,
+) -> (Client, usize) {
+    let before = server.media_worker_connections();
+    let client = join(server, room, name, opts).await;
+    let after = server.media_worker_connections();
+    let worker = (0..after.len()).find(|&w| after[w] > before[w]);
+    (
+        client,
+        worker.unwrap_or_else(|| panic!("{name}: no worker took it: {before:?} -> {after:?}")),
+    )
+}
+
+/// A track published on one worker reaches another worker's subscribers through a relay that
+/// carries only the layers they take: a thumbnail there gets the low layer while a subscriber
+/// beside the publisher gets the top one, and the top layer stays on the publisher's worker.
+/// When the far tile grows, the relay carries the layer it needs: layer choice there sees the
+/// layers as the publisher sends them, not only those it was relayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_relay_carries_only_the_layers_its_subscribers_take() {
+    let _serial = serial().await;
+    let server = start_server_with(|c| c.workers = Some(2)).await;
+    let (publisher, home) = join_on_worker(&server, "relay", "pub", simulcast_publisher()).await;
+    let pid = publisher.id().to_owned();
+    // Subscribers until one shares the publisher's worker and one does not (the least-loaded
+    // worker takes each, so this takes two or three); any others look away.
+    let (mut near, mut far, mut others) = (None, None, Vec::new());
+    for i in 0..6 {
+        if near.is_some() && far.is_some() {
+            break;
+        }
+        let (client, worker) = join_on_worker(
+            &server,
+            "relay",
+            &format!("sub{i}"),
+            ClientOptions::silent(),
+        )
+        .await;
+        match (worker == home, &near, &far) {
+            (true, None, _) => near = Some(client),
+            (false, _, None) => far = Some(client),
+            _ => others.push(client),
+        }
+    }
+    let (Some(near), Some(far)) = (near, far) else {
+        panic!(
+            "no subscriber beside the publisher and one away from it: {:?}",
+            server.media_worker_connections()
+        );
+    };
+    let everyone: Vec<&Client> = [&near, &far].into_iter().chain(&others).collect();
+    wait_all(&everyone, "the video track announced", MEDIA, |c, _| {
+        video_track_of(c, &pid).is_some()
+    })
+    .await;
+    let track = video_track_of(&far, &pid).unwrap_or_default();
+    for other in &others {
+        let hidden = ClientMessage::TrackSettings {
+            track_id: track.clone(),
+            visible: false,
+            width: None,
+            height: None,
+        };
+        other.send_message(&hidden).expect("send");
+    }
+
+    far.send_message(&tile(&track, 320, 180)).expect("send");
+    wait_on_layer(&near, &pid, 2, 100).await;
+    wait_on_layer(&far, &pid, 0, 100).await;
+    let skipped = || server.metrics.snapshot().relay_packets_skipped;
+    let before = skipped();
+    let result = eventually("top-layer packets kept off the relay", MEDIA, || async {
+        skipped() >= before + 50
+    })
+    .await;
+    result.unwrap_or_else(|e| panic!("{e:#}: {} skipped", skipped()));
+
+    // The far tile grows: the relay carries the top layer, then the middle one (switched
+    // back on at the publisher, as nobody took it).
+    far.send_message(&tile(&track, 1280, 720)).expect("send");
+    wait_on_layer(&far, &pid, 2, 100).await;
+    far.send_message(&tile(&track, 640, 360)).expect("send");
+    wait_on_layer(&far, &pid, 1, 100).await;
+    let snap = far.snapshot();
+    let received: Vec<_> = snap.tracks_from(&pid, MediaKind::Video).collect();
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].corrupt + received[0].mismatched, 0);
+    wait_on_layer(&near, &pid, 2, 50).await;
+
+    let all: Vec<&Client> = [&publisher].into_iter().chain(everyone).collect();
+    close_all(&all).await;
+    assert_all_clean(&server, "relay").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

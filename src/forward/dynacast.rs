@@ -19,8 +19,6 @@ pub struct Dynacast {
     suspended: u32,
     /// Since when each layer has been unwanted.
     unwanted_since: Vec<Option<Instant>>,
-    /// What the other workers' downtracks want, by worker.
-    relayed: Vec<(usize, u32)>,
 }
 
 impl Dynacast {
@@ -29,7 +27,6 @@ impl Dynacast {
             layers,
             suspended: 0,
             unwanted_since: vec![None; usize::from(layers)],
-            relayed: Vec::new(),
         }
     }
 
@@ -38,22 +35,13 @@ impl Dynacast {
         self.suspended
     }
 
-    /// Another worker reports what its downtracks want (0 when it has none left).
-    pub fn set_relayed(&mut self, worker: usize, wanted: u32) {
-        self.relayed.retain(|(w, _)| *w != worker);
-        if wanted != 0 {
-            self.relayed.push((worker, wanted));
-        }
-    }
-
-    /// Takes what local downtracks want; returns the layers that should be active when that
-    /// changes (bit i: layer i), for the publisher to be told. One layer is never switched
-    /// off: there is nothing to choose between.
-    pub fn update(&mut self, local: u32, now: Instant) -> Option<u32> {
+    /// Takes what every downtrack wants, local and relayed; returns the layers that should be
+    /// active when that changes (bit i: layer i), for the publisher to be told. One layer is
+    /// never switched off: there is nothing to choose between.
+    pub fn update(&mut self, wanted: u32, now: Instant) -> Option<u32> {
         if self.layers < 2 {
             return None;
         }
-        let wanted = self.relayed.iter().fold(local, |set, (_, w)| set | w);
         let mut suspended = self.suspended;
         for (layer, since) in self.unwanted_since.iter_mut().enumerate() {
             let bit = 1 << layer;
@@ -90,16 +78,12 @@ mod tests {
         assert_eq!(d.update(0b001, later(2_000)), None);
         assert_eq!(d.update(0b001, later(3_000)), Some(0b001), "h and f off");
         assert_eq!(d.update(0b001, later(4_000)), None, "told once");
-        // A subscriber on another worker wants the top layer: on at once.
-        d.set_relayed(1, 0b100);
-        assert_eq!(d.update(0b001, later(4_100)), Some(0b101));
+        // A subscriber (here or on another worker) wants the top layer: on at once.
+        assert_eq!(d.update(0b101, later(4_100)), Some(0b101));
         assert_eq!(d.suspended(), 0b010);
         // It leaves; a brief gap does not switch the layer off.
-        d.set_relayed(1, 0);
         assert_eq!(d.update(0b001, later(4_200)), None);
-        d.set_relayed(1, 0b100);
-        assert_eq!(d.update(0b001, later(5_000)), None);
-        d.set_relayed(1, 0);
+        assert_eq!(d.update(0b101, later(5_000)), None);
         assert_eq!(d.update(0b001, later(5_100)), None);
         assert_eq!(d.update(0b001, later(8_100)), Some(0b001));
     }

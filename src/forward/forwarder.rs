@@ -28,6 +28,14 @@ pub struct Delivery<K> {
     pub marker: bool,
 }
 
+/// Another worker this track's packets are relayed to, and the layers its downtracks take
+/// (bit i: layer i): only those cross.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Relay {
+    worker: usize,
+    layers: u32,
+}
+
 #[derive(Debug)]
 pub struct TrackForwarder<K> {
     /// Video format whose keyframes are recognised (None: audio, or not recognised).
@@ -35,7 +43,7 @@ pub struct TrackForwarder<K> {
     is_video: bool,
     downtracks: Vec<DownTrack<K>>,
     /// Other workers with subscribers of this track (source forwarder only).
-    relays: Vec<usize>,
+    relays: Vec<Relay>,
     /// Simulcast layers, lowest first (one for a track sent as one stream).
     layers: Vec<LayerState>,
     /// Padding removal per layer: each layer has its own sequence space (source only).
@@ -48,6 +56,9 @@ pub struct TrackForwarder<K> {
     resumed_at: Vec<Option<Instant>>,
     /// The last packet was RED (audio with redundancy, about twice the codec's rate).
     carries_red: bool,
+    /// A relay-fed copy: the layers as the source forwarder sees them (it receives only the
+    /// layers its downtracks take, so its own measurements would miss the others).
+    source_views: Option<Vec<LayerView>>,
 }
 
 impl<K: Copy + Eq> TrackForwarder<K> {
@@ -65,6 +76,7 @@ impl<K: Copy + Eq> TrackForwarder<K> {
             suspended: 0,
             resumed_at: vec![None; layers],
             carries_red: false,
+            source_views: None,
         }
     }
 
@@ -87,6 +99,9 @@ impl<K: Copy + Eq> TrackForwarder<K> {
 
     /// The layers as layer choice sees them, lowest first.
     pub fn layer_views(&self, now: Instant) -> Vec<LayerView> {
+        if let Some(views) = &self.source_views {
+            return views.clone();
+        }
         let mut views = layer::views(&self.layers, now);
         for (i, v) in views.iter_mut().enumerate() {
             let starting =
@@ -200,19 +215,67 @@ impl<K: Copy + Eq> TrackForwarder<K> {
         (self.layers.len() - 1) as u8
     }
 
+    /// Another worker has subscribers of this track: it gets every layer until it says which
+    /// its downtracks take.
     pub fn add_relay(&mut self, worker: usize) {
-        if !self.relays.contains(&worker) {
-            self.relays.push(worker);
+        if !self.relays.iter().any(|r| r.worker == worker) {
+            self.relays.push(Relay {
+                worker,
+                layers: u32::MAX,
+            });
         }
     }
 
     pub fn remove_relay(&mut self, worker: usize) {
-        self.relays.retain(|w| *w != worker);
+        self.relays.retain(|r| r.worker != worker);
+    }
+
+    /// A relay-fed copy takes the layers as its source forwarder sees them.
+    pub fn set_source_views(&mut self, views: &[LayerView]) {
+        match &mut self.source_views {
+            Some(mine) => {
+                mine.clear();
+                mine.extend_from_slice(views);
+            }
+            None => self.source_views = Some(views.to_vec()),
+        }
+    }
+
+    /// A relay's downtracks take (forward, await, or need) these layers now.
+    pub fn set_relay_layers(&mut self, worker: usize, layers: u32) {
+        if let Some(r) = self.relays.iter_mut().find(|r| r.worker == worker) {
+            r.layers = layers;
+        }
+    }
+
+    /// A relay asked for keyframes of these layers: a downtrack there is about to switch to
+    /// them, maybe before it has said it takes them.
+    pub fn widen_relay(&mut self, worker: usize, layers: u32) {
+        if let Some(r) = self.relays.iter_mut().find(|r| r.worker == worker) {
+            r.layers |= layers;
+        }
+    }
+
+    pub fn relay_count(&self) -> usize {
+        self.relays.len()
     }
 
     /// The other workers this track's packets go to.
-    pub fn relays(&self) -> &[usize] {
-        &self.relays
+    pub fn relays(&self) -> impl Iterator<Item = usize> + '_ {
+        self.relays.iter().map(|r| r.worker)
+    }
+
+    /// The other workers whose downtracks take `layer`.
+    pub fn relays_taking(&self, layer: u8) -> impl Iterator<Item = usize> + '_ {
+        self.relays
+            .iter()
+            .filter(move |r| r.layers & 1 << layer != 0)
+            .map(|r| r.worker)
+    }
+
+    /// The layers any relay's downtracks take (bit i: layer i).
+    pub fn relayed_layers(&self) -> u32 {
+        self.relays.iter().fold(0, |set, r| set | r.layers)
     }
 
     /// Someone lost the picture of a layer (a subscriber's PLI/FIR, a new subscriber, a switch).
@@ -425,10 +488,31 @@ mod tests {
         assert!(f.is_idle());
         f.add_relay(3);
         f.add_relay(3);
-        assert_eq!(f.relays(), &[3]);
+        assert_eq!(f.relays().collect::<Vec<_>>(), [3]);
         assert!(!f.is_idle());
         f.remove_relay(3);
         assert!(f.is_idle());
+    }
+
+    #[test]
+    fn relays_get_the_layers_their_downtracks_take() {
+        let mut f = TrackForwarder::<u32>::new("video/VP8", 3, INTERVAL);
+        f.add_relay(1);
+        f.add_relay(2);
+        let taking = |f: &TrackForwarder<u32>, layer| f.relays_taking(layer).collect::<Vec<_>>();
+        assert_eq!(taking(&f, 2), [1, 2], "every layer until a relay says");
+        f.set_relay_layers(1, 0b001);
+        f.set_relay_layers(2, 0b010);
+        assert_eq!(taking(&f, 0), [1]);
+        assert_eq!(taking(&f, 1), [2]);
+        assert!(taking(&f, 2).is_empty(), "nobody takes the top layer");
+        assert_eq!(f.relayed_layers(), 0b011);
+        // A keyframe request for the top layer: about to switch, it gets it at once.
+        f.widen_relay(1, 0b100);
+        assert_eq!(taking(&f, 2), [1]);
+        f.set_relay_layers(1, 0);
+        assert!(taking(&f, 0).is_empty() && taking(&f, 2).is_empty());
+        assert_eq!(f.relays().collect::<Vec<_>>(), [1, 2], "still attached");
     }
 
     #[test]

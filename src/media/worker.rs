@@ -180,6 +180,7 @@ pub enum Command {
     /// From another worker: subscribers there want keyframes of these layers (bit i: layer i).
     KeyframeRequest {
         key: TrackKey,
+        worker: usize,
         layers: u32,
     },
     /// From another worker: the layers its subscribers of this track receive (dynacast).
@@ -193,10 +194,11 @@ pub enum Command {
         key: TrackKey,
         muted: bool,
     },
-    /// From the publisher's worker: the layers the publisher was asked to switch off.
-    Suspended {
+    /// From the publisher's worker: the track's layers as the publisher sends them, for the
+    /// relay-fed copy to choose from (it receives only the layers its downtracks take).
+    LayerViews {
         key: TrackKey,
-        layers: u32,
+        views: Arc<[LayerView]>,
     },
     Shutdown,
 }
@@ -320,6 +322,7 @@ struct Tally {
     packets_dropped: u64,
     packets_dropped_pacer: u64,
     packets_muted: u64,
+    relay_skipped: u64,
     unroutable: u64,
     keyframe_requests: u64,
     turns: u64,
@@ -782,13 +785,17 @@ impl Worker {
         if !f.fwd.ingest(&mut media) {
             return;
         }
-        for &w in f.fwd.relays() {
+        // A layer no downtrack on a relay's worker takes stays here.
+        let mut relayed = 0;
+        for w in f.fwd.relays_taking(media.layer) {
+            relayed += 1;
             let batch = &mut self.relay_out[w];
             if batch.len() >= RELAY_BATCH {
                 send_relay(&self.workers[w], batch, &mut self.tally);
             }
             batch.push((key, media.clone()));
         }
+        self.tally.relay_skipped += (f.fwd.relay_count() - relayed) as u64;
         self.deliver(key, &media);
     }
 
@@ -900,6 +907,7 @@ impl Worker {
                         .commands
                         .send(Command::KeyframeRequest {
                             key: *key,
+                            worker: self.index,
                             layers: due,
                         });
                 }
@@ -974,7 +982,8 @@ impl Worker {
                         ),
                         source: Source::Relayed {
                             worker: route.worker,
-                            reported: 0,
+                            // What the source assumes until told: every layer.
+                            reported: u32::MAX,
                         },
                     })
                 }
@@ -1089,8 +1098,9 @@ impl Worker {
     }
 
     /// Dynacast, once per allocation pass: relay-fed forwarders tell the publisher's worker
-    /// which layers their subscribers receive; source forwarders work out which layers anyone
-    /// receives, and tell the publisher (and the relays) when that changes.
+    /// which layers their subscribers take (only those are relayed); source forwarders work out
+    /// which layers anyone takes and tell the publisher when that changes, and give the relays
+    /// the layers as the publisher sends them (a relay sees only the layers it takes).
     fn update_dynacast(&mut self, now: Instant) {
         for (key, f) in &mut self.forwarders {
             match &mut f.source {
@@ -1112,18 +1122,23 @@ impl Worker {
                     dynacast,
                     ..
                 } => {
-                    let Some(active) = dynacast.update(f.fwd.wanted_layers(), now) else {
-                        continue;
-                    };
-                    let suspended = dynacast.suspended();
-                    f.fwd.set_suspended(suspended, now);
-                    for &w in f.fwd.relays() {
-                        let _ = self.workers[w].commands.send(Command::Suspended {
-                            key: *key,
-                            layers: suspended,
-                        });
+                    let wanted = f.fwd.wanted_layers() | f.fwd.relayed_layers();
+                    let changed = dynacast.update(wanted, now);
+                    if changed.is_some() {
+                        f.fwd.set_suspended(dynacast.suspended(), now);
                     }
-                    if let Some(c) = self.conns.get(conn) {
+                    if f.fwd.is_video() && f.fwd.relay_count() > 0 {
+                        let views: Arc<[LayerView]> = f.fwd.layer_views(now).into();
+                        for w in f.fwd.relays() {
+                            let _ = self.workers[w].commands.send(Command::LayerViews {
+                                key: *key,
+                                views: views.clone(),
+                            });
+                        }
+                    }
+                    if let Some(active) = changed
+                        && let Some(c) = self.conns.get(conn)
+                    {
                         let active = (0..layers.len())
                             .filter(|l| active & 1 << l != 0)
                             .map(|l| layers[l].to_string())
@@ -1294,17 +1309,13 @@ impl Worker {
                 worker,
                 layers,
             } => {
-                if let Some(Forwarder {
-                    source: Source::Local { dynacast, .. },
-                    ..
-                }) = self.forwarders.get_mut(&key)
-                {
-                    dynacast.set_relayed(worker, layers);
+                if let Some(f) = self.forwarders.get_mut(&key) {
+                    f.fwd.set_relay_layers(worker, layers);
                 }
             }
-            Command::Suspended { key, layers } => {
+            Command::LayerViews { key, views } => {
                 if let Some(f) = self.forwarders.get_mut(&key) {
-                    f.fwd.set_suspended(layers, Instant::now());
+                    f.fwd.set_source_views(&views);
                 }
             }
             Command::MuteTrack { key, muted } => {
@@ -1320,8 +1331,13 @@ impl Worker {
                     }
                 }
             }
-            Command::KeyframeRequest { key, layers } => {
+            Command::KeyframeRequest {
+                key,
+                worker,
+                layers,
+            } => {
                 if let Some(f) = self.forwarders.get_mut(&key) {
+                    f.fwd.widen_relay(worker, layers);
                     for layer in 0..u32::BITS as u8 {
                         if layers & 1 << layer != 0 {
                             f.fwd.request_keyframe(layer);
@@ -1570,6 +1586,7 @@ impl Worker {
             (&m.packets_dropped, t.packets_dropped),
             (&m.packets_dropped_pacer, t.packets_dropped_pacer),
             (&m.packets_muted, t.packets_muted),
+            (&m.relay_packets_skipped, t.relay_skipped),
             (&m.datagrams_unroutable, t.unroutable),
             (&m.keyframe_requests, t.keyframe_requests),
             (&m.media_loop_turns, t.turns),
