@@ -820,6 +820,25 @@ async fn screen_share_round(
             .await?;
         ensure!(dom == 1, "{} has {dom} screen tiles in the DOM", page.name);
     }
+    if sharer.state().await?["mode"] == "sfu" {
+        // To the SFU a screen share goes as one layer (no rid, unlike the camera's simulcast
+        // layers) with temporal layers (sfu.js).
+        let rtp = sharer
+            .session
+            .execute("return window.switchboard.rtp();", vec![])
+            .await?;
+        let temporal = rtp.as_array().into_iter().flatten().any(|s| {
+            s["type"] == "outbound"
+                && s["rid"].is_null()
+                && s["scalabilityMode"] == "L1T3"
+                && s["framesEncoded"].as_u64() > Some(0)
+        });
+        ensure!(
+            temporal,
+            "{}: no screen share sent as L1T3: {rtp}",
+            sharer.name
+        );
+    }
     if let Some(label) = shot {
         env.screenshot(others[0], label).await?;
     }

@@ -820,7 +820,7 @@ window.switchboard = {
         } else if (s.type === "outbound-rtp") {
           out.push({ type: "outbound", rid: s.rid ?? null, active: s.active ?? null, frameWidth: s.frameWidth ?? 0,
             framesEncoded: s.framesEncoded ?? 0, bytesSent: s.bytesSent ?? 0,
-            codec: report.get(s.codecId)?.mimeType ?? null });
+            codec: report.get(s.codecId)?.mimeType ?? null, scalabilityMode: s.scalabilityMode ?? null });
         }
       }
     }
