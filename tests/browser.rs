@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use serde_json::{Value, json};
+use switchboard::client::{Client, ClientOptions, MediaProfile};
 use switchboard::config::Config;
 use switchboard::server::{Server, ServerHandle};
 use webdriver::{Driver, NetnsDriver, Session, find_executable};
@@ -360,6 +361,116 @@ async fn h264_simulcast(env: Arc<Env>) -> Result<()> {
     bob.wait_media_rising(1, Duration::from_secs(20)).await?;
     env.screenshot(alice, "h264-simulcast").await?;
     env.finish(pages).await
+}
+
+/// A crowded room: a page with more remote cameras than its grid shows at full size (seven
+/// synthetic publishers sending three layers each, one of them speaking). The speaker is
+/// announced, its tile marked, put first and shown large, and the server sends it on a higher
+/// layer than the small tiles around it, which get the lowest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crowded_room_shows_the_speaker_large_in_chromium() {
+    run_browser_test(
+        "a_crowded_room_shows_the_speaker_large_in_chromium",
+        crowded_room,
+    )
+    .await;
+}
+
+async fn crowded_room(env: Arc<Env>) -> Result<()> {
+    let room = "e2e-crowd";
+    let ws = format!("{}/ws", env.base.replacen("http", "ws", 1));
+    let mut crowd = Vec::new();
+    for i in 0..7 {
+        let media = MediaProfile {
+            simulcast: true,
+            video_fps: 10,
+            speaking_dbov: (i == 3).then_some(20),
+            ..MediaProfile::default()
+        };
+        let opts = ClientOptions {
+            media,
+            ..ClientOptions::default()
+        };
+        crowd.push(Client::connect(&ws, room, &format!("crowd{i}"), opts).await?);
+    }
+    let speaker = crowd[3].id().to_owned();
+    let page = env.open_pages(&["Alice"]).await?.remove(0);
+    page.join(&env.base, room, None).await?;
+
+    step("seven remote cameras; the speaker is announced, marked, first and large");
+    page.wait_until("seven remote camera tiles", Duration::from_secs(60), |s| {
+        remote_cameras(s).count() == 7
+    })
+    .await?;
+    page.wait_until("the speaker announced", Duration::from_secs(30), |s| {
+        s["activeSpeakers"] == json!([speaker])
+    })
+    .await?;
+    let layout = page
+        .session
+        .execute(
+            "const grid = document.getElementById('grid');
+             const tiles = [...grid.querySelectorAll('.tile[data-remote][data-kind=camera]')];
+             const first = tiles.slice().sort((a, b) => (Number(a.style.order) || 0) - (Number(b.style.order) || 0))[0];
+             return {
+               crowded: grid.classList.contains('crowded'),
+               first: first?.dataset.participantId ?? null,
+               marked: tiles.filter((t) => t.classList.contains('active-speaker')).map((t) => t.dataset.participantId),
+               widths: Object.fromEntries(tiles.map((t) => [t.dataset.participantId, t.getBoundingClientRect().width])),
+             };",
+            vec![],
+        )
+        .await?;
+    ensure!(
+        layout["crowded"] == true,
+        "the grid is not crowded: {layout}"
+    );
+    ensure!(
+        layout["marked"] == json!([speaker]),
+        "marked tiles: {layout}"
+    );
+    ensure!(
+        layout["first"] == speaker.as_str(),
+        "the speaker's tile is not first: {layout}"
+    );
+    let widths = layout["widths"].as_object().context("widths")?;
+    let speaker_width = widths[&speaker].as_f64().unwrap_or(0.0);
+    ensure!(
+        widths
+            .iter()
+            .filter(|(id, _)| **id != speaker)
+            .all(|(_, w)| w.as_f64().unwrap_or(f64::MAX) * 1.5 < speaker_width),
+        "the speaker's tile is not shown large: {layout}"
+    );
+
+    step("the server sends the speaker on a higher layer, the small tiles on the lowest");
+    let rank = |layer: &Value| match layer.as_str() {
+        Some("q") => 0,
+        Some("h") => 1,
+        Some("f") => 2,
+        _ => -1,
+    };
+    page.wait_until(
+        "the speaker above the others' lowest layer",
+        Duration::from_secs(30),
+        |s| {
+            remote_cameras(s).all(|t| {
+                let layer = rank(&t["videoLayer"]);
+                if t["participantId"] == speaker.as_str() {
+                    layer >= 1
+                } else {
+                    layer == 0
+                }
+            })
+        },
+    )
+    .await?;
+    env.screenshot(&page, "crowded-room").await?;
+    env.finish(vec![page]).await?;
+    for client in &crowd {
+        client.close().await;
+    }
+    Ok(())
 }
 
 /// Shows a participant's camera tile on `page` at 160×90 CSS pixels.

@@ -461,6 +461,14 @@ async fn the_participant_who_speaks_is_announced_as_active_speaker() {
         .await;
         result.unwrap_or_else(|e| panic!("{e:#}: {:?}", speakers(c)));
     }
+    // A late joiner hears who speaks at once, not at the next change.
+    let late = join(&server, "talk", "late", ClientOptions::silent()).await;
+    let result = eventually("the late joiner told who speaks", MEDIA, || async {
+        speakers(&late).as_ref() == Some(&expected)
+    })
+    .await;
+    result.unwrap_or_else(|e| panic!("{e:#}: {:?}", speakers(&late)));
+    late.close().await;
     // The talker leaves: nobody speaks.
     talker.close().await;
     let result = eventually("an empty active-speaker list", MEDIA, || async {

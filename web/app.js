@@ -314,8 +314,11 @@ function enterCall(sig, joined, pending) {
     ui.setChatEnabled(ready);
   });
   session.on("state", onMediaState);
-  session.on("subscription", ({ key, kind, paused }) => {
-    if (kind === "video") ui.tiles.get(tileIdForStream(key))?.setVideoPaused(paused);
+  session.on("subscription", ({ key, kind, layer, paused }) => {
+    const tile = kind === "video" ? ui.tiles.get(tileIdForStream(key)) : null;
+    if (!tile) return;
+    tile.videoLayer = layer;
+    tile.setVideoPaused(paused);
   });
   ui.setChatEnabled(false);
   sig.on("message", onMessage);
@@ -798,6 +801,7 @@ window.switchboard = {
         camOff: t.camOff,
         stalled: t.stalled,
         videoPaused: t.videoPaused,
+        videoLayer: t.videoLayer ?? null, // the simulcast layer (rid) the server sends us
         stats: t.stats,
       })),
     };

@@ -625,7 +625,15 @@ impl Session {
                 Vec::new()
             },
         })
-        .await
+        .await?;
+        // Someone may be speaking already: a joiner hears who (and its downlink puts them
+        // first) without waiting for the list to change.
+        let speakers = room.active_speakers();
+        if speakers.is_empty() {
+            return Ok(());
+        }
+        self.on_room_event(RoomEvent::ActiveSpeakers(speakers))
+            .await
     }
 
     /// How the participant shows a track it receives: passed to its media connection, which
