@@ -82,6 +82,15 @@ impl Grants {
         can_publish_data: true,
     };
 
+    /// What both allow.
+    pub fn and(self, other: Grants) -> Grants {
+        Grants {
+            can_publish: self.can_publish && other.can_publish,
+            can_subscribe: self.can_subscribe && other.can_subscribe,
+            can_publish_data: self.can_publish_data && other.can_publish_data,
+        }
+    }
+
     /// Whether this is less than everything (mesh rooms, whose media goes peer to peer,
     /// cannot enforce less).
     pub fn is_restricted(&self) -> bool {

@@ -75,6 +75,7 @@ impl Server {
             limits: config.limits.clone(),
             resumables: Default::default(),
             connections: Default::default(),
+            http_sessions: Default::default(),
             keys,
             ice_servers,
             shutdown: shutdown_rx.clone(),

@@ -473,6 +473,96 @@ async fn crowded_room(env: Arc<Env>) -> Result<()> {
     Ok(())
 }
 
+/// WHIP: a Chromium page publishes its camera and microphone with one `POST /whip/{room}` (a
+/// plain `RTCPeerConnection` and `fetch`, no Switchboard client), and a page of the browser
+/// client in the room sees the publisher and decodes both; the publisher's `DELETE` makes it
+/// leave the room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whip_publisher_is_decoded_in_chromium() {
+    run_browser_test("a_whip_publisher_is_decoded_in_chromium", whip_publisher).await;
+}
+
+/// Publishes the page's camera and microphone over WHIP into `room`; returns the response's
+/// status, `Location` and `ETag`, and the offer sent.
+const WHIP_PUBLISH: &str = r#"
+    const room = arguments[0];
+    return (async () => {
+      const stream = await navigator.mediaDevices.getUserMedia({ audio: true, video: { width: 640, height: 360 } });
+      const pc = new RTCPeerConnection();
+      for (const track of stream.getTracks()) pc.addTransceiver(track, { direction: "sendonly", streams: [stream] });
+      await pc.setLocalDescription(await pc.createOffer());
+      await new Promise((done) => {
+        if (pc.iceGatheringState === "complete") return done();
+        pc.addEventListener("icegatheringstatechange", () => pc.iceGatheringState === "complete" && done());
+        setTimeout(done, 3000);
+      });
+      const response = await fetch(`/whip/${room}?name=Broadcaster`, {
+        method: "POST",
+        headers: { "Content-Type": "application/sdp" },
+        body: pc.localDescription.sdp,
+      });
+      const answer = await response.text();
+      if (response.status === 201) await pc.setRemoteDescription({ type: "answer", sdp: answer });
+      window.whip = { pc, location: response.headers.get("Location") };
+      return { status: response.status, location: response.headers.get("Location"),
+               etag: response.headers.get("ETag"), offer: pc.localDescription.sdp };
+    })().catch((e) => ({ error: String(e) }));
+"#;
+
+async fn whip_publisher(env: Arc<Env>) -> Result<()> {
+    let room = "e2e-whip";
+    let mut pages = env.open_pages(&["Broadcaster", "Viewer"]).await?;
+    let viewer = pages.pop().context("viewer")?;
+    let broadcaster = pages.pop().context("broadcaster")?;
+    viewer.join(&env.base, room, None).await?;
+
+    step("a page publishes over WHIP");
+    broadcaster
+        .session
+        .goto(&format!("{}/healthz", env.base))
+        .await?;
+    let published = broadcaster
+        .session
+        .execute(WHIP_PUBLISH, vec![json!(room)])
+        .await?;
+    ensure!(published["status"] == 201, "WHIP POST: {published}");
+    let location = published["location"].as_str().unwrap_or("");
+    ensure!(
+        location.starts_with(&format!("/whip/{room}/")),
+        "Location: {published}"
+    );
+    ensure!(published["etag"].is_string(), "no ETag: {published}");
+    let offer = published["offer"].as_str().unwrap_or("");
+    std::fs::write(env.artifacts.join("whip-offer.sdp"), offer)?;
+
+    step("the browser client in the room decodes the WHIP publisher");
+    viewer.wait_remote_media(1, Duration::from_secs(60)).await?;
+    viewer.wait_media_rising(1, Duration::from_secs(20)).await?;
+    let state = viewer.state().await?;
+    ensure!(
+        remote_cameras(&state).any(|t| t["name"] == "Broadcaster"),
+        "no Broadcaster tile: {}",
+        summarize(&state)
+    );
+    env.screenshot(&viewer, "whip-viewer").await?;
+
+    step("DELETE on the resource: the publisher leaves the room");
+    let deleted = broadcaster
+        .session
+        .execute(
+            "return fetch(window.whip.location, { method: 'DELETE' }).then((r) => r.status);",
+            vec![],
+        )
+        .await?;
+    ensure!(deleted == 200, "DELETE: {deleted}");
+    viewer
+        .wait_until("the publisher gone", Duration::from_secs(20), |s| {
+            remote_cameras(s).count() == 0
+        })
+        .await?;
+    env.finish(vec![broadcaster, viewer]).await
+}
+
 /// Shows a participant's camera tile on `page` at 160×90 CSS pixels.
 async fn shrink_tile(page: &Page, participant: &str) -> Result<()> {
     let found = page

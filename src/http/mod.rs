@@ -9,10 +9,11 @@ use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, patch, post};
 use include_dir::{Dir, include_dir};
 
 mod admin;
+mod whip;
 
 use crate::metrics::Metrics;
 use crate::signal::connections::Refused;
@@ -44,6 +45,13 @@ pub fn router(ctx: Arc<ServerContext>) -> Router {
         .route(
             "/api/rooms/{name}/tracks/{track_id}/mute",
             post(admin::mute_track),
+        )
+        .route("/whip/{room}", post(whip::publish).options(whip::preflight))
+        .route(
+            "/whip/{room}/{id}",
+            patch(whip::patch)
+                .delete(whip::delete)
+                .options(whip::preflight),
         )
         .route("/{*path}", get(static_file))
         .with_state(ctx)

@@ -3,6 +3,7 @@
 
 mod admission;
 pub mod connections;
+pub mod http_session;
 pub mod protocol;
 pub mod resume;
 pub mod session;

@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::admission::admit_to_forwarding_cap;
 use super::connections::Connections;
+use super::http_session::Resources;
 use super::protocol::{
     ChatRelay, ClientMessage, ErrorCode, PROTOCOL_VERSION, PauseReason, RoomMode, ServerMessage,
     parse_client_message,
@@ -24,7 +25,7 @@ use super::protocol::{
 use super::resume::{Resumable, Resumables};
 use super::sfu::SfuMedia;
 use super::socket::{SendError, SignalSocket};
-use crate::auth::Keys;
+use crate::auth::{Grants, Keys};
 use crate::config::Limits;
 use crate::media::{MediaError, MediaEvent, MediaPlane, OfferOutcome, PauseCause, Visibility};
 use crate::metrics::{GaugeGuard, Metrics};
@@ -52,6 +53,8 @@ pub struct ServerContext {
     pub resumables: Arc<Resumables>,
     /// Signaling sockets open, in total and per address.
     pub connections: Arc<Connections>,
+    /// Sessions of HTTP clients (WHIP), by resource id.
+    pub http_sessions: Arc<Resources>,
     /// The API keys access tokens are checked with (none: development mode).
     pub keys: Keys,
     /// ICE servers for clients, with per-participant credentials.
@@ -64,7 +67,6 @@ pub struct ServerContext {
 
 /// Runs a session until the socket closes, the participant's media fails, or shutdown.
 pub async fn run_session(socket: WebSocket, ctx: Arc<ServerContext>) {
-    let _gauge = GaugeGuard::new(&ctx.metrics, |m| &m.sessions);
     let limits = &ctx.limits;
     let socket = SignalSocket::new(
         socket,
@@ -76,12 +78,24 @@ pub async fn run_session(socket: WebSocket, ctx: Arc<ServerContext>) {
             Instant::now(),
         ),
     );
+    run_session_on(socket, ctx, None).await;
+}
+
+/// Runs a session on `socket` (a WebSocket, or an HTTP client's link); `grants_cap` bounds
+/// what its participant may do whatever its token grants (WHIP: publish only).
+pub(super) async fn run_session_on(
+    socket: SignalSocket,
+    ctx: Arc<ServerContext>,
+    grants_cap: Option<Grants>,
+) {
+    let _gauge = GaugeGuard::new(&ctx.metrics, |m| &m.sessions);
     let mut session = Session {
         ctx: ctx.clone(),
         socket: Some(socket),
         joined: None,
         detached: None,
         idle_since: Instant::now(),
+        grants_cap,
     };
     let close = session.run().await;
     session.leave();
@@ -99,6 +113,9 @@ struct Session {
     detached: Option<(Instant, GaugeGuard)>,
     /// Since when the socket has been open without being in a room (the join timeout).
     idle_since: Instant,
+    /// The most this kind of client may do (WHIP: publish, WHEP: subscribe); None: what its
+    /// token grants.
+    grants_cap: Option<Grants>,
 }
 
 /// Whatever ends a session, a panic included, its participant leaves its room: no ghost
@@ -253,17 +270,10 @@ impl Session {
     /// Queues a message to the client; while detached the message is lost (a resume
     /// resynchronises). A client that does not read has its socket cut, as if it dropped.
     async fn send(&mut self, message: &ServerMessage) -> Result<(), Close> {
-        let Some(socket) = self.socket.as_ref() else {
+        let Some(socket) = self.socket.as_mut() else {
             return Ok(());
         };
-        let text = match serde_json::to_string(message) {
-            Ok(text) => text,
-            Err(e) => {
-                tracing::error!("serializing {message:?}: {e}");
-                return Ok(());
-            }
-        };
-        match socket.send(Message::Text(text.into())).await {
+        match socket.send(message).await {
             // The next read says what happened: the client's close frame (the session ends)
             // or a dropped connection (it detaches).
             Ok(()) | Err(SendError::Closed) => Ok(()),
@@ -475,7 +485,12 @@ impl Session {
                         .await;
                 }
                 self.leave();
-                self.send(&ServerMessage::Left).await
+                self.send(&ServerMessage::Left).await?;
+                // An HTTP client's session is its one membership (a WHIP resource).
+                if self.socket.as_ref().is_some_and(SignalSocket::is_http) {
+                    return Err(None);
+                }
+                Ok(())
             }
             ClientMessage::Offer { sdp, to } => self.on_sdp(true, sdp, to).await,
             ClientMessage::Answer { sdp, to } => self.on_sdp(false, sdp, to).await,
@@ -513,7 +528,12 @@ impl Session {
                 .await;
         };
         let admission = match self.ctx.keys.admit(token, room) {
-            Ok(admission) => admission,
+            Ok(mut admission) => {
+                if let Some(cap) = self.grants_cap {
+                    admission.grants = admission.grants.and(cap);
+                }
+                admission
+            }
             Err(e) => {
                 self.ctx.metrics.joins_unauthorized.inc();
                 return self.error(ErrorCode::Unauthorized, e.to_string()).await;
@@ -1140,6 +1160,7 @@ mod tests {
             limits: config.limits.clone(),
             resumables: Default::default(),
             connections: Default::default(),
+            http_sessions: Default::default(),
             keys: Keys::default(),
             ice_servers: IceServers::new(Vec::new(), String::new(), Duration::ZERO),
             shutdown,
@@ -1171,6 +1192,7 @@ mod tests {
             }),
             detached: None,
             idle_since: Instant::now(),
+            grants_cap: None,
         };
         assert_eq!(registry.snapshots().len(), 1);
         let task = tokio::spawn(async move {

@@ -5,6 +5,9 @@
 //!
 //! It also holds the per-socket message-rate bucket, so a session that moves to a new socket
 //! (resume) starts that socket's budget afresh.
+//!
+//! A session of an HTTP client (WHIP, WHEP) has an [`HttpLink`] in the socket's place: its
+//! request handlers send one message at a time and take the reply they wait for.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,6 +19,8 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+use super::http_session::HttpLink;
+use super::protocol::ServerMessage;
 use crate::types::TokenBucket;
 
 /// How long the writer waits for a close frame to go out before it gives up.
@@ -35,12 +40,23 @@ pub enum SendError {
 
 #[derive(Debug)]
 pub struct SignalSocket {
+    link: Link,
+    rate: TokenBucket,
+}
+
+#[derive(Debug)]
+enum Link {
+    WebSocket(WebSocketLink),
+    Http(HttpLink),
+}
+
+#[derive(Debug)]
+struct WebSocketLink {
     stream: SplitStream<WebSocket>,
     queue: mpsc::Sender<Message>,
     writer: Option<JoinHandle<()>>,
     /// Set by the writer when a write blocked past the send timeout.
     stalled: Arc<AtomicBool>,
-    rate: TokenBucket,
 }
 
 impl SignalSocket {
@@ -55,7 +71,7 @@ impl SignalSocket {
         let (sink, stream) = socket.split();
         let (tx, rx) = mpsc::channel(queue.max(1));
         let stalled = Arc::new(AtomicBool::new(false));
-        SignalSocket {
+        let link = WebSocketLink {
             stream,
             queue: tx,
             writer: Some(tokio::spawn(write_loop(
@@ -65,28 +81,83 @@ impl SignalSocket {
                 stalled.clone(),
             ))),
             stalled,
+        };
+        SignalSocket {
+            link: Link::WebSocket(link),
             rate,
         }
     }
 
+    /// The link of an HTTP client's session. Its requests are not rate-limited here: each is
+    /// an HTTP request, under the server's connection limits.
+    pub fn http(link: HttpLink) -> Self {
+        SignalSocket {
+            link: Link::Http(link),
+            rate: TokenBucket::new(0, 0, Instant::now()),
+        }
+    }
+
+    /// Whether an HTTP client's session is behind this link (WHIP), not a WebSocket.
+    pub fn is_http(&self) -> bool {
+        matches!(self.link, Link::Http(_))
+    }
+
     /// The next message from the client (None: the connection is gone).
     pub async fn recv(&mut self) -> Option<Result<Message, axum::Error>> {
-        self.stream.next().await
+        match &mut self.link {
+            Link::WebSocket(ws) => ws.stream.next().await,
+            Link::Http(http) => {
+                let message = http.recv().await?;
+                match serde_json::to_string(&message) {
+                    Ok(text) => Some(Ok(Message::Text(text.into()))),
+                    Err(e) => Some(Err(axum::Error::new(e))),
+                }
+            }
+        }
     }
 
     /// Queues a message for the client. A burst (a session answering many queued client
     /// messages in one go) can fill the queue before the writer task has run at all, so a full
     /// queue first lets the writer drain it to the kernel once; only a queue still full after
     /// that means the client does not read.
-    pub async fn send(&self, message: Message) -> Result<(), SendError> {
-        let message = match self.queue.try_send(message) {
+    pub async fn send(&mut self, message: &ServerMessage) -> Result<(), SendError> {
+        let ws = match &mut self.link {
+            Link::WebSocket(ws) => ws,
+            Link::Http(http) => {
+                http.deliver(message);
+                return Ok(());
+            }
+        };
+        let text = match serde_json::to_string(message) {
+            Ok(text) => text,
+            Err(e) => {
+                tracing::error!("serializing {message:?}: {e}");
+                return Ok(());
+            }
+        };
+        let message = match ws.queue.try_send(Message::Text(text.into())) {
             Err(mpsc::error::TrySendError::Full(message)) => message,
-            other => return other.map_err(|e| self.why(e)),
+            other => return other.map_err(|e| ws.why(e)),
         };
         tokio::task::yield_now().await;
-        self.queue.try_send(message).map_err(|e| self.why(e))
+        ws.queue.try_send(message).map_err(|e| ws.why(e))
     }
 
+    /// Whether the client may send one more message now (takes it from the budget).
+    pub fn take_message_budget(&mut self, now: Instant) -> bool {
+        self.is_http() || self.rate.take(1, now)
+    }
+
+    /// Sends a close frame after what is queued (if the client reads within a second), then
+    /// drops the connection.
+    pub async fn close(self, frame: Option<CloseFrame>) {
+        if let Link::WebSocket(ws) = self.link {
+            ws.close(frame).await;
+        }
+    }
+}
+
+impl WebSocketLink {
     fn why<T>(&self, e: mpsc::error::TrySendError<T>) -> SendError {
         match e {
             mpsc::error::TrySendError::Full(_) => SendError::SlowReader,
@@ -97,14 +168,7 @@ impl SignalSocket {
         }
     }
 
-    /// Whether the client may send one more message now (takes it from the budget).
-    pub fn take_message_budget(&mut self, now: Instant) -> bool {
-        self.rate.take(1, now)
-    }
-
-    /// Sends a close frame after what is queued (if the client reads within a second), then
-    /// drops the connection.
-    pub async fn close(mut self, frame: Option<CloseFrame>) {
+    async fn close(mut self, frame: Option<CloseFrame>) {
         let _ = self.queue.try_send(Message::Close(frame));
         let Some(mut writer) = self.writer.take() else {
             return;
@@ -120,7 +184,7 @@ impl SignalSocket {
     }
 }
 
-impl Drop for SignalSocket {
+impl Drop for WebSocketLink {
     fn drop(&mut self) {
         if let Some(writer) = self.writer.take() {
             writer.abort();
