@@ -142,7 +142,7 @@ metrics! {
         participants: "Participants joined to a room",
         sessions: "Signaling WebSocket sessions open",
         sessions_detached: "Sessions whose socket dropped, waiting (media flowing) for their client to resume",
-        whip_sessions: "WHIP resources (publishers that joined over HTTP) alive",
+        http_sessions: "WHIP and WHEP resources (publishers and players that joined over HTTP) alive",
         peer_connections: "Server-side peer connections alive",
         forwarders: "Published tracks being forwarded",
         downtracks: "Subscriber tracks being forwarded to",

@@ -473,10 +473,11 @@ async fn crowded_room(env: Arc<Env>) -> Result<()> {
     Ok(())
 }
 
-/// WHIP: a Chromium page publishes its camera and microphone with one `POST /whip/{room}` (a
-/// plain `RTCPeerConnection` and `fetch`, no Switchboard client), and a page of the browser
-/// client in the room sees the publisher and decodes both; the publisher's `DELETE` makes it
-/// leave the room.
+/// WHIP and WHEP: a Chromium page publishes its camera and microphone with one `POST
+/// /whip/{room}` (a plain `RTCPeerConnection` and `fetch`, no Switchboard client), and a page of
+/// the browser client in the room sees the publisher and decodes both; a third page plays the
+/// room over WHEP (`POST /whep/{room}`, a recvonly offer) and decodes its audio and video; the
+/// publisher's `DELETE` makes it leave the room.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_whip_publisher_is_decoded_in_chromium() {
     run_browser_test("a_whip_publisher_is_decoded_in_chromium", whip_publisher).await;
@@ -509,9 +510,48 @@ const WHIP_PUBLISH: &str = r#"
     })().catch((e) => ({ error: String(e) }));
 "#;
 
+/// Plays `room` over WHEP: a recvonly audio and video offer; returns the status and offer.
+const WHEP_PLAY: &str = r#"
+    const room = arguments[0];
+    return (async () => {
+      const pc = new RTCPeerConnection();
+      pc.addTransceiver("audio", { direction: "recvonly" });
+      pc.addTransceiver("video", { direction: "recvonly" });
+      await pc.setLocalDescription(await pc.createOffer());
+      await new Promise((done) => {
+        if (pc.iceGatheringState === "complete") return done();
+        pc.addEventListener("icegatheringstatechange", () => pc.iceGatheringState === "complete" && done());
+        setTimeout(done, 3000);
+      });
+      const response = await fetch(`/whep/${room}`, {
+        method: "POST",
+        headers: { "Content-Type": "application/sdp" },
+        body: pc.localDescription.sdp,
+      });
+      const answer = await response.text();
+      if (response.status === 201) await pc.setRemoteDescription({ type: "answer", sdp: answer });
+      window.whep = { pc, location: response.headers.get("Location") };
+      return { status: response.status, location: response.headers.get("Location"), offer: pc.localDescription.sdp, answer };
+    })().catch((e) => ({ error: String(e) }));
+"#;
+
+/// What the WHEP player's connection decoded and received so far.
+const WHEP_STATS: &str = r#"
+    return window.whep.pc.getStats().then((report) => {
+      const out = { framesDecoded: 0, audioPackets: 0, width: 0 };
+      for (const s of report.values()) {
+        if (s.type !== "inbound-rtp") continue;
+        if (s.kind === "video") { out.framesDecoded += s.framesDecoded ?? 0; out.width = s.frameWidth ?? 0; }
+        else out.audioPackets += s.packetsReceived ?? 0;
+      }
+      return out;
+    });
+"#;
+
 async fn whip_publisher(env: Arc<Env>) -> Result<()> {
     let room = "e2e-whip";
-    let mut pages = env.open_pages(&["Broadcaster", "Viewer"]).await?;
+    let mut pages = env.open_pages(&["Broadcaster", "Viewer", "Player"]).await?;
+    let player = pages.pop().context("player")?;
     let viewer = pages.pop().context("viewer")?;
     let broadcaster = pages.pop().context("broadcaster")?;
     viewer.join(&env.base, room, None).await?;
@@ -546,6 +586,45 @@ async fn whip_publisher(env: Arc<Env>) -> Result<()> {
     );
     env.screenshot(&viewer, "whip-viewer").await?;
 
+    step("a page plays the room over WHEP and decodes audio and video");
+    player
+        .session
+        .goto(&format!("{}/healthz", env.base))
+        .await?;
+    let played = player.session.execute(WHEP_PLAY, vec![json!(room)]).await?;
+    std::fs::write(
+        env.artifacts.join("whep-offer.sdp"),
+        played["offer"].as_str().unwrap_or(""),
+    )?;
+    ensure!(played["status"] == 201, "WHEP POST: {played}");
+    ensure!(
+        played["location"]
+            .as_str()
+            .is_some_and(|l| l.starts_with(&format!("/whep/{room}/"))),
+        "Location: {played}"
+    );
+    let start = Instant::now();
+    loop {
+        let stats = player.session.execute(WHEP_STATS, vec![]).await?;
+        if stats["framesDecoded"].as_u64() > Some(10) && stats["audioPackets"].as_u64() > Some(50) {
+            break;
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(30),
+            "the WHEP player does not decode: {stats}; answer {}",
+            played["answer"]
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let deleted = player
+        .session
+        .execute(
+            "return fetch(window.whep.location, { method: 'DELETE' }).then((r) => r.status);",
+            vec![],
+        )
+        .await?;
+    ensure!(deleted == 200, "WHEP DELETE: {deleted}");
+
     step("DELETE on the resource: the publisher leaves the room");
     let deleted = broadcaster
         .session
@@ -560,7 +639,7 @@ async fn whip_publisher(env: Arc<Env>) -> Result<()> {
             remote_cameras(s).count() == 0
         })
         .await?;
-    env.finish(vec![broadcaster, viewer]).await
+    env.finish(vec![broadcaster, viewer, player]).await
 }
 
 /// Shows a participant's camera tile on `page` at 160×90 CSS pixels.

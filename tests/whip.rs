@@ -1,4 +1,4 @@
-//! WHIP over plain HTTP: the protocol's edge cases (content types, bad SDP, unknown resources,
+//! WHIP and WHEP over plain HTTP: the protocol's edge cases (content types, bad SDP, unknown resources,
 //! a second DELETE, a PATCH naming another ICE session, an ICE restart, CORS), tokens, and a
 //! publisher whose media never connects. The offer is a real one, taken from Chromium
 //! (`tests/fixtures/chromium-whip-offer.sdp`); media with a real peer is in the Chromium test
@@ -96,7 +96,7 @@ async fn whip_answers_patches_and_deletes_by_the_rfc() {
     let snapshot = server.registry.room_snapshot(room).expect("the room");
     assert_eq!(snapshot.participants.len(), 1);
     assert_eq!(snapshot.participants[0].name, "Encoder");
-    assert_eq!(server.metrics.snapshot().whip_sessions, 1);
+    assert_eq!(server.metrics.snapshot().http_sessions, 1);
 
     // PATCH: the wrong type, another ICE session, then trickled candidates.
     let resource = url(&server, &location);
@@ -214,7 +214,7 @@ async fn whip_answers_patches_and_deletes_by_the_rfc() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_all_clean(&server, room).await;
     eventually("the WHIP gauge back to zero", CLEANUP, || async {
-        server.metrics.snapshot().whip_sessions == 0
+        server.metrics.snapshot().http_sessions == 0
     })
     .await
     .expect("gauge");
@@ -338,4 +338,34 @@ async fn a_whip_publisher_whose_media_never_connects_is_removed() {
         .status();
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(server.metrics.snapshot().sessions_media_timeout, 1);
+}
+
+/// WHEP: a player's recvonly offer (Chromium's) is answered with the server sending on its
+/// m-lines; the player is a participant that publishes nothing, and DELETE ends it.
+#[tokio::test]
+async fn whep_answers_a_players_offer() {
+    let server = start_server_with(|_| {}).await;
+    let offer = include_str!("fixtures/chromium-whep-offer.sdp");
+    let created = http()
+        .post(url(&server, "/whep/show?name=Screen"))
+        .header(header::CONTENT_TYPE, "application/sdp")
+        .body(offer)
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let location = header(created.headers(), "location").to_owned();
+    assert!(location.starts_with("/whep/show/"), "{location}");
+    let answer = created.text().await.expect("answer");
+    assert_eq!(answer.matches("a=sendonly").count(), 2, "{answer}");
+    let snapshot = server.registry.room_snapshot("show").expect("room");
+    assert_eq!(snapshot.participants[0].name, "Screen");
+    let status = http()
+        .delete(url(&server, &location))
+        .send()
+        .await
+        .expect("DELETE")
+        .status();
+    assert_eq!(status, StatusCode::OK);
+    assert_all_clean(&server, "show").await;
 }

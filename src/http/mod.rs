@@ -53,6 +53,13 @@ pub fn router(ctx: Arc<ServerContext>) -> Router {
                 .delete(whip::delete)
                 .options(whip::preflight),
         )
+        .route("/whep/{room}", post(whip::play).options(whip::preflight))
+        .route(
+            "/whep/{room}/{id}",
+            patch(whip::patch)
+                .delete(whip::delete)
+                .options(whip::preflight),
+        )
         .route("/{*path}", get(static_file))
         .with_state(ctx)
 }

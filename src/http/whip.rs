@@ -1,5 +1,5 @@
-//! WHIP (RFC 9725): a broadcaster (OBS, GStreamer, a hardware encoder, a web page) publishes
-//! into a room with one HTTP request.
+//! WHIP (RFC 9725) and WHEP: a broadcaster (OBS, GStreamer, a hardware encoder, a web page)
+//! publishes into a room, and a player plays one, each with one HTTP request.
 //!
 //! - `POST /whip/{room}[?name=N]`, an SDP offer (`application/sdp`), with `Authorization:
 //!   Bearer <token>` when the server has API keys: the publisher joins the room as a
@@ -12,6 +12,10 @@
 //! - `DELETE` on the resource: the publisher leaves.
 //! - CORS on all of it, so a web page on another origin can publish.
 //!
+//! WHEP (playback) is the same exchange on `/whep/{room}` with a `recvonly` offer: the player
+//! may only receive, and gets the room's tracks in the m-lines it offered
+//! (`media::Subscribing::IntoClientOffer`), since it cannot take an offer from the server.
+//!
 //! The participant behind a resource is a session like any other (`signal::http_session`):
 //! admission, grants, timeouts and clean-up are the WebSocket protocol's.
 
@@ -23,21 +27,14 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
-use crate::auth::Grants;
 use crate::metrics::GaugeGuard;
 use crate::signal::ServerContext;
-use crate::signal::http_session::{HttpSession, HttpSessionError, Resource, new_id};
+use crate::signal::http_session::{HttpClient, HttpSession, HttpSessionError, Resource, new_id};
 use crate::signal::protocol::{ClientMessage, ErrorCode, IceServer, ServerMessage};
 use crate::types::IceCandidate;
 
 const SDP: &str = "application/sdp";
 const SDP_FRAGMENT: &str = "application/trickle-ice-sdpfrag";
-/// What a WHIP publisher may do, whatever its token grants.
-const PUBLISH_ONLY: Grants = Grants {
-    can_publish: true,
-    can_subscribe: false,
-    can_publish_data: false,
-};
 
 #[derive(Debug, Deserialize)]
 pub struct PublishQuery {
@@ -45,7 +42,7 @@ pub struct PublishQuery {
     name: Option<String>,
 }
 
-/// `POST /whip/{room}`: joins the room and answers the offer.
+/// `POST /whip/{room}`: joins the room as a publisher and answers the offer.
 pub async fn publish(
     State(ctx): State<Arc<ServerContext>>,
     Path(room): Path<String>,
@@ -53,6 +50,33 @@ pub async fn publish(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    create(ctx, room, query, headers, body, HttpClient::Whip).await
+}
+
+/// `POST /whep/{room}`: joins the room as a player and answers its offer with the room's
+/// first audio and video tracks in the m-lines it offered.
+pub async fn play(
+    State(ctx): State<Arc<ServerContext>>,
+    Path(room): Path<String>,
+    Query(query): Query<PublishQuery>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    create(ctx, room, query, headers, body, HttpClient::Whep).await
+}
+
+async fn create(
+    ctx: Arc<ServerContext>,
+    room: String,
+    query: PublishQuery,
+    headers: HeaderMap,
+    body: Bytes,
+    client: HttpClient,
+) -> Response {
+    let (path, default_name) = match client {
+        HttpClient::Whip => ("whip", "WHIP"),
+        HttpClient::Whep => ("whep", "WHEP"),
+    };
     let cors = Cors::for_request(&ctx, &headers);
     if !cors.allowed {
         return cors.apply(problem(StatusCode::FORBIDDEN, "origin not allowed"));
@@ -66,13 +90,13 @@ pub async fn publish(
         ctx.metrics.connections_refused.inc();
         return cors.apply(problem(
             StatusCode::SERVICE_UNAVAILABLE,
-            "too many WHIP sessions",
+            "too many WHIP and WHEP sessions",
         ));
     }
-    let session = HttpSession::spawn(ctx.clone(), PUBLISH_ONLY);
+    let session = HttpSession::spawn(ctx.clone(), client);
     let join = ClientMessage::Join {
         room: room.clone(),
-        name: query.name.unwrap_or_else(|| "WHIP".to_owned()),
+        name: query.name.unwrap_or_else(|| default_name.to_owned()),
         mode: None,
         // Protocol 2: no resume (an HTTP client has no socket to come back on).
         protocol: Some(2),
@@ -100,15 +124,15 @@ pub async fn publish(
         }
     };
     let ice_servers = ctx.ice_servers.for_participant(&participant_id);
-    let gauge = GaugeGuard::new(&ctx.metrics, |m| &m.whip_sessions);
+    let gauge = GaugeGuard::new(&ctx.metrics, |m| &m.http_sessions);
     let resource = Resource::new(session, room.clone(), participant_id.clone(), offer, gauge);
     let etag = resource.ice().etag.clone();
     let id = ctx.http_sessions.insert(resource);
-    tracing::info!(room, participant = %participant_id, "WHIP publisher joined");
+    tracing::info!(room, participant = %participant_id, ?client, "joined over HTTP");
     let mut response = (StatusCode::CREATED, answer).into_response();
     let out = response.headers_mut();
     out.insert(header::CONTENT_TYPE, HeaderValue::from_static(SDP));
-    set(out, header::LOCATION, &format!("/whip/{room}/{id}"));
+    set(out, header::LOCATION, &format!("/{path}/{room}/{id}"));
     set(out, header::ETAG, &quoted(&etag));
     out.insert(
         HeaderName::from_static("accept-patch"),
@@ -122,7 +146,7 @@ pub async fn publish(
     cors.apply(response)
 }
 
-/// `PATCH /whip/{room}/{id}`: trickled candidates, or an ICE restart.
+/// `PATCH /whip/{room}/{id}` (or `/whep/...`): trickled candidates, or an ICE restart.
 pub async fn patch(
     State(ctx): State<Arc<ServerContext>>,
     Path((room, id)): Path<(String, String)>,
@@ -131,7 +155,7 @@ pub async fn patch(
 ) -> Response {
     let cors = Cors::for_request(&ctx, &headers);
     let Some(resource) = ctx.http_sessions.get(&room, &id) else {
-        return cors.apply(problem(StatusCode::NOT_FOUND, "no such WHIP session"));
+        return cors.apply(problem(StatusCode::NOT_FOUND, "no such session"));
     };
     let fragment = match sdp_body(&ctx, &headers, &body, SDP_FRAGMENT) {
         Ok(text) => SdpFragment::parse(&text),
@@ -201,7 +225,7 @@ pub async fn patch(
     cors.apply(response)
 }
 
-/// `DELETE /whip/{room}/{id}`: the publisher leaves.
+/// `DELETE /whip/{room}/{id}` (or `/whep/...`): the publisher (player) leaves.
 pub async fn delete(
     State(ctx): State<Arc<ServerContext>>,
     Path((room, id)): Path<(String, String)>,
@@ -209,11 +233,11 @@ pub async fn delete(
 ) -> Response {
     let cors = Cors::for_request(&ctx, &headers);
     if ctx.http_sessions.get(&room, &id).is_none() {
-        return cors.apply(problem(StatusCode::NOT_FOUND, "no such WHIP session"));
+        return cors.apply(problem(StatusCode::NOT_FOUND, "no such session"));
     }
     if let Some(resource) = ctx.http_sessions.remove(&id) {
         resource.session.tell(ClientMessage::Leave);
-        tracing::info!(room, participant = %resource.participant_id, "WHIP publisher left");
+        tracing::info!(room, participant = %resource.participant_id, "left over HTTP");
     }
     cors.apply(StatusCode::OK.into_response())
 }

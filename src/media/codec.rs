@@ -89,8 +89,11 @@ fn negotiated_payload_type(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MediaSection {
     pub mid: String,
+    pub kind: MediaKind,
     pub pts: Vec<String>,
     pub red: bool,
+    /// The client receives on it (`recvonly` or `sendrecv`).
+    pub client_receives: bool,
 }
 
 /// The audio and video m-lines of `sdp` that have a mid.
@@ -107,16 +110,25 @@ pub fn media_sections(sdp: &str) -> Vec<MediaSection> {
             close(section.take(), &mut out);
             if is_media_line(line) {
                 let pts = line.split(' ').skip(3).map(str::to_owned).collect();
+                let kind = if line.starts_with("m=audio") {
+                    MediaKind::Audio
+                } else {
+                    MediaKind::Video
+                };
                 let s = MediaSection {
                     mid: String::new(),
+                    kind,
                     pts,
                     red: false,
+                    client_receives: true,
                 };
                 section = Some((None, s));
             }
         } else if let Some((mid, s)) = &mut section {
             if let Some(m) = line.strip_prefix("a=mid:") {
                 *mid = Some(m.trim().to_owned());
+            } else if matches!(line, "a=sendonly" | "a=inactive") {
+                s.client_receives = false;
             } else if let Some((_, codec)) = line
                 .strip_prefix("a=rtpmap:")
                 .and_then(|l| l.split_once(' '))
@@ -187,14 +199,16 @@ mod tests {
 
     #[test]
     fn sections_are_read_per_m_line() {
-        let sdp = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:a\r\na=rtpmap:111 opus/48000/2\r\n\
+        let sdp = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:a\r\na=sendonly\r\na=rtpmap:111 opus/48000/2\r\n\
                    m=audio 9 UDP/TLS/RTP/SAVPF 63 111\r\na=rtpmap:63 red/48000/2\r\na=mid:b\r\n\
                    m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=mid:c\r\n\
                    m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=rtpmap:96 VP8/90000\r\n";
         let section = |mid: &str, pts: &[&str], red| MediaSection {
             mid: mid.into(),
+            kind: MediaKind::Audio,
             pts: pts.iter().map(|p| p.to_string()).collect(),
             red,
+            client_receives: mid == "b",
         };
         assert_eq!(
             media_sections(sdp),

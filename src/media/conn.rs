@@ -18,7 +18,7 @@ use str0m::rtp::Ssrc;
 use tokio::sync::mpsc;
 
 use super::codec::{in_client_order, media_sections, negotiates_twcc, str0m_kind};
-use super::{MediaError, MediaEvent, OfferOutcome, Subscription};
+use super::{MediaError, MediaEvent, OfferOutcome, Subscribing, Subscription};
 use crate::forward::{LayerChoice, PauseCause, Priority, TrackKey};
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::types::{MediaKind, ParticipantId, TrackCodec};
@@ -164,6 +164,9 @@ pub struct Conn {
     /// Payload types of each m-line in the order the client last listed them: the server's
     /// descriptions follow it, so the client sends with the codec it prefers.
     client_pt_order: HashMap<String, Vec<String>>,
+    subscribing: Subscribing,
+    /// The m-lines the client offered to receive on (`Subscribing::IntoClientOffer`).
+    receive_slots: Vec<(Mid, MediaKind)>,
     pending_offer: Option<SdpPendingOffer>,
     /// The client's first offer was applied: before it there is nothing to renegotiate.
     established: bool,
@@ -173,6 +176,7 @@ pub struct Conn {
 impl Conn {
     pub fn new(
         participant: ParticipantId,
+        subscribing: Subscribing,
         rtc: Rtc,
         ufrag: String,
         events: mpsc::UnboundedSender<MediaEvent>,
@@ -197,6 +201,8 @@ impl Conn {
             twcc: None,
             red_accepted: HashSet::new(),
             client_pt_order: HashMap::new(),
+            subscribing,
+            receive_slots: Vec::new(),
             pending_offer: None,
             established: false,
             _gauge: gauge,
@@ -221,8 +227,15 @@ impl Conn {
             } else {
                 self.red_accepted.remove(&mid);
             }
+            if self.subscribing == Subscribing::IntoClientOffer
+                && section.client_receives
+                && !self.receive_slots.iter().any(|(m, _)| *m == mid)
+            {
+                self.receive_slots.push((mid, section.kind));
+            }
             self.client_pt_order.insert(section.mid, section.pts);
         }
+        self.bind_receive_slots();
     }
 
     /// Applies a client offer and answers it, unless it collides with the server's own offer.
@@ -283,9 +296,33 @@ impl Conn {
         accepted.map(|()| opened)
     }
 
+    /// Subscriptions waiting for an m-line take the client's free receiving m-lines of their
+    /// kind (`Subscribing::IntoClientOffer`).
+    fn bind_receive_slots(&mut self) {
+        for i in 0..self.outbound.len() {
+            if self.outbound[i].state != OutState::ToOpen {
+                continue;
+            }
+            let kind = self.outbound[i].sub.kind;
+            let free = self.receive_slots.iter().find(|(mid, k)| {
+                *k == kind
+                    && !self
+                        .outbound
+                        .iter()
+                        .any(|o| o.state == OutState::Open(*mid))
+            });
+            if let Some(&(mid, _)) = free {
+                self.outbound[i].state = OutState::Open(mid);
+            }
+        }
+    }
+
     /// An offer for the client when subscriptions changed and nothing else is outstanding.
     pub fn offer_if_needed(&mut self) -> Option<String> {
-        if !self.established || self.pending_offer.is_some() {
+        if !self.established
+            || self.pending_offer.is_some()
+            || self.subscribing == Subscribing::IntoClientOffer
+        {
             return None;
         }
         let mut api = self.rtc.sdp_api();
@@ -339,6 +376,7 @@ impl Conn {
             choice: LayerChoice::default(),
             speaking: false,
         });
+        self.bind_receive_slots();
     }
 
     /// Ends a subscription; returns its send stream's SSRC if a downtrack was forwarding to it.
@@ -349,6 +387,11 @@ impl Conn {
         match out.state {
             OutState::ToOpen => {
                 self.outbound.remove(i);
+            }
+            // The client's m-line stays; the next track of its kind takes it.
+            OutState::Open(_) if self.subscribing == Subscribing::IntoClientOffer => {
+                self.outbound.remove(i);
+                self.bind_receive_slots();
             }
             OutState::Negotiating(mid) | OutState::Open(mid) => out.state = OutState::ToStop(mid),
             OutState::ToStop(_) | OutState::NegotiatingStop(_) => {}

@@ -40,6 +40,17 @@ const LOAD_BAND_PERMILLE: u32 = 50;
 /// Chat lines from one participant queued for its session before new ones are dropped.
 const CHAT_IN_QUEUE: usize = 64;
 
+/// How a connection's subscriptions get their m-lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Subscribing {
+    /// The server offers an m-line for each track it forwards (the WebSocket protocol).
+    #[default]
+    ServerOffers,
+    /// Into the m-lines the client offered to receive on, one track each, the first tracks of
+    /// each kind first; the server never offers (WHEP: its client cannot take an offer).
+    IntoClientOffer,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum MediaError {
     #[error("every media worker is at capacity")]
@@ -261,6 +272,7 @@ impl MediaPlane {
     pub fn open(
         &self,
         participant: ParticipantId,
+        subscribing: Subscribing,
         events: mpsc::UnboundedSender<MediaEvent>,
     ) -> Result<(MediaHandle, mpsc::Receiver<String>), MediaError> {
         let worker = self.pick_worker()?;
@@ -272,6 +284,7 @@ impl MediaPlane {
         let opened = shared.commands.send(Command::Open {
             conn,
             participant,
+            subscribing,
             events,
             chat_in: chat_tx,
         });

@@ -35,7 +35,8 @@ use super::conn::{Conn, Inbound, Layers, LiveDownTrack, OutState, layer_of, laye
 use super::demux::{ConnId, Demux, is_stun};
 use super::udp;
 use super::{
-    IncomingTrack, IncomingTrackId, MediaError, MediaEvent, OfferOutcome, PauseCause, Subscription,
+    IncomingTrack, IncomingTrackId, MediaError, MediaEvent, OfferOutcome, PauseCause, Subscribing,
+    Subscription,
 };
 use crate::forward::{
     Delivery, Demand, Dynacast, KeyframeThrottle, LayerView, MediaPacket, Rewriter, SpeechMeter,
@@ -117,6 +118,7 @@ pub enum Command {
     Open {
         conn: ConnId,
         participant: ParticipantId,
+        subscribing: Subscribing,
         events: mpsc::UnboundedSender<MediaEvent>,
         chat_in: mpsc::Sender<String>,
     },
@@ -1194,9 +1196,10 @@ impl Worker {
             Command::Open {
                 conn,
                 participant,
+                subscribing,
                 events,
                 chat_in,
-            } => self.open(conn, participant, events, chat_in),
+            } => self.open(conn, participant, subscribing, events, chat_in),
             Command::RemoteOffer { conn, sdp, reply } => {
                 let result = match self.conns.get_mut(&conn) {
                     Some(c) => c.remote_offer(&sdp),
@@ -1204,6 +1207,7 @@ impl Worker {
                 };
                 self.follow_ice_restart(conn);
                 let _ = reply.send(result);
+                self.start_subscriptions(conn);
                 self.drive(conn, now);
             }
             Command::RemoteAnswer { conn, sdp, reply } => {
@@ -1245,6 +1249,8 @@ impl Worker {
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.subscribe(sub);
                 }
+                // Into an m-line the client offered, it may start at once (WHEP).
+                self.start_subscriptions(conn);
             }
             Command::TrackSettings {
                 conn,
@@ -1271,6 +1277,8 @@ impl Worker {
                 if let Some(ssrc) = stopped {
                     self.stop_downtrack(key, (conn, ssrc));
                 }
+                // A client's receiving m-line freed may go to the next track at once (WHEP).
+                self.start_subscriptions(conn);
             }
             Command::Publish { conn, mid, key } => self.publish(conn, mid, key),
             Command::Chat { conn, line } => {
@@ -1353,6 +1361,7 @@ impl Worker {
         &mut self,
         id: ConnId,
         participant: ParticipantId,
+        subscribing: Subscribing,
         events: mpsc::UnboundedSender<MediaEvent>,
         chat_in: mpsc::Sender<String>,
     ) {
@@ -1366,7 +1375,7 @@ impl Worker {
         let gauge = GaugeGuard::new(&self.metrics, |m| &m.peer_connections);
         self.conns.insert(
             id,
-            Conn::new(participant, rtc, ufrag, events, chat_in, gauge),
+            Conn::new(participant, subscribing, rtc, ufrag, events, chat_in, gauge),
         );
         self.exported.connections.set(self.conns.len() as i64);
     }

@@ -19,12 +19,40 @@ use super::protocol::{ClientMessage, ServerMessage};
 use super::session::run_session_on;
 use super::socket::SignalSocket;
 use crate::auth::Grants;
+use crate::media::Subscribing;
 use crate::metrics::GaugeGuard;
 
 /// Requests queued for one session (a client sends one at a time).
 const REQUEST_QUEUE: usize = 8;
 /// The longest a request waits for the session's reply.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The HTTP clients a session can serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpClient {
+    /// WHIP: publishes, receives nothing.
+    Whip,
+    /// WHEP: receives into the m-lines it offered, publishes nothing.
+    Whep,
+}
+
+impl HttpClient {
+    /// What the client may do at most, whatever its token grants.
+    pub fn grants(self) -> Grants {
+        Grants {
+            can_publish: self == HttpClient::Whip,
+            can_subscribe: self == HttpClient::Whep,
+            can_publish_data: false,
+        }
+    }
+
+    pub fn subscribing(self) -> Subscribing {
+        match self {
+            HttpClient::Whip => Subscribing::ServerOffers,
+            HttpClient::Whep => Subscribing::IntoClientOffer,
+        }
+    }
+}
 
 /// Which replies a request waits for (an error always ends the wait).
 pub type Wants = fn(&ServerMessage) -> bool;
@@ -79,15 +107,14 @@ pub struct HttpSession {
 }
 
 impl HttpSession {
-    /// Starts a session for an HTTP client that may do at most what `grants` allow (WHIP:
-    /// publish; WHEP: subscribe), whatever its token says.
-    pub fn spawn(ctx: Arc<ServerContext>, grants: Grants) -> Self {
+    /// Starts a session for an HTTP client of this kind.
+    pub fn spawn(ctx: Arc<ServerContext>, client: HttpClient) -> Self {
         let (requests, inbox) = mpsc::channel(REQUEST_QUEUE);
         let link = HttpLink {
             requests: inbox,
             waiting: None,
         };
-        tokio::spawn(run_session_on(SignalSocket::http(link), ctx, Some(grants)));
+        tokio::spawn(run_session_on(SignalSocket::http(link), ctx, Some(client)));
         HttpSession { requests }
     }
 

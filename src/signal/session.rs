@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::admission::admit_to_forwarding_cap;
 use super::connections::Connections;
-use super::http_session::Resources;
+use super::http_session::{HttpClient, Resources};
 use super::protocol::{
     ChatRelay, ClientMessage, ErrorCode, PROTOCOL_VERSION, PauseReason, RoomMode, ServerMessage,
     parse_client_message,
@@ -25,7 +25,7 @@ use super::protocol::{
 use super::resume::{Resumable, Resumables};
 use super::sfu::SfuMedia;
 use super::socket::{SendError, SignalSocket};
-use crate::auth::{Grants, Keys};
+use crate::auth::Keys;
 use crate::config::Limits;
 use crate::media::{MediaError, MediaEvent, MediaPlane, OfferOutcome, PauseCause, Visibility};
 use crate::metrics::{GaugeGuard, Metrics};
@@ -81,12 +81,11 @@ pub async fn run_session(socket: WebSocket, ctx: Arc<ServerContext>) {
     run_session_on(socket, ctx, None).await;
 }
 
-/// Runs a session on `socket` (a WebSocket, or an HTTP client's link); `grants_cap` bounds
-/// what its participant may do whatever its token grants (WHIP: publish only).
+/// Runs a session on `socket`: a WebSocket, or the link of an HTTP client (`http_client`).
 pub(super) async fn run_session_on(
     socket: SignalSocket,
     ctx: Arc<ServerContext>,
-    grants_cap: Option<Grants>,
+    http_client: Option<HttpClient>,
 ) {
     let _gauge = GaugeGuard::new(&ctx.metrics, |m| &m.sessions);
     let mut session = Session {
@@ -95,7 +94,7 @@ pub(super) async fn run_session_on(
         joined: None,
         detached: None,
         idle_since: Instant::now(),
-        grants_cap,
+        http_client,
     };
     let close = session.run().await;
     session.leave();
@@ -113,9 +112,9 @@ struct Session {
     detached: Option<(Instant, GaugeGuard)>,
     /// Since when the socket has been open without being in a room (the join timeout).
     idle_since: Instant,
-    /// The most this kind of client may do (WHIP: publish, WHEP: subscribe); None: what its
-    /// token grants.
-    grants_cap: Option<Grants>,
+    /// The HTTP client (WHIP, WHEP) behind this session, which bounds what it may do and how
+    /// it receives; None: a WebSocket client.
+    http_client: Option<HttpClient>,
 }
 
 /// Whatever ends a session, a panic included, its participant leaves its room: no ghost
@@ -529,8 +528,8 @@ impl Session {
         };
         let admission = match self.ctx.keys.admit(token, room) {
             Ok(mut admission) => {
-                if let Some(cap) = self.grants_cap {
-                    admission.grants = admission.grants.and(cap);
+                if let Some(client) = self.http_client {
+                    admission.grants = admission.grants.and(client.grants());
                 }
                 admission
             }
@@ -610,7 +609,11 @@ impl Session {
         let resume_token = membership.resume.as_ref().map(|r| r.token().to_owned());
         if room.mode() == RoomMode::Sfu {
             let (media_tx, media_events) = mpsc::unbounded_channel();
-            let (handle, chat_in) = match self.ctx.media.open(id.clone(), media_tx) {
+            let subscribing = self
+                .http_client
+                .map(HttpClient::subscribing)
+                .unwrap_or_default();
+            let (handle, chat_in) = match self.ctx.media.open(id.clone(), subscribing, media_tx) {
                 Ok(opened) => opened,
                 Err(e) => {
                     self.ctx.registry.leave(&room, &id);
@@ -1192,7 +1195,7 @@ mod tests {
             }),
             detached: None,
             idle_since: Instant::now(),
-            grants_cap: None,
+            http_client: None,
         };
         assert_eq!(registry.snapshots().len(), 1);
         let task = tokio::spawn(async move {
