@@ -523,7 +523,7 @@ const WHEP_PLAY: &str = r#"
         pc.addEventListener("icegatheringstatechange", () => pc.iceGatheringState === "complete" && done());
         setTimeout(done, 3000);
       });
-      const response = await fetch(`/whep/${room}`, {
+      const response = await fetch(`/whep/${room}${arguments[1] ? "/" + arguments[1] : ""}`, {
         method: "POST",
         headers: { "Content-Type": "application/sdp" },
         body: pc.localDescription.sdp,
@@ -591,7 +591,10 @@ async fn whip_publisher(env: Arc<Env>) -> Result<()> {
         .session
         .goto(&format!("{}/healthz", env.base))
         .await?;
-    let played = player.session.execute(WHEP_PLAY, vec![json!(room)]).await?;
+    let played = player
+        .session
+        .execute(WHEP_PLAY, vec![json!(room), json!(null)])
+        .await?;
     std::fs::write(
         env.artifacts.join("whep-offer.sdp"),
         played["offer"].as_str().unwrap_or(""),
@@ -625,6 +628,38 @@ async fn whip_publisher(env: Arc<Env>) -> Result<()> {
         .await?;
     ensure!(deleted == 200, "WHEP DELETE: {deleted}");
 
+    step("a page plays one participant over WHEP, named in the URL");
+    // The Broadcaster sends 640x360; the Viewer's camera goes out at up to 1280x720.
+    let played = player
+        .session
+        .execute(WHEP_PLAY, vec![json!(room), json!("Broadcaster")])
+        .await?;
+    ensure!(played["status"] == 201, "WHEP POST: {played}");
+    let start = Instant::now();
+    loop {
+        let stats = player.session.execute(WHEP_STATS, vec![]).await?;
+        if stats["framesDecoded"].as_u64() > Some(10) && stats["width"] == 640 {
+            break;
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(30),
+            "the WHEP player of the Broadcaster does not decode its 640-wide video: {stats}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let unknown = player
+        .session
+        .execute(WHEP_PLAY, vec![json!(room), json!("Nobody")])
+        .await?;
+    ensure!(unknown["status"] == 404, "WHEP of nobody: {unknown}");
+    player
+        .session
+        .execute(
+            "return fetch(window.whep.location, { method: 'DELETE' }).then((r) => r.status);",
+            vec![],
+        )
+        .await?;
+
     step("DELETE on the resource: the publisher leaves the room");
     let deleted = broadcaster
         .session
@@ -636,7 +671,12 @@ async fn whip_publisher(env: Arc<Env>) -> Result<()> {
     ensure!(deleted == 200, "DELETE: {deleted}");
     viewer
         .wait_until("the publisher gone", Duration::from_secs(20), |s| {
-            remote_cameras(s).count() == 0
+            !remote_cameras(s).any(|t| t["name"] == "Broadcaster")
+                && !s["participants"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|p| p["name"] == "Broadcaster")
         })
         .await?;
     env.finish(vec![broadcaster, viewer, player]).await

@@ -360,6 +360,15 @@ async fn whep_answers_a_players_offer() {
     assert_eq!(answer.matches("a=sendonly").count(), 2, "{answer}");
     let snapshot = server.registry.room_snapshot("show").expect("room");
     assert_eq!(snapshot.participants[0].name, "Screen");
+    // One participant's tracks: by id or name; someone not in the room is not found.
+    let nobody = http()
+        .post(url(&server, "/whep/show/Nobody"))
+        .header(header::CONTENT_TYPE, "application/sdp")
+        .body(offer)
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(nobody.status(), StatusCode::NOT_FOUND);
     let status = http()
         .delete(url(&server, &location))
         .send()

@@ -54,9 +54,11 @@ pub fn router(ctx: Arc<ServerContext>) -> Router {
                 .options(whip::preflight),
         )
         .route("/whep/{room}", post(whip::play).options(whip::preflight))
+        // One participant's tracks (POST), or a resource (PATCH, DELETE).
         .route(
             "/whep/{room}/{id}",
-            patch(whip::patch)
+            post(whip::play_participant)
+                .patch(whip::patch)
                 .delete(whip::delete)
                 .options(whip::preflight),
         )

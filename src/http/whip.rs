@@ -29,7 +29,9 @@ use serde::Deserialize;
 
 use crate::metrics::GaugeGuard;
 use crate::signal::ServerContext;
-use crate::signal::http_session::{HttpClient, HttpSession, HttpSessionError, Resource, new_id};
+use crate::signal::http_session::{
+    HttpClient, HttpPeer, HttpSession, HttpSessionError, Resource, new_id,
+};
 use crate::signal::protocol::{ClientMessage, ErrorCode, IceServer, ServerMessage};
 use crate::types::IceCandidate;
 
@@ -50,7 +52,11 @@ pub async fn publish(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    create(ctx, room, query, headers, body, HttpClient::Whip).await
+    let peer = HttpPeer {
+        client: HttpClient::Whip,
+        source: None,
+    };
+    create(ctx, room, query, headers, body, peer).await
 }
 
 /// `POST /whep/{room}`: joins the room as a player and answers its offer with the room's
@@ -62,7 +68,26 @@ pub async fn play(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    create(ctx, room, query, headers, body, HttpClient::Whep).await
+    let peer = HttpPeer {
+        client: HttpClient::Whep,
+        source: None,
+    };
+    create(ctx, room, query, headers, body, peer).await
+}
+
+/// `POST /whep/{room}/{participant}`: plays one participant's tracks (its id or name).
+pub async fn play_participant(
+    State(ctx): State<Arc<ServerContext>>,
+    Path((room, participant)): Path<(String, String)>,
+    Query(query): Query<PublishQuery>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let peer = HttpPeer {
+        client: HttpClient::Whep,
+        source: Some(participant),
+    };
+    create(ctx, room, query, headers, body, peer).await
 }
 
 async fn create(
@@ -71,9 +96,9 @@ async fn create(
     query: PublishQuery,
     headers: HeaderMap,
     body: Bytes,
-    client: HttpClient,
+    peer: HttpPeer,
 ) -> Response {
-    let (path, default_name) = match client {
+    let (path, default_name) = match peer.client {
         HttpClient::Whip => ("whip", "WHIP"),
         HttpClient::Whep => ("whep", "WHEP"),
     };
@@ -93,7 +118,8 @@ async fn create(
             "too many WHIP and WHEP sessions",
         ));
     }
-    let session = HttpSession::spawn(ctx.clone(), client);
+    let client = peer.client;
+    let session = HttpSession::spawn(ctx.clone(), peer);
     let join = ClientMessage::Join {
         room: room.clone(),
         name: query.name.unwrap_or_else(|| default_name.to_owned()),
@@ -352,6 +378,7 @@ fn failure(outcome: Result<ServerMessage, HttpSessionError>) -> Response {
                 ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
                 ErrorCode::NotAllowed => StatusCode::FORBIDDEN,
                 ErrorCode::WrongMode => StatusCode::CONFLICT,
+                ErrorCode::UnknownParticipant => StatusCode::NOT_FOUND,
                 ErrorCode::RoomFull | ErrorCode::ServerFull | ErrorCode::ServerDraining => {
                     StatusCode::SERVICE_UNAVAILABLE
                 }

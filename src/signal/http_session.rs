@@ -54,6 +54,14 @@ impl HttpClient {
     }
 }
 
+/// An HTTP client's kind and, for a WHEP player of one participant, whose tracks it plays
+/// (that participant's id or display name).
+#[derive(Debug, Clone)]
+pub struct HttpPeer {
+    pub client: HttpClient,
+    pub source: Option<String>,
+}
+
 /// Which replies a request waits for (an error always ends the wait).
 pub type Wants = fn(&ServerMessage) -> bool;
 
@@ -107,14 +115,14 @@ pub struct HttpSession {
 }
 
 impl HttpSession {
-    /// Starts a session for an HTTP client of this kind.
-    pub fn spawn(ctx: Arc<ServerContext>, client: HttpClient) -> Self {
+    /// Starts a session for an HTTP client.
+    pub fn spawn(ctx: Arc<ServerContext>, peer: HttpPeer) -> Self {
         let (requests, inbox) = mpsc::channel(REQUEST_QUEUE);
         let link = HttpLink {
             requests: inbox,
             waiting: None,
         };
-        tokio::spawn(run_session_on(SignalSocket::http(link), ctx, Some(client)));
+        tokio::spawn(run_session_on(SignalSocket::http(link), ctx, Some(peer)));
         HttpSession { requests }
     }
 

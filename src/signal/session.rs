@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::admission::admit_to_forwarding_cap;
 use super::connections::Connections;
-use super::http_session::{HttpClient, Resources};
+use super::http_session::{HttpPeer, Resources};
 use super::protocol::{
     ChatRelay, ClientMessage, ErrorCode, PROTOCOL_VERSION, PauseReason, RoomMode, ServerMessage,
     parse_client_message,
@@ -85,7 +85,7 @@ pub async fn run_session(socket: WebSocket, ctx: Arc<ServerContext>) {
 pub(super) async fn run_session_on(
     socket: SignalSocket,
     ctx: Arc<ServerContext>,
-    http_client: Option<HttpClient>,
+    http_client: Option<HttpPeer>,
 ) {
     let _gauge = GaugeGuard::new(&ctx.metrics, |m| &m.sessions);
     let mut session = Session {
@@ -114,7 +114,7 @@ struct Session {
     idle_since: Instant,
     /// The HTTP client (WHIP, WHEP) behind this session, which bounds what it may do and how
     /// it receives; None: a WebSocket client.
-    http_client: Option<HttpClient>,
+    http_client: Option<HttpPeer>,
 }
 
 /// Whatever ends a session, a panic included, its participant leaves its room: no ghost
@@ -528,8 +528,8 @@ impl Session {
         };
         let admission = match self.ctx.keys.admit(token, room) {
             Ok(mut admission) => {
-                if let Some(client) = self.http_client {
-                    admission.grants = admission.grants.and(client.grants());
+                if let Some(peer) = &self.http_client {
+                    admission.grants = admission.grants.and(peer.client.grants());
                 }
                 admission
             }
@@ -567,6 +567,24 @@ impl Session {
         if let Err(message) = admit_to_forwarding_cap(&self.ctx, effective_mode) {
             return self.error(ErrorCode::ServerFull, message).await;
         }
+        // A player of one participant (WHEP): its id, or its display name.
+        let source = self.http_client.as_ref().and_then(|p| p.source.as_deref());
+        let only_from = match source {
+            None => None,
+            Some(source) => {
+                let found = self.ctx.registry.room_snapshot(room).and_then(|r| {
+                    let by_id = r.participants.iter().find(|p| p.id == source);
+                    by_id
+                        .or_else(|| r.participants.iter().find(|p| p.name == source))
+                        .map(|p| ParticipantId::from(p.id.as_str()))
+                });
+                let Some(id) = found else {
+                    let message = format!("no participant `{source}` in this room");
+                    return self.error(ErrorCode::UnknownParticipant, message).await;
+                };
+                Some(id)
+            }
+        };
         let (events_tx, events) = mpsc::channel(self.ctx.limits.member_queue.max(1));
         let (chat_tx, chat_out) = mpsc::channel(CHAT_QUEUE);
         let channels = MemberChannels {
@@ -611,7 +629,8 @@ impl Session {
             let (media_tx, media_events) = mpsc::unbounded_channel();
             let subscribing = self
                 .http_client
-                .map(HttpClient::subscribing)
+                .as_ref()
+                .map(|peer| peer.client.subscribing())
                 .unwrap_or_default();
             let (handle, chat_in) = match self.ctx.media.open(id.clone(), subscribing, media_tx) {
                 Ok(opened) => opened,
@@ -627,7 +646,8 @@ impl Session {
                         .await;
                 }
             };
-            let media = SfuMedia::new(handle, media_events, chat_in, admission.grants);
+            let mut media = SfuMedia::new(handle, media_events, chat_in, admission.grants);
+            media.only_from = only_from;
             for publication in &joined.tracks {
                 media.subscribe(publication);
             }

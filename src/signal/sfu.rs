@@ -41,6 +41,8 @@ pub struct SfuMedia {
     pub connecting_since: Option<Instant>,
     /// What the participant's token allows.
     pub grants: Grants,
+    /// A player of one participant (WHEP): it receives that participant's tracks only.
+    pub only_from: Option<ParticipantId>,
 }
 
 impl SfuMedia {
@@ -62,6 +64,7 @@ impl SfuMedia {
             closed_by_peer_at: None,
             connecting_since: Some(Instant::now()),
             grants,
+            only_from: None,
         }
     }
 
@@ -99,7 +102,12 @@ impl SfuMedia {
     /// Adds a room's publication to this participant's connection (never its own), if its
     /// token lets it receive media.
     pub fn subscribe(&self, publication: &Publication) {
-        if !self.grants.can_subscribe {
+        if !self.grants.can_subscribe
+            || self
+                .only_from
+                .as_ref()
+                .is_some_and(|from| *from != publication.publisher)
+        {
             return;
         }
         let sub = Subscription {
