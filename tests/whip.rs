@@ -42,6 +42,10 @@ async fn post_offer(
     request.send().await.expect("POST")
 }
 
+async fn delete(url: &str) -> StatusCode {
+    http().delete(url).send().await.expect("DELETE").status()
+}
+
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> &'a str {
     headers
         .get(name)
@@ -172,36 +176,16 @@ async fn whip_answers_patches_and_deletes_by_the_rfc() {
 
     // Unknown resources, in this room or named under another.
     let unknown = url(&server, "/whip/broadcast/0123456789abcdef");
-    let status = http()
-        .delete(&unknown)
-        .send()
-        .await
-        .expect("DELETE")
-        .status();
+    let status = delete(&unknown).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     let elsewhere = resource.replace("/broadcast/", "/other/");
-    let status = http()
-        .delete(&elsewhere)
-        .send()
-        .await
-        .expect("DELETE")
-        .status();
+    let status = delete(&elsewhere).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 
     // DELETE: gone from the room; a second DELETE and a PATCH find nothing.
-    let status = http()
-        .delete(&resource)
-        .send()
-        .await
-        .expect("DELETE")
-        .status();
+    let status = delete(&resource).await;
     assert_eq!(status, StatusCode::OK);
-    let status = http()
-        .delete(&resource)
-        .send()
-        .await
-        .expect("DELETE")
-        .status();
+    let status = delete(&resource).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     let status = patch(
         "application/trickle-ice-sdpfrag",
@@ -293,13 +277,7 @@ async fn whip_takes_bearer_tokens() {
     let snapshot = server.registry.room_snapshot("live").expect("room");
     assert_eq!(snapshot.participants[0].name, "Studio A");
     let location = header(created.headers(), "location").to_owned();
-    let status = http()
-        .delete(url(&server, &location))
-        .send()
-        .await
-        .expect("DELETE")
-        .status();
-    assert_eq!(status, StatusCode::OK);
+    assert_eq!(delete(&url(&server, &location)).await, StatusCode::OK);
     assert_all_clean(&server, "live").await;
 
     // A mesh room: media would go peer to peer, past the server that enforces publish-only.
@@ -330,12 +308,7 @@ async fn a_whip_publisher_whose_media_never_connects_is_removed() {
     assert_eq!(created.status(), StatusCode::CREATED);
     let resource = url(&server, header(created.headers(), "location"));
     assert_all_clean(&server, "quiet").await;
-    let status = http()
-        .delete(&resource)
-        .send()
-        .await
-        .expect("DELETE")
-        .status();
+    let status = delete(&resource).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(server.metrics.snapshot().sessions_media_timeout, 1);
 }
@@ -369,12 +342,6 @@ async fn whep_answers_a_players_offer() {
         .await
         .expect("POST");
     assert_eq!(nobody.status(), StatusCode::NOT_FOUND);
-    let status = http()
-        .delete(url(&server, &location))
-        .send()
-        .await
-        .expect("DELETE")
-        .status();
-    assert_eq!(status, StatusCode::OK);
+    assert_eq!(delete(&url(&server, &location)).await, StatusCode::OK);
     assert_all_clean(&server, "show").await;
 }
