@@ -21,6 +21,8 @@ use super::socket::SignalSocket;
 use crate::auth::Grants;
 use crate::media::Subscribing;
 use crate::metrics::GaugeGuard;
+use crate::room::Registry;
+use crate::types::ParticipantId;
 
 /// Requests queued for one session (a client sends one at a time).
 const REQUEST_QUEUE: usize = 8;
@@ -60,6 +62,15 @@ impl HttpClient {
 pub struct HttpPeer {
     pub client: HttpClient,
     pub source: Option<String>,
+}
+
+/// The member of `room` whose id, or else whose display name, is `who`.
+pub fn find_participant(registry: &Registry, room: &str, who: &str) -> Option<ParticipantId> {
+    let room = registry.room_snapshot(room)?;
+    let by_id = room.participants.iter().find(|p| p.id == who);
+    by_id
+        .or_else(|| room.participants.iter().find(|p| p.name == who))
+        .map(|p| ParticipantId::from(p.id.as_str()))
 }
 
 /// Which replies a request waits for (an error always ends the wait).

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::admission::admit_to_forwarding_cap;
 use super::connections::Connections;
-use super::http_session::{HttpPeer, Resources};
+use super::http_session::{HttpPeer, Resources, find_participant};
 use super::protocol::{
     ChatRelay, ClientMessage, ErrorCode, PROTOCOL_VERSION, PauseReason, RoomMode, ServerMessage,
     parse_client_message,
@@ -53,7 +53,7 @@ pub struct ServerContext {
     pub resumables: Arc<Resumables>,
     /// Signaling sockets open, in total and per address.
     pub connections: Arc<Connections>,
-    /// Sessions of HTTP clients (WHIP), by resource id.
+    /// Sessions of HTTP clients (WHIP, WHEP), by resource id.
     pub http_sessions: Arc<Resources>,
     /// The API keys access tokens are checked with (none: development mode).
     pub keys: Keys,
@@ -485,7 +485,7 @@ impl Session {
                 }
                 self.leave();
                 self.send(&ServerMessage::Left).await?;
-                // An HTTP client's session is its one membership (a WHIP resource).
+                // An HTTP client's session is its one membership (a WHIP or WHEP resource).
                 if self.socket.as_ref().is_some_and(SignalSocket::is_http) {
                     return Err(None);
                 }
@@ -567,23 +567,17 @@ impl Session {
         if let Err(message) = admit_to_forwarding_cap(&self.ctx, effective_mode) {
             return self.error(ErrorCode::ServerFull, message).await;
         }
-        // A player of one participant (WHEP): its id, or its display name.
+        // A player of one participant (WHEP).
         let source = self.http_client.as_ref().and_then(|p| p.source.as_deref());
         let only_from = match source {
             None => None,
-            Some(source) => {
-                let found = self.ctx.registry.room_snapshot(room).and_then(|r| {
-                    let by_id = r.participants.iter().find(|p| p.id == source);
-                    by_id
-                        .or_else(|| r.participants.iter().find(|p| p.name == source))
-                        .map(|p| ParticipantId::from(p.id.as_str()))
-                });
-                let Some(id) = found else {
+            Some(source) => match find_participant(&self.ctx.registry, room, source) {
+                Some(id) => Some(id),
+                None => {
                     let message = format!("no participant `{source}` in this room");
                     return self.error(ErrorCode::UnknownParticipant, message).await;
-                };
-                Some(id)
-            }
+                }
+            },
         };
         let (events_tx, events) = mpsc::channel(self.ctx.limits.member_queue.max(1));
         let (chat_tx, chat_out) = mpsc::channel(CHAT_QUEUE);
