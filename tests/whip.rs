@@ -345,3 +345,36 @@ async fn whep_answers_a_players_offer() {
     assert_eq!(delete(&url(&server, &location)).await, StatusCode::OK);
     assert_all_clean(&server, "show").await;
 }
+
+/// With the embedded TURN server on, the answer carries it as `Link` headers (RFC 9725 §4.6)
+/// with credentials for this publisher.
+#[tokio::test]
+async fn whip_announces_the_turn_server_in_link_headers() {
+    let server = start_server_with(|c| {
+        c.no_turn = false;
+        c.turn_port = 0;
+        c.turn_secret = Some("test-secret".into());
+    })
+    .await;
+    let created = post_offer(&server, "relayed", "application/sdp", OFFER, None).await;
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let links: Vec<&str> = created
+        .headers()
+        .get_all(header::LINK)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    assert!(!links.is_empty(), "no Link header");
+    for link in &links {
+        assert!(link.starts_with("<turn:"), "{link}");
+        assert!(link.contains("rel=\"ice-server\""), "{link}");
+        assert!(
+            link.contains("username=\"") && link.contains("credential=\""),
+            "{link}"
+        );
+        assert!(link.contains("credential-type=\"password\""), "{link}");
+    }
+    let location = header(created.headers(), "location").to_owned();
+    assert_eq!(delete(&url(&server, &location)).await, StatusCode::OK);
+    assert_all_clean(&server, "relayed").await;
+}
