@@ -538,10 +538,15 @@ const WHEP_PLAY: &str = r#"
 /// What the WHEP player's connection decoded and received so far.
 const WHEP_STATS: &str = r#"
     return window.whep.pc.getStats().then((report) => {
-      const out = { framesDecoded: 0, audioPackets: 0, width: 0 };
+      const out = { framesDecoded: 0, audioPackets: 0, width: 0, videoBytes: 0, videoPackets: 0 };
       for (const s of report.values()) {
         if (s.type !== "inbound-rtp") continue;
-        if (s.kind === "video") { out.framesDecoded += s.framesDecoded ?? 0; out.width = s.frameWidth ?? 0; }
+        if (s.kind === "video") {
+          out.framesDecoded += s.framesDecoded ?? 0;
+          out.width = s.frameWidth ?? 0;
+          out.videoBytes += s.bytesReceived ?? 0;
+          out.videoPackets += s.packetsReceived ?? 0;
+        }
         else out.audioPackets += s.packetsReceived ?? 0;
       }
       return out;
@@ -680,6 +685,82 @@ async fn whip_publisher(env: Arc<Env>) -> Result<()> {
         })
         .await?;
     env.finish(vec![broadcaster, viewer, player]).await
+}
+
+/// A WHEP player of the room follows its active speaker: two synthetic publishers, the first
+/// silent with small video packets, the second speaking with large ones; the player's one
+/// video m-line carries the speaker's. When the speaker leaves, the other comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whep_player_follows_the_active_speaker_in_chromium() {
+    run_browser_test(
+        "a_whep_player_follows_the_active_speaker_in_chromium",
+        whep_follows_speaker,
+    )
+    .await;
+}
+
+async fn whep_follows_speaker(env: Arc<Env>) -> Result<()> {
+    let room = "e2e-whep-speaker";
+    let ws = format!("{}/ws", env.base.replacen("http", "ws", 1));
+    let publisher = |packet: usize, speaking: Option<u8>| ClientOptions {
+        media: MediaProfile {
+            video_fps: 15,
+            video_packet_size: packet,
+            speaking_dbov: speaking,
+            ..MediaProfile::default()
+        },
+        ..ClientOptions::default()
+    };
+    let quiet = Client::connect(&ws, room, "quiet", publisher(300, None)).await?;
+    let speaker = Client::connect(&ws, room, "speaker", publisher(1100, Some(20))).await?;
+    let player = env.open_pages(&["Player"]).await?.remove(0);
+    player
+        .session
+        .goto(&format!("{}/healthz", env.base))
+        .await?;
+    let played = player
+        .session
+        .execute(WHEP_PLAY, vec![json!(room), json!(null)])
+        .await?;
+    ensure!(played["status"] == 201, "WHEP POST: {played}");
+
+    // Video payload bytes per packet over the last second: whose video the m-line carries.
+    let per_packet = || async {
+        let a = player.session.execute(WHEP_STATS, vec![]).await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let b = player.session.execute(WHEP_STATS, vec![]).await?;
+        let count = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0);
+        let packets = count(&b, "videoPackets").saturating_sub(count(&a, "videoPackets"));
+        let bytes = count(&b, "videoBytes").saturating_sub(count(&a, "videoBytes"));
+        anyhow::Ok((packets > 0).then(|| bytes / packets))
+    };
+    step("the player's video is the speaker's");
+    let start = Instant::now();
+    loop {
+        let size = per_packet().await?;
+        if size.is_some_and(|s| s > 800) {
+            break;
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(30),
+            "the WHEP player does not get the speaker's video: {size:?} bytes a packet"
+        );
+    }
+    step("the speaker leaves: the player gets the other publisher's video");
+    speaker.close().await;
+    let start = Instant::now();
+    loop {
+        let size = per_packet().await?;
+        if size.is_some_and(|s| s < 500) {
+            break;
+        }
+        ensure!(
+            start.elapsed() < Duration::from_secs(30),
+            "the WHEP player does not fall back to the other video: {size:?} bytes a packet"
+        );
+    }
+    quiet.close().await;
+    env.finish(vec![player]).await
 }
 
 /// Shows a participant's camera tile on `page` at 160×90 CSS pixels.

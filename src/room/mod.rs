@@ -314,6 +314,11 @@ impl Room {
     }
 
     /// The packet-path keys of the videos these members publish.
+    /// Every track published in the room.
+    pub fn publications(&self) -> Vec<Arc<Publication>> {
+        self.lock().tracks.values().cloned().collect()
+    }
+
     pub fn video_routes_of(&self, members: &[ParticipantId]) -> Vec<TrackKey> {
         let state = self.lock();
         state

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::admission::admit_to_forwarding_cap;
 use super::connections::Connections;
-use super::http_session::{HttpPeer, Resources, find_participant};
+use super::http_session::{HttpClient, HttpPeer, Resources, find_participant};
 use super::protocol::{
     ChatRelay, ClientMessage, ErrorCode, PROTOCOL_VERSION, PauseReason, RoomMode, ServerMessage,
     parse_client_message,
@@ -641,6 +641,12 @@ impl Session {
                 }
             };
             let mut media = SfuMedia::new(handle, media_events, chat_in, admission.grants);
+            // A WHEP player of the room follows its active speaker.
+            media.follows_speaker = only_from.is_none()
+                && self
+                    .http_client
+                    .as_ref()
+                    .is_some_and(|p| p.client == HttpClient::Whep);
             media.only_from = only_from;
             for publication in &joined.tracks {
                 media.subscribe(publication);
@@ -970,6 +976,7 @@ impl Session {
             RoomEvent::TrackUnpublished(publication) => {
                 if let Some(media) = membership.media.as_mut() {
                     media.unsubscribe(&publication);
+                    media.followed_track_gone(&membership.room);
                 }
                 self.send(&ServerMessage::TrackUnpublished {
                     track_id: publication.track_id.to_string(),
@@ -999,8 +1006,11 @@ impl Session {
                 .await
             }
             RoomEvent::ActiveSpeakers(speakers) => {
-                if let Some(media) = membership.media.as_ref() {
+                if let Some(media) = membership.media.as_mut() {
                     media.prioritize_speakers(&membership.room, &speakers);
+                    if let Some(loudest) = speakers.first() {
+                        media.follow(&membership.room, loudest);
+                    }
                 }
                 if membership.protocol < 2 {
                     return Ok(());

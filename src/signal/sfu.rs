@@ -43,6 +43,8 @@ pub struct SfuMedia {
     pub grants: Grants,
     /// A player of one participant (WHEP): it receives that participant's tracks only.
     pub only_from: Option<ParticipantId>,
+    /// A player of the room (WHEP): `only_from` follows the active speaker.
+    pub follows_speaker: bool,
 }
 
 impl SfuMedia {
@@ -65,6 +67,7 @@ impl SfuMedia {
             connecting_since: Some(Instant::now()),
             grants,
             only_from: None,
+            follows_speaker: false,
         }
     }
 
@@ -136,6 +139,42 @@ impl SfuMedia {
         let _ = self.handle.unsubscribe(publication.route.key);
         self.last_state
             .remove(&TrackState::Received(publication.track_id.to_string()));
+    }
+
+    /// A player of the room (WHEP) plays the loudest speaker's tracks from now on, if that
+    /// speaker publishes any: the player's m-lines change source (the old tracks go first,
+    /// freeing them).
+    pub fn follow(&mut self, room: &Room, speaker: &ParticipantId) {
+        if !self.follows_speaker || self.only_from.as_ref() == Some(speaker) {
+            return;
+        }
+        let publications = room.publications();
+        if !publications.iter().any(|p| p.publisher == *speaker) {
+            return;
+        }
+        for publication in publications.iter().filter(|p| p.publisher != *speaker) {
+            self.unsubscribe(publication);
+        }
+        self.only_from = Some(speaker.clone());
+        for publication in publications.iter().filter(|p| p.publisher == *speaker) {
+            self.subscribe(publication);
+        }
+    }
+
+    /// A player of the room whose speaker published nothing any more plays the room's first
+    /// tracks again, until someone else speaks.
+    pub fn followed_track_gone(&mut self, room: &Room) {
+        let Some(followed) = self.only_from.as_ref().filter(|_| self.follows_speaker) else {
+            return;
+        };
+        let publications = room.publications();
+        if publications.iter().any(|p| p.publisher == *followed) {
+            return;
+        }
+        self.only_from = None;
+        for publication in &publications {
+            self.subscribe(publication);
+        }
     }
 
     /// Publishes a new incoming track in the room and starts forwarding it.
