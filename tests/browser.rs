@@ -611,6 +611,26 @@ async fn whip_publisher(env: Arc<Env>) -> Result<()> {
             .is_some_and(|l| l.starts_with(&format!("/whep/{room}/"))),
         "Location: {played}"
     );
+    // The browser client knows the player as a viewer, and draws it no tile.
+    viewer
+        .wait_until(
+            "the WHEP player known as a viewer",
+            Duration::from_secs(10),
+            |s| {
+                s["participants"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|p| p["name"] == "WHEP" && p["viewer"] == true)
+            },
+        )
+        .await?;
+    let state = viewer.state().await?;
+    ensure!(
+        !tiles(&state).any(|t| t["name"] == "WHEP"),
+        "a tile for the WHEP player: {}",
+        summarize(&state)
+    );
     let start = Instant::now();
     loop {
         let stats = player.session.execute(WHEP_STATS, vec![]).await?;

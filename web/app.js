@@ -299,7 +299,8 @@ function enterCall(sig, joined, pending) {
   local.setStream(media.stream);
   local.setMicOff(!media.micOn);
   local.setCamOff(!media.camOn || !media.videoTrack);
-  for (const p of state.participants.values()) addParticipantTile(p);
+  // Viewers (WHEP players) only watch: no tile for them.
+  for (const p of state.participants.values()) if (!p.viewer) addParticipantTile(p);
 
   session =
     joined.mode === "mesh"
@@ -340,8 +341,8 @@ function onMessage(msg) {
     case "participant-joined": {
       const p = { ...msg.participant };
       state.participants.set(p.id, p);
-      addParticipantTile(p);
-      addChat({ system: true, text: `${p.name} joined.` });
+      if (!p.viewer) addParticipantTile(p);
+      addChat({ system: true, text: p.viewer ? `${p.name} is watching.` : `${p.name} joined.` });
       break;
     }
     case "participant-updated": {

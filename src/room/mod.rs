@@ -85,11 +85,22 @@ pub struct MemberChannels {
     pub chat: mpsc::Sender<Arc<str>>,
 }
 
+/// Who joins, beyond its display name.
+#[derive(Debug, Clone, Default)]
+pub struct MemberProfile {
+    /// The access token's identity (none in development mode).
+    pub identity: Option<String>,
+    /// Only watches (a WHEP player): told to the others, whose UIs need not draw it a tile.
+    pub viewer: bool,
+}
+
 #[derive(Debug)]
 struct Member {
     name: String,
     /// The access token's identity (none in development mode).
     identity: Option<String>,
+    /// Only watches (a WHEP player): it never publishes.
+    viewer: bool,
     audio_muted: bool,
     video_muted: bool,
     channels: MemberChannels,
@@ -119,6 +130,7 @@ impl Member {
         ParticipantInfo {
             id: id.to_string(),
             name: self.name.clone(),
+            viewer: self.viewer,
             audio_muted: self.audio_muted,
             video_muted: self.video_muted,
         }
@@ -510,7 +522,7 @@ impl Registry {
         name: &str,
         mode: RoomMode,
         channels: MemberChannels,
-        identity: Option<String>,
+        profile: MemberProfile,
     ) -> Result<Joined, JoinError> {
         loop {
             let room = self.room_or_create(room_name, mode)?;
@@ -526,7 +538,8 @@ impl Registry {
             let participant_id = ParticipantId::random();
             let member = Member {
                 name: name.to_string(),
-                identity,
+                identity: profile.identity,
+                viewer: profile.viewer,
                 audio_muted: false,
                 video_muted: false,
                 channels,
@@ -719,10 +732,14 @@ mod tests {
         let reg = registry(10);
         let name = RoomName::parse("r").unwrap();
         let (ca, mut ea, _) = channels();
-        let a = reg.join(&name, "alice", RoomMode::Sfu, ca, None).unwrap();
+        let a = reg
+            .join(&name, "alice", RoomMode::Sfu, ca, MemberProfile::default())
+            .unwrap();
         assert!(a.participants.is_empty());
         let (cb, _eb, _) = channels();
-        let b = reg.join(&name, "bob", RoomMode::Mesh, cb, None).unwrap();
+        let b = reg
+            .join(&name, "bob", RoomMode::Mesh, cb, MemberProfile::default())
+            .unwrap();
         assert_eq!(b.participants[0].name, "alice");
         assert_eq!(b.room.mode(), RoomMode::Sfu, "the creator's mode wins");
         assert!(matches!(ea.try_recv(), Ok(RoomEvent::ParticipantJoined(p)) if p.name == "bob"));
@@ -754,7 +771,8 @@ mod tests {
         for who in ["a", "b", "c", "d"] {
             let (ch, events, _) = channels();
             members.push((
-                reg.join(&name, who, RoomMode::Sfu, ch, None).unwrap(),
+                reg.join(&name, who, RoomMode::Sfu, ch, MemberProfile::default())
+                    .unwrap(),
                 events,
             ));
         }
@@ -796,10 +814,12 @@ mod tests {
         let reg = registry(1);
         let name = RoomName::parse("r").unwrap();
         let (ca, _ea, _) = channels();
-        let a = reg.join(&name, "alice", RoomMode::Sfu, ca, None).unwrap();
+        let a = reg
+            .join(&name, "alice", RoomMode::Sfu, ca, MemberProfile::default())
+            .unwrap();
         let (cb, _eb, _) = channels();
         assert!(matches!(
-            reg.join(&name, "bob", RoomMode::Sfu, cb, None),
+            reg.join(&name, "bob", RoomMode::Sfu, cb, MemberProfile::default()),
             Err(JoinError::RoomFull(..))
         ));
         a.room
@@ -818,9 +838,13 @@ mod tests {
         let reg = registry(10);
         let name = RoomName::parse("r").unwrap();
         let (ca, _ea, mut chat_a) = channels();
-        let a = reg.join(&name, "alice", RoomMode::Sfu, ca, None).unwrap();
+        let a = reg
+            .join(&name, "alice", RoomMode::Sfu, ca, MemberProfile::default())
+            .unwrap();
         let (cb, _eb, mut chat_b) = channels();
-        let _b = reg.join(&name, "bob", RoomMode::Sfu, cb, None).unwrap();
+        let _b = reg
+            .join(&name, "bob", RoomMode::Sfu, cb, MemberProfile::default())
+            .unwrap();
         assert_eq!(a.room.chat(&a.participant_id, "hi".into()), 0);
         assert_eq!(&*chat_b.try_recv().unwrap(), "hi");
         assert!(chat_a.try_recv().is_err(), "not echoed to the sender");
@@ -842,14 +866,20 @@ mod tests {
                 "slow",
                 RoomMode::Mesh,
                 MemberChannels { events, chat },
-                None,
+                MemberProfile::default(),
             )
             .unwrap();
         // Others come and go: more events than the slow member's queue holds.
         for i in 0..3 {
             let (c, _e, _) = channels();
             let other = reg
-                .join(&name, &format!("o{i}"), RoomMode::Mesh, c, None)
+                .join(
+                    &name,
+                    &format!("o{i}"),
+                    RoomMode::Mesh,
+                    c,
+                    MemberProfile::default(),
+                )
                 .unwrap();
             reg.leave(&other.room, &other.participant_id);
         }

@@ -35,6 +35,9 @@ pub struct ParticipantInfo {
     /// Its camera is off (protocol 3; absent: on).
     #[serde(default, skip_serializing_if = "is_false")]
     pub video_muted: bool,
+    /// It only watches and never publishes (a WHEP player; absent: false).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub viewer: bool,
 }
 
 fn is_false(b: &bool) -> bool {

@@ -29,7 +29,7 @@ use crate::auth::Keys;
 use crate::config::Limits;
 use crate::media::{MediaError, MediaEvent, MediaPlane, OfferOutcome, PauseCause, Visibility};
 use crate::metrics::{GaugeGuard, Metrics};
-use crate::room::{JoinError, MemberChannels, Registry, Room, RoomEvent};
+use crate::room::{JoinError, MemberChannels, MemberProfile, Registry, Room, RoomEvent};
 use crate::turn::IceServers;
 use crate::types::{IceCandidate, ParticipantId, RoomName, TokenBucket, TrackId};
 
@@ -590,7 +590,13 @@ impl Session {
             name,
             mode.unwrap_or_default(),
             channels,
-            admission.identity.clone(),
+            MemberProfile {
+                identity: admission.identity.clone(),
+                viewer: self
+                    .http_client
+                    .as_ref()
+                    .is_some_and(|p| p.client == HttpClient::Whep),
+            },
         ) {
             Ok(joined) => joined,
             Err(e @ JoinError::RoomFull(..)) => {
@@ -1201,7 +1207,13 @@ mod tests {
             chat: chat_tx,
         };
         let joined = registry
-            .join(&room, "casper", RoomMode::Mesh, channels, None)
+            .join(
+                &room,
+                "casper",
+                RoomMode::Mesh,
+                channels,
+                MemberProfile::default(),
+            )
             .expect("join");
         let session = Session {
             ctx: ctx.clone(),
