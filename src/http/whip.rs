@@ -40,7 +40,7 @@ const SDP_FRAGMENT: &str = "application/trickle-ice-sdpfrag";
 
 #[derive(Debug, Deserialize)]
 pub struct PublishQuery {
-    /// The publisher's display name (a token's name wins).
+    /// The publisher's (player's) display name (a token's name wins).
     name: Option<String>,
 }
 
@@ -52,15 +52,11 @@ pub async fn publish(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let peer = HttpPeer {
-        client: HttpClient::Whip,
-        source: None,
-    };
-    create(ctx, room, query, headers, body, peer).await
+    create(ctx, room, query, headers, body, HttpPeer::whip()).await
 }
 
-/// `POST /whep/{room}`: joins the room as a player and answers its offer with the room's
-/// first audio and video tracks in the m-lines it offered.
+/// `POST /whep/{room}`: joins the room as a player and answers its offer; the active
+/// speaker's audio and video go into the m-lines it offered.
 pub async fn play(
     State(ctx): State<Arc<ServerContext>>,
     Path(room): Path<String>,
@@ -68,11 +64,7 @@ pub async fn play(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let peer = HttpPeer {
-        client: HttpClient::Whep,
-        source: None,
-    };
-    create(ctx, room, query, headers, body, peer).await
+    create(ctx, room, query, headers, body, HttpPeer::whep(None)).await
 }
 
 /// `POST /whep/{room}/{participant}`: plays one participant's tracks (its id or name).
@@ -83,10 +75,7 @@ pub async fn play_participant(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let peer = HttpPeer {
-        client: HttpClient::Whep,
-        source: Some(participant),
-    };
+    let peer = HttpPeer::whep(Some(participant));
     create(ctx, room, query, headers, body, peer).await
 }
 

@@ -46,8 +46,8 @@ pub enum Subscribing {
     /// The server offers an m-line for each track it forwards (the WebSocket protocol).
     #[default]
     ServerOffers,
-    /// Into the m-lines the client offered to receive on, one track each, the first tracks of
-    /// each kind first; the server never offers (WHEP: its client cannot take an offer).
+    /// Into the m-lines the client offered to receive on, one track each, in the order the
+    /// tracks were subscribed; the server never offers (WHEP: its client cannot take an offer).
     IntoClientOffer,
 }
 

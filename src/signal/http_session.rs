@@ -64,6 +64,23 @@ pub struct HttpPeer {
     pub source: Option<String>,
 }
 
+impl HttpPeer {
+    pub fn whip() -> Self {
+        HttpPeer {
+            client: HttpClient::Whip,
+            source: None,
+        }
+    }
+
+    /// A player of the room (`None`: it follows the active speaker) or of one participant.
+    pub fn whep(source: Option<String>) -> Self {
+        HttpPeer {
+            client: HttpClient::Whep,
+            source,
+        }
+    }
+}
+
 /// The member of `room` whose id, or else whose display name, is `who`.
 pub fn find_participant(registry: &Registry, room: &str, who: &str) -> Option<ParticipantId> {
     let room = registry.room_snapshot(room)?;

@@ -97,7 +97,7 @@ impl SignalSocket {
         }
     }
 
-    /// Whether an HTTP client's session is behind this link (WHIP), not a WebSocket.
+    /// Whether an HTTP client's session (WHIP, WHEP) is behind this link, not a WebSocket.
     pub fn is_http(&self) -> bool {
         matches!(self.link, Link::Http(_))
     }
