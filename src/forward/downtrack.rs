@@ -21,6 +21,12 @@ pub struct DownTrack<K> {
 }
 
 impl<K: Copy + Eq> DownTrack<K> {
+    /// Its rewriter, for a downtrack that takes over the same send stream (WHEP: another
+    /// source on the same m-line) to continue its sequence numbers and timestamps.
+    pub fn into_rewriter(self) -> Rewriter {
+        self.rewriter
+    }
+
     /// A downtrack for `subscriber` (the engine's key for the subscriber's track), starting on
     /// `target`.
     pub fn new(subscriber: K, rewriter: Rewriter, target: Option<u8>, video: bool) -> Self {

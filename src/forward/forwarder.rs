@@ -170,11 +170,10 @@ impl<K: Copy + Eq> TrackForwarder<K> {
         self.downtracks.push(downtrack);
     }
 
-    /// Stops sending to a subscriber. True if it was there.
-    pub fn remove_downtrack(&mut self, to: K) -> bool {
-        let before = self.downtracks.len();
-        self.downtracks.retain(|d| d.subscriber() != to);
-        self.downtracks.len() != before
+    /// Stops sending to a subscriber; returns its rewriter if it was there.
+    pub fn remove_downtrack(&mut self, to: K) -> Option<Rewriter> {
+        let i = self.downtracks.iter().position(|d| d.subscriber() == to)?;
+        Some(self.downtracks.remove(i).into_rewriter())
     }
 
     /// Moves a subscriber to another layer (None: pause). A switch waits for the layer's
@@ -483,8 +482,8 @@ mod tests {
         f.add_downtrack(1, rw(1), Some(0));
         f.add_downtrack(1, rw(2), Some(0));
         assert_eq!(f.subscriber_count(), 1);
-        assert!(f.remove_downtrack(1));
-        assert!(!f.remove_downtrack(1));
+        assert!(f.remove_downtrack(1).is_some());
+        assert!(f.remove_downtrack(1).is_none());
         assert!(f.is_idle());
         f.add_relay(3);
         f.add_relay(3);

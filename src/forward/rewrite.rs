@@ -89,6 +89,22 @@ impl Rewriter {
         self.red_on = on;
     }
 
+    /// Sends another track's packets from now on, under `payload_type` and `clock_rate`, as a
+    /// splice: the output continues where this one left it (one send stream, one sequence
+    /// space, whose SRTP rollover counter the subscriber tracks).
+    pub fn continue_with(
+        mut self,
+        payload_type: u8,
+        clock_rate: u32,
+        red_payload_type: Option<u8>,
+    ) -> Self {
+        self.payload_type = payload_type;
+        self.ticks_per_ms = (clock_rate / 1000).max(1);
+        self.red_payload_type = red_payload_type;
+        self.splice();
+        self
+    }
+
     /// The next packet starts a new segment (another layer, or after a pause): it continues the
     /// output where the newest packet sent left it.
     pub fn splice(&mut self) {
@@ -207,6 +223,23 @@ mod tests {
         assert_eq!(c.seq, 33769);
         // One from before the segment's first packet has no place.
         assert_eq!(r.rewrite(&pkt(65530, 0, t)), None);
+    }
+
+    /// Another track on the same send stream (WHEP changing source) continues its sequence
+    /// space under the new track's payload type, whatever the new track's own numbers.
+    #[test]
+    fn another_track_continues_the_send_stream() {
+        let t = Instant::now();
+        let mut r = Rewriter::new(100, 90_000, 1000, 5000);
+        let a = r.rewrite(&pkt(7, 900, t)).unwrap();
+        let mut r = r.continue_with(102, 90_000, None);
+        let later = t + Duration::from_millis(10);
+        let b = r.rewrite(&pkt(40_000, 123_456, later)).unwrap();
+        assert_eq!((b.payload_type, b.seq), (102, a.seq + 1));
+        assert!(
+            b.timestamp.wrapping_sub(a.timestamp) >= 900,
+            "advanced by the 10 ms"
+        );
     }
 
     #[test]

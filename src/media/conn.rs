@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 
 use super::codec::{in_client_order, media_sections, negotiates_twcc, str0m_kind};
 use super::{MediaError, MediaEvent, OfferOutcome, Subscribing, Subscription};
-use crate::forward::{LayerChoice, PauseCause, Priority, TrackKey};
+use crate::forward::{LayerChoice, PauseCause, Priority, Rewriter, TrackKey};
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::types::{MediaKind, ParticipantId, TrackCodec};
 
@@ -167,6 +167,9 @@ pub struct Conn {
     subscribing: Subscribing,
     /// The m-lines the client offered to receive on (`Subscribing::IntoClientOffer`).
     receive_slots: Vec<(Mid, MediaKind)>,
+    /// The rewriters of downtracks that left a client's m-line, by its send stream: the next
+    /// track on it continues their sequence numbers (`Subscribing::IntoClientOffer`).
+    pub parked_rewriters: HashMap<Ssrc, Rewriter>,
     pending_offer: Option<SdpPendingOffer>,
     /// The client's first offer was applied: before it there is nothing to renegotiate.
     established: bool,
@@ -203,6 +206,7 @@ impl Conn {
             client_pt_order: HashMap::new(),
             subscribing,
             receive_slots: Vec::new(),
+            parked_rewriters: HashMap::new(),
             pending_offer: None,
             established: false,
             _gauge: gauge,
@@ -294,6 +298,11 @@ impl Conn {
                 .retain(|o| !matches!(o.state, OutState::NegotiatingStop(_)));
         }
         accepted.map(|()| opened)
+    }
+
+    /// Whether a send stream goes on after its track leaves, to carry another.
+    pub fn reuses_send_streams(&self) -> bool {
+        self.subscribing == Subscribing::IntoClientOffer
     }
 
     /// Subscriptions waiting for an m-line take the client's free receiving m-lines of their

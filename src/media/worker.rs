@@ -951,18 +951,24 @@ impl Worker {
             };
             tracing::debug!(participant = %conn.participant, %mid, pt, ?red, "downtrack starts");
             out.live = Some(LiveDownTrack::new(ssrc, &self.metrics));
-            started.push((ssrc, pt, red, out.sub.clone()));
+            let parked = conn.parked_rewriters.remove(&ssrc);
+            started.push((ssrc, pt, red, out.sub.clone(), parked));
         }
         let any_started = !started.is_empty();
-        for (ssrc, pt, red, sub) in started {
+        for (ssrc, pt, red, sub, parked) in started {
             let route = sub.route;
-            let rewriter = Rewriter::new(
-                pt,
-                sub.codec.clock_rate,
-                rand::random::<u16>() >> 1,
-                rand::random(),
-            )
-            .with_red(red);
+            // A send stream that carried another track goes on in its sequence space: the
+            // subscriber's SRTP rollover counter follows it.
+            let rewriter = match parked {
+                Some(parked) => parked.continue_with(pt, sub.codec.clock_rate, red),
+                None => Rewriter::new(
+                    pt,
+                    sub.codec.clock_rate,
+                    rand::random::<u16>() >> 1,
+                    rand::random(),
+                )
+                .with_red(red),
+            };
             let forwarder = match self.forwarders.entry(route.key) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(e) => {
@@ -1157,12 +1163,12 @@ impl Worker {
     }
 
     /// Removes one downtrack, and a relay-fed forwarder left with none.
-    fn stop_downtrack(&mut self, key: TrackKey, to: SubKey) {
-        let Some(f) = self.forwarders.get_mut(&key) else {
-            return;
-        };
-        f.fwd.remove_downtrack(to);
+    /// Returns the downtrack's rewriter.
+    fn stop_downtrack(&mut self, key: TrackKey, to: SubKey) -> Option<Rewriter> {
+        let f = self.forwarders.get_mut(&key)?;
+        let rewriter = f.fwd.remove_downtrack(to);
         self.drop_if_idle(key);
+        rewriter
     }
 
     fn drop_if_idle(&mut self, key: TrackKey) {
@@ -1274,8 +1280,12 @@ impl Worker {
             }
             Command::Unsubscribe { conn, key } => {
                 let stopped = self.conns.get_mut(&conn).and_then(|c| c.unsubscribe(key));
-                if let Some(ssrc) = stopped {
-                    self.stop_downtrack(key, (conn, ssrc));
+                if let Some(ssrc) = stopped
+                    && let Some(rewriter) = self.stop_downtrack(key, (conn, ssrc))
+                    && let Some(c) = self.conns.get_mut(&conn)
+                    && c.reuses_send_streams()
+                {
+                    c.parked_rewriters.insert(ssrc, rewriter);
                 }
                 // A client's receiving m-line freed may go to the next track at once (WHEP).
                 self.start_subscriptions(conn);
