@@ -46,7 +46,7 @@ use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-pub use media::{MediaProfile, SIMULCAST_RIDS, VideoCodec};
+pub use media::{MediaProfile, PACED_SHARE, SIMULCAST_RIDS, VideoCodec};
 pub use peer::{CHAT_LABEL, publisher_of_stream};
 pub use stats::{
     ChatMessage, ClientSnapshot, LinkSnapshot, LocalTrackSnapshot, RemoteTrackSnapshot,

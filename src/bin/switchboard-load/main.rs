@@ -8,6 +8,8 @@
 //! switchboard-load --subscribers 200 --subscriber-engine webrtc   # webrtc-rs subscribers
 //! switchboard-load --subscribers 600 --decrypt-every 64           # lite subscribers (default)
 //! switchboard-load --subscribers 200 --simulcast --subscriber-tile 320x180   # all on layer q
+//! switchboard-load --target whip --subscribers 200        # WHIP publisher, WHEP players
+//! switchboard-load --target janus --server http://127.0.0.1:8088/janus --subscribers 200
 //! ```
 //! See `--help` and the README's "Measured figures".
 
@@ -22,15 +24,28 @@ use switchboard::signal::protocol::RoomMode;
 use load::report::{self, Outcome};
 use load::run::{self, Scenario, SubscriberEngine};
 use load::server::Server;
+use load::target::Target;
 
-/// Synthetic WebRTC participants (real signaling, ICE, DTLS, SRTP) against a running
-/// Switchboard server on this machine, measured from both ends.
+/// Synthetic WebRTC participants (real signaling, ICE, DTLS, SRTP) against a running SFU on
+/// this machine (Switchboard, any WHIP/WHEP server, or Janus VideoRoom), measured from both
+/// ends.
 #[derive(Debug, Parser)]
 #[command(name = "switchboard-load", version)]
 struct Args {
-    /// The server's signaling WebSocket (must resolve to a loopback address).
-    #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
-    server: String,
+    /// The protocol the server is spoken to in. `whip` and `janus` run one publisher per room
+    /// (a lite str0m publisher) and lite receivers, SFU rooms only.
+    #[arg(long, value_enum, default_value_t = TargetKind::Switchboard)]
+    target: TargetKind,
+    /// The server: Switchboard's signaling WebSocket, or with `--target janus` Janus's HTTP API
+    /// (default http://127.0.0.1:8088/janus). Must resolve to a loopback address.
+    #[arg(long)]
+    server: Option<String>,
+    /// `--target whip`: the WHIP endpoint publishers POST to; `{room}` is the room's name.
+    #[arg(long, default_value = "http://127.0.0.1:8080/whip/{room}")]
+    whip_url: String,
+    /// `--target whip`: the WHEP endpoint receivers POST to; `{room}` is the room's name.
+    #[arg(long, default_value = "http://127.0.0.1:8080/whep/{room}")]
+    whep_url: String,
     /// The server's process id, for its CPU time and RSS. Default: the process listening on the
     /// URL's port (found through /proc/net/tcp and /proc/*/fd).
     #[arg(long)]
@@ -162,8 +177,69 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(run_main(args))
 }
 
+/// `--target`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum TargetKind {
+    Switchboard,
+    Whip,
+    Janus,
+}
+
+impl Args {
+    fn target(&self) -> Target {
+        match self.target {
+            TargetKind::Switchboard => Target::Switchboard {
+                ws_url: self
+                    .server
+                    .clone()
+                    .unwrap_or_else(|| "ws://127.0.0.1:8080/ws".into()),
+            },
+            TargetKind::Whip => Target::Whip {
+                whip_url: self.whip_url.clone(),
+                whep_url: self.whep_url.clone(),
+            },
+            TargetKind::Janus => Target::Janus {
+                url: self
+                    .server
+                    .clone()
+                    .unwrap_or_else(|| "http://127.0.0.1:8088/janus".into()),
+            },
+        }
+    }
+
+    /// What the targets other than Switchboard's protocol cannot run.
+    fn check_target(&self) -> anyhow::Result<()> {
+        if self.target == TargetKind::Switchboard {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            !self.mesh && !self.mesh_table && !self.all_to_all,
+            "--target {:?}: SFU rooms of one publisher and receivers only (no mesh, no all-to-all)",
+            self.target
+        );
+        anyhow::ensure!(
+            self.publishers == 1,
+            "--target {:?}: one publisher per room",
+            self.target
+        );
+        anyhow::ensure!(
+            !self.simulcast && self.subscriber_tile.is_none(),
+            "--target {:?}: no simulcast or tile sizes",
+            self.target
+        );
+        anyhow::ensure!(
+            self.subscriber_engine == SubscriberEngine::Lite,
+            "--target {:?}: lite receivers only",
+            self.target
+        );
+        Ok(())
+    }
+}
+
 async fn run_main(args: Args) -> anyhow::Result<()> {
-    let server = Server::new(&args.server, args.server_pid)?;
+    args.check_target()?;
+    let target = args.target();
+    let server = Server::new(&target, args.server_pid)?;
     let mut media = load::video_profile(
         args.video_kbps,
         args.fps,
@@ -179,7 +255,7 @@ async fn run_main(args: Args) -> anyhow::Result<()> {
         .unwrap_or_else(|| format!("load-{}", std::process::id()));
     let base = Scenario {
         label: String::new(),
-        ws_url: args.server.clone(),
+        target,
         rooms: args.rooms,
         publishers: args.publishers,
         subscribers: args.subscribers,
@@ -313,6 +389,9 @@ async fn run_main(args: Args) -> anyhow::Result<()> {
         }
         if let Some(tile) = s.subscriber_tile {
             label.push_str(&format!(", tiles {tile}"));
+        }
+        if s.target.name() != "switchboard" {
+            label = format!("{}: {label}", s.target.name());
         }
         label
     });

@@ -15,6 +15,7 @@ pub mod report;
 pub mod run;
 pub mod server;
 pub mod system;
+pub mod target;
 
 use std::sync::OnceLock;
 use std::time::Duration;

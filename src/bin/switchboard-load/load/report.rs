@@ -16,6 +16,8 @@ const MB: f64 = 1024.0 * 1024.0;
 #[derive(Debug, Clone, Serialize)]
 pub struct Outcome {
     pub label: String,
+    /// The protocol the server was spoken to in (`switchboard`, `whip`, `janus`).
+    pub target: &'static str,
     pub mode: &'static str,
     pub machine: String,
     pub rooms: usize,
@@ -181,6 +183,9 @@ pub struct ServerFigures {
     /// CPU time over wall time (1.0 = one core busy).
     pub cpu_cores: f64,
     pub cpu_s_per_million_out: f64,
+    /// Server CPU seconds per million packets the subscribers received: the figure that
+    /// compares servers that publish no forwarding counters (Janus).
+    pub cpu_s_per_million_received: f64,
     pub rss_baseline_mb: f64,
     pub rss_mb: f64,
     pub rss_per_participant_kb: f64,
@@ -447,6 +452,9 @@ pub(crate) fn compute(
             if out > 0.0 {
                 f.cpu_s_per_million_out = cpu / (out / 1e6);
             }
+            if delivery.received_packets > 0 {
+                f.cpu_s_per_million_received = cpu / (delivery.received_packets as f64 / 1e6);
+            }
             f.rss_mb = b.rss_bytes as f64 / MB;
         }
         if let (Some(base), Some(b)) = (baseline.process, end.server.process) {
@@ -539,6 +547,7 @@ pub(crate) fn compute(
         f64::from(m.video_fps * m.video_packets_per_frame) * m.video_packet_size as f64;
     Outcome {
         label: scenario.label.clone(),
+        target: scenario.target.name(),
         mode: if mesh { "mesh" } else { "sfu" },
         machine: system::machine(),
         rooms: scenario.rooms,
@@ -809,14 +818,19 @@ pub fn print(o: &Outcome) {
         (
             "server",
             match o.server.pid {
+                Some(pid) if o.server.packets_out_per_s == 0.0 => format!(
+                    "pid {pid} (no forwarding counters): CPU {:.2} cores = {:.2} CPU-s per million packets received",
+                    o.server.cpu_cores, o.server.cpu_s_per_million_received,
+                ),
                 Some(pid) => format!(
-                    "pid {pid}: {} packets/s out, {} in, {} dropped, {} lost at its sockets; CPU {:.2} cores = {:.2} CPU-s per million packets out; {} loop turns/s ({:.1} packets out per turn)",
+                    "pid {pid}: {} packets/s out, {} in, {} dropped, {} lost at its sockets; CPU {:.2} cores = {:.2} CPU-s per million packets out ({:.2} per million received); {} loop turns/s ({:.1} packets out per turn)",
                     thousands(o.server.packets_out_per_s),
                     thousands(o.server.packets_in_per_s),
                     o.server.packets_dropped,
                     o.server.socket_drops,
                     o.server.cpu_cores,
                     o.server.cpu_s_per_million_out,
+                    o.server.cpu_s_per_million_received,
                     thousands(o.server.loop_turns_per_s),
                     o.server.packets_out_per_s / o.server.loop_turns_per_s.max(1e-9)
                 ),

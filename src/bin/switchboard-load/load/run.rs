@@ -20,12 +20,14 @@ use super::lite;
 use super::report::{self, Outcome};
 use super::server::{Server, ServerSample};
 use super::system::{self, ProcSample};
+use super::target::{self, ExternalPublisher, Target, janus::Janus};
 
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct Scenario {
     pub label: String,
-    pub ws_url: String,
+    /// The server and the protocol it is spoken to in.
+    pub target: Target,
     pub rooms: usize,
     /// Publishing participants per room (each publishes the enabled tracks).
     pub publishers: usize,
@@ -143,6 +145,8 @@ impl MediaProbe for Probe {
 pub(crate) enum Peer {
     Webrtc(Client),
     Lite(lite::Receiver),
+    /// A lite publisher of a WHIP or Janus target.
+    Publisher(ExternalPublisher),
 }
 
 /// A peer's media at one moment, for `wait_ready`.
@@ -178,6 +182,15 @@ impl Peer {
                 sent_bytes: 0,
                 links: 1,
             },
+            Peer::Publisher(publisher) => {
+                let (sent_packets, sent_bytes) = publisher.sent();
+                ClientCounters {
+                    remote: HashMap::new(),
+                    sent_packets,
+                    sent_bytes,
+                    links: 1,
+                }
+            }
         }
     }
 
@@ -197,6 +210,10 @@ impl Peer {
                 connected: receiver.connected(),
                 flowing: receiver.tracks().iter().filter(|t| t.intact > 0).count(),
             },
+            Peer::Publisher(publisher) => MediaState {
+                connected: publisher.connected(),
+                flowing: 0,
+            },
         }
     }
 
@@ -209,6 +226,7 @@ impl Peer {
                 .iter()
                 .any(|t| t.sent_packets > 0),
             Peer::Lite(_) => false,
+            Peer::Publisher(publisher) => publisher.sent().0 > 0,
         }
     }
 
@@ -218,6 +236,7 @@ impl Peer {
             Peer::Lite(receiver) => {
                 receiver.close().await;
             }
+            Peer::Publisher(publisher) => publisher.close().await,
         }
     }
 }
@@ -382,7 +401,7 @@ pub async fn run(scenario: &Scenario, server: &Server) -> anyhow::Result<Outcome
             server.addr.port()
         ));
     }
-    if baseline.metrics.is_empty() {
+    if server.has_metrics && baseline.metrics.is_empty() {
         warnings.push("server /metrics unreadable: no forwarded-packet counts".into());
     }
     let rooms: Vec<String> = (0..scenario.rooms)
@@ -396,6 +415,7 @@ pub async fn run(scenario: &Scenario, server: &Server) -> anyhow::Result<Outcome
         )),
         SubscriberEngine::Webrtc => None,
     };
+    let joiner = Arc::new(Joiner::new(scenario, engine.clone())?);
 
     // Phase 1: the first publisher of every room, so that media flows before anyone else joins.
     let ramp_started = Instant::now();
@@ -405,7 +425,7 @@ pub async fn run(scenario: &Scenario, server: &Server) -> anyhow::Result<Outcome
         &rooms,
         seeds,
         &totals,
-        engine.as_ref(),
+        &joiner,
         status.clone(),
         &mut warnings,
     )
@@ -428,7 +448,7 @@ pub async fn run(scenario: &Scenario, server: &Server) -> anyhow::Result<Outcome
             &rooms,
             rest,
             &totals,
-            engine.as_ref(),
+            &joiner,
             status.clone(),
             &mut warnings,
         )
@@ -491,7 +511,11 @@ pub async fn run(scenario: &Scenario, server: &Server) -> anyhow::Result<Outcome
     {
         tracing::warn!("closing the clients took over 60 s; dropping the rest");
     }
+    if let Some(janus) = &joiner.janus {
+        janus.destroy_rooms().await;
+    }
     // The lite receivers have closed (or been dropped): stop their thread.
+    drop(joiner);
     drop(engine);
     let mut outcome = outcome;
     let base_participants = baseline.metric("participants");
@@ -511,13 +535,98 @@ pub async fn run(scenario: &Scenario, server: &Server) -> anyhow::Result<Outcome
     Ok(outcome)
 }
 
+/// How participants join the target: what each protocol needs, shared by the join tasks.
+pub(crate) struct Joiner {
+    target: Target,
+    engine: Option<Arc<lite::Engine>>,
+    http: reqwest::Client,
+    janus: Option<Janus>,
+    tile: Option<Tile>,
+    /// The tracks each publisher sends (what a WHEP player asks for).
+    audio: bool,
+    video: bool,
+}
+
+impl Joiner {
+    fn new(scenario: &Scenario, engine: Option<Arc<lite::Engine>>) -> anyhow::Result<Joiner> {
+        let http = target::http_client()?;
+        let janus = match &scenario.target {
+            Target::Janus { url } => Some(Janus::new(http.clone(), url.clone())),
+            _ => None,
+        };
+        Ok(Joiner {
+            target: scenario.target.clone(),
+            engine,
+            http,
+            janus,
+            tile: scenario.subscriber_tile,
+            audio: scenario.audio,
+            video: scenario.video,
+        })
+    }
+
+    /// Joins `room` as `name`: a publisher with the tracks `opts` enables, or a receiver.
+    async fn join(
+        &self,
+        room: &str,
+        name: &str,
+        publisher: bool,
+        opts: ClientOptions,
+    ) -> anyhow::Result<Peer> {
+        let (audio, video) = (opts.publish_audio, opts.publish_video);
+        let engine = self.engine.as_ref().filter(|_| !publisher);
+        match (&self.target, engine) {
+            (Target::Switchboard { ws_url }, Some(engine)) => {
+                lite::Receiver::connect(engine, ws_url, room, name, opts.join_timeout, self.tile)
+                    .await
+                    .map(Peer::Lite)
+            }
+            (Target::Switchboard { ws_url }, None) => Client::connect(ws_url, room, name, opts)
+                .await
+                .map(Peer::Webrtc),
+            (Target::Whip { whip_url, whep_url }, engine) => match engine {
+                None => target::whip::publish(
+                    &self.http,
+                    &target::room_url(whip_url, room),
+                    name,
+                    opts.media,
+                    audio,
+                    video,
+                )
+                .await
+                .map(Peer::Publisher),
+                Some(engine) => target::whip::play(
+                    &self.http,
+                    engine,
+                    &target::room_url(whep_url, room),
+                    name,
+                    self.audio,
+                    self.video,
+                )
+                .await
+                .map(Peer::Lite),
+            },
+            (Target::Janus { .. }, engine) => {
+                let janus = self.janus.as_ref().context("no Janus client")?;
+                match engine {
+                    None => janus
+                        .publish(room, name, opts.media, audio, video)
+                        .await
+                        .map(Peer::Publisher),
+                    Some(engine) => janus.subscribe(engine, room, name).await.map(Peer::Lite),
+                }
+            }
+        }
+    }
+}
+
 /// Joins `specs` (room, publisher, measure_join), `join_concurrency` at a time.
 async fn connect_all(
     scenario: &Scenario,
     rooms: &[String],
     specs: Vec<(usize, bool, bool)>,
     totals: &Arc<Totals>,
-    engine: Option<&Arc<lite::Engine>>,
+    joiner: &Arc<Joiner>,
     status: Option<Arc<Status>>,
     warnings: &mut Vec<String>,
 ) -> Vec<Participant> {
@@ -562,29 +671,17 @@ async fn connect_all(
         opts.mode = Some(scenario.mode);
         opts.join_timeout = Duration::from_secs(30);
         opts.probe = Some(probe.clone() as Arc<dyn MediaProbe>);
-        let url = scenario.ws_url.clone();
         let room_name = rooms[room].clone();
         let name = format!("{}{i}", if publisher { "pub" } else { "sub" });
         let (joined, failed) = (joined.clone(), failed.clone());
         let start_probe = probe.clone();
-        let lite_engine = engine.filter(|_| !publisher).cloned();
-        let join_timeout = opts.join_timeout;
-        let tile = scenario.subscriber_tile;
+        let joiner = joiner.clone();
         handles.push(tokio::spawn(async move {
             let _permit = permit;
             start_probe
                 .start_us
                 .store(payload::now_micros(), Ordering::Relaxed);
-            let result = match lite_engine {
-                Some(engine) => {
-                    lite::Receiver::connect(&engine, &url, &room_name, &name, join_timeout, tile)
-                        .await
-                        .map(Peer::Lite)
-                }
-                None => Client::connect(&url, &room_name, &name, opts)
-                    .await
-                    .map(Peer::Webrtc),
-            };
+            let result = joiner.join(&room_name, &name, publisher, opts).await;
             match &result {
                 Ok(_) => joined.fetch_add(1, Ordering::Relaxed),
                 Err(_) => failed.fetch_add(1, Ordering::Relaxed),

@@ -9,13 +9,15 @@ use anyhow::{Context as _, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::system::{self, ProcSample};
+use super::target::Target;
 
-/// `host:port` of a `ws://host:port/path` URL, refused unless every address it resolves to is
+/// `host:port` of a `ws://` or `http://` URL, refused unless every address it resolves to is
 /// loopback: load traffic must never leave the machine.
-pub fn loopback_addr(ws_url: &str) -> anyhow::Result<SocketAddr> {
-    let rest = ws_url
+pub fn loopback_addr(url: &str) -> anyhow::Result<SocketAddr> {
+    let rest = url
         .strip_prefix("ws://")
-        .with_context(|| format!("{ws_url}: only ws:// URLs are supported"))?;
+        .or_else(|| url.strip_prefix("http://"))
+        .with_context(|| format!("{url}: only ws:// and http:// URLs are supported"))?;
     let authority = rest.split('/').next().unwrap_or_default();
     let has_port = match authority.strip_prefix('[') {
         Some(v6) => v6.contains("]:"),
@@ -61,21 +63,35 @@ impl ServerSample {
 pub struct Server {
     pub addr: SocketAddr,
     pub pid: Option<u32>,
+    /// It serves Switchboard's `/metrics`.
+    pub has_metrics: bool,
 }
 
 impl Server {
-    pub fn new(ws_url: &str, pid: Option<u32>) -> anyhow::Result<Self> {
-        let addr = loopback_addr(ws_url)?;
+    /// The server behind `target`'s URL; every URL the target uses must be loopback.
+    pub fn new(target: &Target, pid: Option<u32>) -> anyhow::Result<Self> {
+        let addr = loopback_addr(target.server_url())?;
+        if let Target::Whip { whep_url, .. } = target {
+            loopback_addr(whep_url)?;
+        }
         let pid = pid.or_else(|| system::find_listener_pid(addr.port()));
-        Ok(Self { addr, pid })
+        Ok(Self {
+            addr,
+            pid,
+            has_metrics: target.has_metrics(),
+        })
     }
 
     pub async fn sample(&self) -> ServerSample {
-        let metrics = match fetch_metrics(self.addr).await {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!("reading {}/metrics: {e:#}", self.addr);
-                BTreeMap::new()
+        let metrics = if !self.has_metrics {
+            BTreeMap::new()
+        } else {
+            match fetch_metrics(self.addr).await {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!("reading {}/metrics: {e:#}", self.addr);
+                    BTreeMap::new()
+                }
             }
         };
         let process = self.pid.and_then(system::sample_pid);
@@ -132,6 +148,11 @@ mod tests {
         assert_eq!(loopback_addr("ws://[::1]:9000/ws").unwrap().port(), 9000);
         assert!(loopback_addr("ws://10.1.2.3:8080/ws").is_err());
         assert!(loopback_addr("wss://127.0.0.1:8080/ws").is_err());
+        assert_eq!(
+            loopback_addr("http://127.0.0.1:8088/janus").unwrap().port(),
+            8088
+        );
+        assert!(loopback_addr("http://192.0.2.1:8088/janus").is_err());
     }
 
     #[test]

@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, anyhow, bail};
 use quinn_udp::{Transmit, UdpSocketState};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
-use str0m::media::MediaKind as StrMediaKind;
+use str0m::media::{Direction, MediaKind as StrMediaKind};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::Extension;
 use str0m::rtp::RtpPacket;
@@ -118,6 +118,21 @@ pub struct ReceiverShared {
     /// SSRCs media arrived on (one per track; more would mean retransmissions or strays).
     pub ssrcs: AtomicU64,
     pub tracks: Mutex<Vec<Arc<TrackStats>>>,
+    /// The publisher a track comes from is learnt from its first intact payload instead of
+    /// from its stream id (servers other than Switchboard name streams their own way).
+    pub sender_from_payload: bool,
+}
+
+/// What a new receiver offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OfferShape {
+    /// A `chat` data channel, as the browser client does (Switchboard's protocol: the server
+    /// then offers the tracks).
+    Chat,
+    /// Receive-only audio and/or video m-lines (WHEP).
+    ReceiveOnly { audio: bool, video: bool },
+    /// Nothing: the server offers first (Janus VideoRoom subscribers).
+    None,
 }
 
 /// The engine's own counters, for the report.
@@ -160,7 +175,8 @@ pub struct EngineStats {
 /// What [`Engine::open`] gives back.
 pub struct Opened {
     pub id: usize,
-    pub offer: String,
+    /// None with [`OfferShape::None`].
+    pub offer: Option<String>,
     /// The receiver's host candidate, `candidate:...`.
     pub candidate: String,
 }
@@ -168,6 +184,7 @@ pub struct Opened {
 enum Command {
     Open {
         shared: Arc<ReceiverShared>,
+        shape: OfferShape,
         reply: oneshot::Sender<anyhow::Result<Opened>>,
     },
     RemoteOffer {
@@ -281,9 +298,18 @@ impl Engine {
             .map_err(|_| anyhow!("the lite engine stopped"))?
     }
 
-    /// A new receiver: its connection with a `chat` data channel, and the first offer.
-    pub async fn open(&self, shared: Arc<ReceiverShared>) -> anyhow::Result<Opened> {
-        self.call(|reply| Command::Open { shared, reply }).await
+    /// A new receiver: its connection, and its first offer (if `shape` makes one).
+    pub async fn open(
+        &self,
+        shared: Arc<ReceiverShared>,
+        shape: OfferShape,
+    ) -> anyhow::Result<Opened> {
+        self.call(|reply| Command::Open {
+            shared,
+            shape,
+            reply,
+        })
+        .await
     }
 
     /// Applies a server offer (rolling back our own outstanding one: we are polite); gives the
@@ -397,8 +423,9 @@ struct Expect {
 struct Track {
     stats: Arc<TrackStats>,
     kind: MediaKind,
-    /// `participant_hash` of the publisher (from the stream id).
-    sender: u32,
+    /// `participant_hash` of the publisher (from the stream id, or learnt from the first intact
+    /// payload: None until then).
+    sender: Option<u32>,
 }
 
 /// One SSRC a receiver gets: counted here, published to its track's [`TrackStats`].
@@ -636,8 +663,12 @@ impl Loop {
     fn on_command(&mut self, command: Command) {
         let now = Instant::now();
         match command {
-            Command::Open { shared, reply } => {
-                let result = self.open(shared, now);
+            Command::Open {
+                shared,
+                shape,
+                reply,
+            } => {
+                let result = self.open(shared, shape, now);
                 let id = result.as_ref().ok().map(|o| o.id);
                 let _ = reply.send(result);
                 if let Some(id) = id
@@ -714,7 +745,12 @@ impl Loop {
         }
     }
 
-    fn open(&mut self, shared: Arc<ReceiverShared>, now: Instant) -> anyhow::Result<Opened> {
+    fn open(
+        &mut self,
+        shared: Arc<ReceiverShared>,
+        shape: OfferShape,
+        now: Instant,
+    ) -> anyhow::Result<Opened> {
         let id = self.recvs.len();
         let Some(ip) = ip_of(id) else {
             bail!("out of loopback addresses for lite receivers");
@@ -727,23 +763,37 @@ impl Loop {
             bail!("str0m refused the host candidate {local}");
         }
         let mut api = rtc.sdp_api();
-        api.add_channel(switchboard::client::CHAT_LABEL.to_string());
-        let Some((offer, pending)) = api.apply() else {
-            bail!("nothing to offer");
+        match shape {
+            OfferShape::Chat => {
+                api.add_channel(switchboard::client::CHAT_LABEL.to_string());
+            }
+            OfferShape::ReceiveOnly { audio, video } => {
+                for (on, kind) in [(audio, StrMediaKind::Audio), (video, StrMediaKind::Video)] {
+                    if on {
+                        api.add_media(kind, Direction::RecvOnly, None, None, None);
+                    }
+                }
+            }
+            OfferShape::None => {}
+        }
+        let (offer, pending) = match api.apply() {
+            Some((offer, pending)) => (Some(offer.to_sdp_string()), Some(pending)),
+            None if shape == OfferShape::None => (None, None),
+            None => bail!("nothing to offer"),
         };
         self.recvs.push(Some(Recv {
             rtc,
             local,
             shared,
             ssrcs: HashMap::new(),
-            pending: Some(pending),
+            pending,
             scheduled: None,
             closing: false,
         }));
         self.ctx.stats.opened.fetch_add(1, Ordering::Relaxed);
         Ok(Opened {
             id,
-            offer: offer.to_sdp_string(),
+            offer,
             candidate: candidate_sdp,
         })
     }
@@ -1001,10 +1051,11 @@ fn on_rtp(r: &mut Recv, ctx: &mut Ctx, packet: RtpPacket) {
         st.track = Some(Track {
             stats,
             kind,
-            sender: payload::participant_hash(publisher_of_stream(&stream_id)),
+            sender: (!r.shared.sender_from_payload)
+                .then(|| payload::participant_hash(publisher_of_stream(&stream_id))),
         });
     }
-    let Some(track) = &st.track else { return };
+    let Some(track) = &mut st.track else { return };
     st.decrypted += 1;
     if !packet.header.has_padding {
         let trailer = expect
@@ -1015,7 +1066,8 @@ fn on_rtp(r: &mut Recv, ctx: &mut Ctx, packet: RtpPacket) {
         }
     }
     match payload::parse_payload(&packet.payload) {
-        Ok(h) if h.sender == track.sender && h.kind == track.kind => {
+        Ok(h) if track.sender.is_none_or(|s| s == h.sender) && h.kind == track.kind => {
+            track.sender = Some(h.sender);
             st.decrypted_by_layer[usize::from(h.layer).min(LAYERS - 1)] += 1;
             if st.first_key == 0 {
                 st.first_key = if payload::is_key(&packet.payload) {

@@ -11,6 +11,7 @@
 //! layer. Other messages it does not need (subscription state, participants) are ignored.
 
 pub mod engine;
+pub mod publisher;
 pub mod rtp;
 #[cfg(test)]
 mod tests;
@@ -36,8 +37,8 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-pub use engine::Engine;
-use engine::{LAYERS, ReceiverShared};
+use engine::LAYERS;
+pub use engine::{Engine, OfferShape, ReceiverShared};
 
 use super::Tile;
 
@@ -76,6 +77,14 @@ enum Control {
     Leave(oneshot::Sender<()>),
 }
 
+/// How a participant that signals by some other protocol (WHEP, Janus) leaves: the
+/// signaling side of its [`Receiver`] or lite publisher.
+#[async_trait::async_trait]
+pub trait Hangup: Send + Sync {
+    /// Ends the session at the server; true if the server confirmed it.
+    async fn hangup(&self) -> bool;
+}
+
 /// A receive-only participant on the [`Engine`].
 pub struct Receiver {
     participant_id: String,
@@ -83,8 +92,18 @@ pub struct Receiver {
     shared: Arc<ReceiverShared>,
     signaling: Arc<Signaling>,
     engine: Arc<Engine>,
-    control: mpsc::Sender<Control>,
-    task: Option<JoinHandle<()>>,
+    link: Link,
+}
+
+/// The receiver's signaling.
+enum Link {
+    /// Switchboard's WebSocket protocol, run by a task.
+    Switchboard {
+        control: mpsc::Sender<Control>,
+        task: Option<JoinHandle<()>>,
+    },
+    /// Another protocol, whose exchange is over (the caller did it).
+    External(Box<dyn Hangup>),
 }
 
 /// What the signaling task records.
@@ -154,17 +173,17 @@ impl Receiver {
         }
 
         let shared = Arc::new(ReceiverShared::default());
-        let opened = engine.open(shared.clone()).await?;
+        let opened = engine.open(shared.clone(), OfferShape::Chat).await?;
+        let offer = opened.offer.context("the lite engine made no offer")?;
         send(
             &mut sink,
             &ClientMessage::Offer {
-                sdp: opened.offer.clone(),
+                sdp: offer.clone(),
                 to: None,
             },
         )
         .await?;
-        let sdp_mid = opened
-            .offer
+        let sdp_mid = offer
             .lines()
             .find_map(|l| l.strip_prefix("a=mid:"))
             .map(|m| m.trim().to_owned());
@@ -207,9 +226,30 @@ impl Receiver {
             shared,
             signaling,
             engine: engine.clone(),
-            control,
-            task: Some(task),
+            link: Link::Switchboard {
+                control,
+                task: Some(task),
+            },
         })
+    }
+
+    /// A receiver whose connection `id` on `engine` was negotiated by another protocol;
+    /// `hangup` ends its session at the server.
+    pub fn external(
+        engine: &Arc<Engine>,
+        id: usize,
+        shared: Arc<ReceiverShared>,
+        name: String,
+        hangup: Box<dyn Hangup>,
+    ) -> Receiver {
+        Receiver {
+            participant_id: name,
+            id,
+            shared,
+            signaling: Arc::default(),
+            engine: engine.clone(),
+            link: Link::External(hangup),
+        }
     }
 
     pub fn participant_id(&self) -> &str {
@@ -280,32 +320,45 @@ impl Receiver {
     }
 
     /// Leaves: `leave`, the server's `left` (up to 5 s), then the connection closes (RTCP BYE,
-    /// DTLS close_notify) and the socket with a close frame. True if the server answered `left`.
+    /// DTLS close_notify) and the socket with a close frame. True if the server answered `left`
+    /// (or, for another protocol, confirmed the hang-up).
     pub async fn close(mut self) -> bool {
-        let (reply, done) = oneshot::channel();
-        if self.control.send(Control::Leave(reply)).await.is_ok() {
-            let _ = tokio::time::timeout(LEAVE_TIMEOUT + Duration::from_secs(2), done).await;
+        match &mut self.link {
+            Link::Switchboard { control, task } => {
+                let (reply, done) = oneshot::channel();
+                if control.send(Control::Leave(reply)).await.is_ok() {
+                    let _ =
+                        tokio::time::timeout(LEAVE_TIMEOUT + Duration::from_secs(2), done).await;
+                }
+                if let Some(task) = task.take()
+                    && !task.is_finished()
+                {
+                    task.abort();
+                    self.engine.close(self.id).await;
+                }
+                self.signaling.left.load(Ordering::Relaxed)
+            }
+            Link::External(hangup) => {
+                self.engine.close(self.id).await;
+                let confirmed = hangup.hangup().await;
+                self.signaling.left.store(true, Ordering::Relaxed);
+                confirmed
+            }
         }
-        if let Some(task) = self.task.take()
-            && !task.is_finished()
-        {
-            task.abort();
-            self.engine.close(self.id).await;
-        }
-        self.signaling.left.load(Ordering::Relaxed)
     }
 }
 
 impl Drop for Receiver {
     fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-            if !self.engine.try_close(self.id) {
-                tracing::debug!(
-                    receiver = self.id,
-                    "lite engine queue full: connection left to shutdown"
-                );
-            }
+        let open = match &mut self.link {
+            Link::Switchboard { task, .. } => task.take().inspect(|t| t.abort()).is_some(),
+            Link::External(_) => !self.signaling.left.load(Ordering::Relaxed),
+        };
+        if open && !self.engine.try_close(self.id) {
+            tracing::debug!(
+                receiver = self.id,
+                "lite engine queue full: connection left to shutdown"
+            );
         }
     }
 }
