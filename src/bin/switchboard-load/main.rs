@@ -121,6 +121,11 @@ struct Args {
     /// in N (1 = every packet; at most 1024). Latency figures come from these packets.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
     decrypt_every: u32,
+    /// The network device the lite receivers' socket is tied to. It must carry loopback
+    /// addresses only; a Janus started by `scripts/janus-videoroom` sends from its media
+    /// interface, `jlo0`, so runs against it need `--receiver-device jlo0`.
+    #[arg(long, default_value = "lo")]
+    receiver_device: String,
     /// Joins in progress at once.
     #[arg(long, default_value_t = 16)]
     join_concurrency: usize,
@@ -276,6 +281,7 @@ async fn run_main(args: Args) -> anyhow::Result<()> {
         subscriber_engine: args.subscriber_engine,
         decrypt_every: args.decrypt_every,
         subscriber_tile: args.subscriber_tile,
+        receiver_device: args.receiver_device.clone(),
     };
     let ready_timeout = |s: &Scenario| {
         args.ready_timeout.unwrap_or(

@@ -53,6 +53,9 @@ pub struct Scenario {
     /// Lite subscribers report this tile size for every video they receive (None: no report,
     /// so the server forwards the top layer).
     pub subscriber_tile: Option<Tile>,
+    /// The device the lite receivers' socket is tied to (`lo`, or the loopback-only media
+    /// interface of `scripts/janus-videoroom`).
+    pub receiver_device: String,
 }
 
 /// The implementation of the receive-only participants.
@@ -409,7 +412,12 @@ pub async fn run(scenario: &Scenario, server: &Server) -> anyhow::Result<Outcome
         .collect();
     let engine = match scenario.effective_subscriber_engine() {
         SubscriberEngine::Lite => Some(Arc::new(
-            lite::Engine::start(scenario.decrypt_every, totals.clone()).context(
+            lite::Engine::start(
+                scenario.decrypt_every,
+                totals.clone(),
+                &scenario.receiver_device,
+            )
+            .context(
                 "starting the lite subscribers (--subscriber-engine webrtc does without them)",
             )?,
         )),

@@ -216,11 +216,12 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Binds the socket and starts the thread. `decrypt_every` is clamped to 1..=1024 (str0m's
-    /// SRTP needs to see a packet of every stream more often than every 32,768).
-    pub fn start(decrypt_every: u32, totals: Arc<Totals>) -> anyhow::Result<Engine> {
+    /// Binds the socket to `device` (normally `lo`) and starts the thread. `decrypt_every` is
+    /// clamped to 1..=1024 (str0m's SRTP needs to see a packet of every stream more often than
+    /// every 32,768).
+    pub fn start(decrypt_every: u32, totals: Arc<Totals>, device: &str) -> anyhow::Result<Engine> {
         let decrypt_every = decrypt_every.clamp(1, 1024);
-        let socket = bind_loopback_any()?;
+        let socket = bind_loopback_any(device)?;
         let port = socket.local_addr()?.port();
         let state = UdpSocketState::new((&socket).into()).context("preparing the UDP socket")?;
         let cert = str0m::crypto::from_feature_flags()
@@ -350,17 +351,37 @@ impl Drop for Engine {
     }
 }
 
-/// 0.0.0.0:0, tied to the loopback device: it receives on every 127.0.0.0/8 address (one per
-/// receiver) and nothing from other interfaces.
-fn bind_loopback_any() -> anyhow::Result<std::net::UdpSocket> {
+/// The device the receivers' socket is tied to unless told otherwise.
+pub const LOOPBACK_DEVICE: &str = "lo";
+
+/// 0.0.0.0:0, tied to `device`: it receives on every 127.0.0.0/8 address (one per receiver)
+/// and nothing from other interfaces. A device other than `lo` must carry loopback addresses
+/// only: packets a server sends from a socket pinned to such an interface (Janus's libnice,
+/// `scripts/janus-videoroom`) arrive on it rather than on `lo`.
+fn bind_loopback_any(device: &str) -> anyhow::Result<std::net::UdpSocket> {
+    if device != LOOPBACK_DEVICE {
+        let addrs: Vec<IpAddr> = if_addrs::get_if_addrs()
+            .context("listing the interfaces")?
+            .into_iter()
+            .filter(|i| i.name == device)
+            .map(|i| i.ip())
+            .collect();
+        if addrs.is_empty() || addrs.iter().any(|ip| !ip.is_loopback()) {
+            bail!(
+                "--receiver-device {device}: it must exist and carry 127.0.0.0/8 addresses only (it has {addrs:?})"
+            );
+        }
+    }
     let socket = socket2::Socket::new(
         socket2::Domain::IPV4,
         socket2::Type::DGRAM,
         Some(socket2::Protocol::UDP),
     )?;
     socket
-        .bind_device(Some(b"lo"))
-        .context("SO_BINDTODEVICE lo (the lite receivers' socket must see loopback only)")?;
+        .bind_device(Some(device.as_bytes()))
+        .with_context(|| {
+            format!("SO_BINDTODEVICE {device} (the lite receivers' socket must see loopback only)")
+        })?;
     if let Err(e) = socket.set_recv_buffer_size(SOCKET_BUFFER) {
         tracing::debug!("SO_RCVBUF: {e}");
     }

@@ -11,7 +11,7 @@ use switchboard::metrics::LayerLabel;
 use switchboard::server::{Server, ServerHandle};
 use switchboard::signal::protocol::MediaKind;
 
-use super::engine::{FIRST_FEW, LAYERS};
+use super::engine::{FIRST_FEW, LAYERS, LOOPBACK_DEVICE};
 use super::{Engine, Receiver, TrackSnapshot, candidate_is_loopback, loopback_candidates_only};
 use crate::load::Tile;
 use crate::load::run::Totals;
@@ -137,7 +137,9 @@ async fn lite_receivers_get_every_stream_and_leave_clean() {
     .await;
 
     let totals = Arc::new(Totals::default());
-    let engine = Arc::new(Engine::start(DECRYPT_EVERY, totals.clone()).expect("the engine starts"));
+    let engine = Arc::new(
+        Engine::start(DECRYPT_EVERY, totals.clone(), LOOPBACK_DEVICE).expect("the engine starts"),
+    );
     let mut receivers = Vec::new();
     for i in 0..RECEIVERS {
         let receiver = Receiver::connect(
@@ -282,7 +284,7 @@ async fn a_reported_tile_gets_the_layer_that_covers_it() {
     let server = Server::start(config).await.expect("the server starts");
     let url = format!("ws://{}/ws", server.http_addr);
     let totals = Arc::new(Totals::default());
-    let engine = Arc::new(Engine::start(1, totals).expect("the engine starts"));
+    let engine = Arc::new(Engine::start(1, totals, LOOPBACK_DEVICE).expect("the engine starts"));
     let tile = Some(Tile {
         width: 320,
         height: 180,

@@ -12,6 +12,7 @@ use switchboard::signal::protocol::MediaKind;
 
 use super::whip;
 use crate::load::lite::Engine;
+use crate::load::lite::engine::LOOPBACK_DEVICE;
 use crate::load::run::Totals;
 
 const PLAYERS: usize = 3;
@@ -52,7 +53,8 @@ async fn a_whip_publisher_reaches_whep_players_and_everything_is_freed() {
     .await;
 
     let totals = Arc::new(Totals::default());
-    let engine = Arc::new(Engine::start(4, totals.clone()).expect("the engine starts"));
+    let engine =
+        Arc::new(Engine::start(4, totals.clone(), LOOPBACK_DEVICE).expect("the engine starts"));
     let mut players = Vec::new();
     for i in 0..PLAYERS {
         let player = whip::play(
