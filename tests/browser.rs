@@ -483,6 +483,116 @@ async fn a_whip_publisher_is_decoded_in_chromium() {
     run_browser_test("a_whip_publisher_is_decoded_in_chromium", whip_publisher).await;
 }
 
+/// GStreamer's WebRTC stack (webrtcbin, libnice, OpenSSL DTLS, libsrtp) publishes a test
+/// pattern and a tone over WHIP (`scripts/gst-whip-publish`, from the second namespace: libnice
+/// gathers no loopback candidates), and a browser-client page in the room decodes both.
+#[tokio::test]
+async fn a_gstreamer_whip_publisher_is_decoded_in_chromium() {
+    let setup = Setup {
+        side_net: true,
+        ..Setup::default()
+    };
+    run_browser_test_on(
+        "a_gstreamer_whip_publisher_is_decoded_in_chromium",
+        setup,
+        gstreamer_publisher,
+    )
+    .await;
+}
+
+/// What `scripts/gst-whip-publish` needs: Debian's Python with GObject introspection and
+/// GStreamer's webrtcbin, libnice, VP8 and Opus elements.
+const GSTREAMER_CHECK: &str = "import gi; gi.require_version('Gst', '1.0'); \
+    gi.require_version('GstWebRTC', '1.0'); gi.require_version('GstSdp', '1.0'); \
+    from gi.repository import Gst; Gst.init(None); \
+    missing = [e for e in ('webrtcbin', 'nicesrc', 'dtlsdec', 'srtpenc', 'vp8enc', 'opusenc', \
+        'videotestsrc', 'audiotestsrc') if Gst.ElementFactory.find(e) is None]; \
+    assert not missing, missing";
+
+async fn gstreamer_publisher(env: Arc<Env>) -> Result<()> {
+    let room = "e2e-gst";
+    let python = "/usr/bin/python3";
+    let check = Command::new(python).args(["-c", GSTREAMER_CHECK]).output();
+    match check {
+        Ok(out) if out.status.success() => {}
+        other => {
+            let why = match other {
+                Ok(out) => String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                Err(e) => e.to_string(),
+            };
+            ensure!(
+                std::env::var_os(REQUIRE_ENV).is_none(),
+                "{REQUIRE_ENV} is set but GStreamer's Python bindings or plugins are missing: {why}"
+            );
+            eprintln!("SKIPPED the GStreamer publisher: {why}");
+            return Ok(());
+        }
+    }
+    let (net, _) = env.shaped.as_ref().context("no second namespace")?;
+    let mut pages = env.open_pages(&["Viewer"]).await?;
+    let viewer = pages.pop().context("viewer")?;
+    viewer.join(&env.base, room, None).await?;
+
+    step("GStreamer publishes over WHIP from the second namespace");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/gst-whip-publish");
+    let log = std::fs::File::create(env.artifacts.join(format!("{}-gstreamer.log", env.test)))?;
+    let mut publisher = Command::new("nsenter")
+        .args(["-t", &net.pid().to_string(), "-n", python])
+        .arg(&script)
+        .arg(format!("{}/whip/{room}?name=GStreamer", env.base))
+        // Seconds of media before it DELETEs its resource and exits.
+        .arg("40")
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting scripts/gst-whip-publish")?;
+    let outcome = async {
+        step("the browser client decodes GStreamer's video and audio");
+        viewer.wait_remote_media(1, Duration::from_secs(60)).await?;
+        viewer.wait_media_rising(1, Duration::from_secs(20)).await?;
+        let state = viewer.state().await?;
+        let tile = remote_cameras(&state)
+            .find(|t| t["name"] == "GStreamer")
+            .with_context(|| format!("no GStreamer tile: {}", summarize(&state)))?;
+        // The test pattern's size: 320x240.
+        ensure!(
+            tile["videoSize"] == json!([320, 240]),
+            "GStreamer's video is not 320x240: {tile}"
+        );
+        env.screenshot(&viewer, "gstreamer-viewer").await?;
+        anyhow::Ok(())
+    }
+    .await;
+    if outcome.is_err() {
+        let _ = publisher.kill();
+        let _ = publisher.wait();
+        return outcome;
+    }
+
+    step("GStreamer DELETEs its resource and exits: its tile goes");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = publisher.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = publisher.kill();
+            bail!("scripts/gst-whip-publish did not end");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    ensure!(
+        status.success(),
+        "scripts/gst-whip-publish failed: {status}"
+    );
+    viewer
+        .wait_until("the GStreamer tile removed", Duration::from_secs(40), |s| {
+            !tiles(s).any(|t| t["name"] == "GStreamer")
+        })
+        .await?;
+    Ok(())
+}
+
 /// Publishes the page's camera and microphone over WHIP into `room`; returns the response's
 /// status, `Location` and `ETag`, and the offer sent.
 const WHIP_PUBLISH: &str = r#"
@@ -1764,6 +1874,10 @@ struct Setup {
     /// HTTPS and WSS with a self-signed certificate (`--tls-self-signed`); the browser is told
     /// to accept it.
     tls: bool,
+    /// A second network namespace behind a plain veth (no cap, no filter), for a client that
+    /// cannot run on loopback (libnice gathers no loopback candidates). The server then serves
+    /// on the link's address.
+    side_net: bool,
 }
 
 async fn run_browser_test_on<F, Fut>(name: &str, setup: Setup, test: F)
@@ -1834,7 +1948,7 @@ where
         config.turn_port = 0;
         config.turn_allow_private = setup.turn;
     }
-    let shaped = (setup.shaped_downlink.is_some() || setup.tcp_only).then(|| {
+    let shaped = (setup.shaped_downlink.is_some() || setup.tcp_only || setup.side_net).then(|| {
         let net = ShapedNet::create(setup.shaped_downlink, setup.tcp_only)
             .expect("creating the second namespace");
         // Every page reaches the server at the link's server end: the pages here over

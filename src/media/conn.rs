@@ -170,6 +170,11 @@ pub struct Conn {
     /// The rewriters of downtracks that left a client's m-line, by its send stream: the next
     /// track on it continues their sequence numbers (`Subscribing::IntoClientOffer`).
     pub parked_rewriters: HashMap<Ssrc, Rewriter>,
+    /// The client's ICE username fragment, from its last SDP (keepalive indications become
+    /// requests named with it: `keepalive`).
+    pub remote_ufrag: Option<String>,
+    /// The transaction of the last such request: the engine's answer to it is not sent.
+    pub liveness_transaction: Option<[u8; 12]>,
     pending_offer: Option<SdpPendingOffer>,
     /// The client's first offer was applied: before it there is nothing to renegotiate.
     established: bool,
@@ -207,6 +212,8 @@ impl Conn {
             subscribing,
             receive_slots: Vec::new(),
             parked_rewriters: HashMap::new(),
+            remote_ufrag: None,
+            liveness_transaction: None,
             pending_offer: None,
             established: false,
             _gauge: gauge,
@@ -215,6 +222,12 @@ impl Conn {
 
     /// What the client's SDP, once applied, says about RED and congestion control.
     fn note_remote_sdp(&mut self, sdp: &str) {
+        if let Some(ufrag) = sdp
+            .lines()
+            .find_map(|l| l.trim_end().strip_prefix("a=ice-ufrag:"))
+        {
+            self.remote_ufrag = Some(ufrag.to_owned());
+        }
         if self.twcc.is_none() {
             self.twcc = negotiates_twcc(sdp);
             if self.twcc == Some(false) {

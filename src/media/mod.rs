@@ -15,6 +15,7 @@
 mod codec;
 mod conn;
 mod demux;
+mod keepalive;
 mod udp;
 mod worker;
 

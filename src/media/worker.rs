@@ -33,6 +33,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::codec::{kind_of, payload_type_for, track_codec};
 use super::conn::{Conn, Inbound, Layers, LiveDownTrack, OutState, layer_of, layers_of};
 use super::demux::{ConnId, Demux, is_stun};
+use super::keepalive;
 use super::udp;
 use super::{
     IncomingTrack, IncomingTrackId, MediaError, MediaEvent, OfferOutcome, PauseCause, Subscribing,
@@ -326,6 +327,7 @@ struct Tally {
     packets_muted: u64,
     relay_skipped: u64,
     unroutable: u64,
+    keepalive_indications: u64,
     keyframe_requests: u64,
     turns: u64,
     video_out_by_layer: [u64; COUNTED_LAYERS],
@@ -543,6 +545,24 @@ impl Worker {
             self.tally.unroutable += 1;
             return;
         };
+        // A keepalive the engine would ignore, from the client's validated address: it counts
+        // as the Binding request the engine needs to keep the pair (`keepalive`).
+        let liveness = if keepalive::is_binding_indication(datagram)
+            && let Some(remote) = &conn.remote_ufrag
+        {
+            let local = conn.rtc.direct_api().local_ice_credentials();
+            keepalive::liveness_request(&local, remote)
+        } else {
+            None
+        };
+        let datagram = match &liveness {
+            Some((request, transaction)) => {
+                conn.liveness_transaction = Some(*transaction);
+                self.tally.keepalive_indications += 1;
+                request.as_slice()
+            }
+            None => datagram,
+        };
         let receive = match Receive::new(Protocol::Udp, from, destination, datagram) {
             Ok(r) => r,
             Err(e) => {
@@ -571,6 +591,13 @@ impl Worker {
             match conn.rtc.poll_output() {
                 Ok(Output::Transmit(t)) => {
                     if is_stun(&t.contents) {
+                        if conn.liveness_transaction.is_some()
+                            && keepalive::transaction_id(&t.contents) == conn.liveness_transaction
+                        {
+                            // The answer to a request the client never sent.
+                            conn.liveness_transaction = None;
+                            continue;
+                        }
                         self.demux.bind_addr(t.destination, id);
                     }
                     self.sender.push(t.destination, t.contents.into());
@@ -1607,6 +1634,7 @@ impl Worker {
             (&m.packets_muted, t.packets_muted),
             (&m.relay_packets_skipped, t.relay_skipped),
             (&m.datagrams_unroutable, t.unroutable),
+            (&m.ice_keepalive_indications, t.keepalive_indications),
             (&m.keyframe_requests, t.keyframe_requests),
             (&m.media_loop_turns, t.turns),
         ] {

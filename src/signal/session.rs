@@ -654,6 +654,10 @@ impl Session {
                     .as_ref()
                     .is_some_and(|p| p.client == HttpClient::Whep);
             media.only_from = only_from;
+            media.one_stream = self
+                .http_client
+                .as_ref()
+                .is_some_and(|p| p.client == HttpClient::Whip);
             for publication in &joined.tracks {
                 media.subscribe(publication);
             }

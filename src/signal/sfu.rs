@@ -45,6 +45,11 @@ pub struct SfuMedia {
     pub only_from: Option<ParticipantId>,
     /// A player of the room (WHEP): `only_from` follows the active speaker.
     pub follows_speaker: bool,
+    /// Every track goes out in the participant's first stream (`{participant}-0`, its camera
+    /// and microphone), whatever its stream id: a WHIP encoder has no screen share, and some
+    /// (GStreamer's webrtcbin) give audio and video stream ids of their own, which would
+    /// otherwise show its audio as a second, screen-share stream.
+    pub one_stream: bool,
 }
 
 impl SfuMedia {
@@ -68,6 +73,7 @@ impl SfuMedia {
             grants,
             only_from: None,
             follows_speaker: false,
+            one_stream: false,
         }
     }
 
@@ -185,7 +191,11 @@ impl SfuMedia {
         track: IncomingTrack,
         max_tracks: usize,
     ) {
-        let next_index = self.streams.len();
+        let next_index = if self.one_stream {
+            0
+        } else {
+            self.streams.len()
+        };
         let stream_index = *self.streams.entry(track.stream_id).or_insert(next_index);
         let kind = track.kind;
         let new_track = NewTrack {
