@@ -17,7 +17,7 @@ use anyhow::{Context as _, anyhow};
 use bytes::BytesMut;
 use str0m::change::{SdpAnswer, SdpPendingOffer};
 use str0m::format::Codec;
-use str0m::media::{Direction, KeyframeRequest, MediaKind as StrMediaKind, Mid};
+use str0m::media::{Direction, KeyframeRequest, MediaKind as StrMediaKind, Mid, Pt};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::RtpWrite;
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
@@ -186,7 +186,7 @@ impl Drop for Publisher {
 }
 
 /// The payload type the answer gave `kind`'s codec on `mid` (Opus or VP8).
-fn payload_type(rtc: &Rtc, mid: Mid, kind: MediaKind) -> Option<str0m::format::PayloadParams> {
+fn payload_type(rtc: &Rtc, mid: Mid, kind: MediaKind) -> Option<Pt> {
     let want = match kind {
         MediaKind::Audio => Codec::Opus,
         MediaKind::Video => Codec::Vp8,
@@ -195,7 +195,7 @@ fn payload_type(rtc: &Rtc, mid: Mid, kind: MediaKind) -> Option<str0m::format::P
     media.remote_pts().iter().find_map(|pt| {
         rtc.codec_config()
             .find(|p| p.pt() == *pt && p.spec().codec == want)
-            .cloned()
+            .map(|p| p.pt())
     })
 }
 
@@ -203,7 +203,7 @@ fn payload_type(rtc: &Rtc, mid: Mid, kind: MediaKind) -> Option<str0m::format::P
 struct Stream {
     mid: Mid,
     kind: MediaKind,
-    pt: str0m::format::PayloadParams,
+    pt: Pt,
     /// Frame (or audio packet) period, packets per frame, payload size, RTP clock step.
     period: Duration,
     packets_per_frame: u32,
@@ -224,7 +224,7 @@ struct Stream {
 }
 
 impl Stream {
-    fn new(mid: Mid, kind: MediaKind, pt: str0m::format::PayloadParams, p: &MediaProfile) -> Self {
+    fn new(mid: Mid, kind: MediaKind, pt: Pt, p: &MediaProfile) -> Self {
         let (period, packets_per_frame, size, ts_step) = match kind {
             MediaKind::Video => {
                 let fps = p.video_fps.max(1);
@@ -407,7 +407,7 @@ impl Task {
         let data = buf.split().freeze();
         let len = data.len() as u64;
         let marker = s.kind == MediaKind::Video && s.index + 1 == s.packets_per_frame;
-        let (mid, pt, seq, ts) = (s.mid, s.pt.pt(), s.rtp_seq, s.timestamp);
+        let (mid, pt, seq, ts) = (s.mid, s.pt, s.rtp_seq, s.timestamp);
         s.seq += 1;
         s.rtp_seq += 1;
         s.index += 1;
