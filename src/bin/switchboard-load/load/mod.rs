@@ -16,6 +16,8 @@ pub mod run;
 pub mod server;
 pub mod system;
 pub mod target;
+#[cfg(test)]
+mod testing;
 
 use std::sync::OnceLock;
 use std::time::Duration;

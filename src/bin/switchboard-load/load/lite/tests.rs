@@ -15,6 +15,7 @@ use super::engine::{FIRST_FEW, LAYERS, LOOPBACK_DEVICE};
 use super::{Engine, Receiver, TrackSnapshot, candidate_is_loopback, loopback_candidates_only};
 use crate::load::Tile;
 use crate::load::run::Totals;
+use crate::load::testing::eventually;
 
 const RECEIVERS: usize = 5;
 const DECRYPT_EVERY: u32 = 4;
@@ -25,17 +26,6 @@ fn init_tracing() {
         .with_env_filter(filter)
         .with_test_writer()
         .try_init();
-}
-
-async fn eventually(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + timeout;
-    while !condition() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn describe(receivers: &[Receiver]) -> String {

@@ -14,19 +14,9 @@ use super::whip;
 use crate::load::lite::Engine;
 use crate::load::lite::engine::LOOPBACK_DEVICE;
 use crate::load::run::Totals;
+use crate::load::testing::eventually;
 
 const PLAYERS: usize = 3;
-
-async fn eventually(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + timeout;
-    while !condition() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_whip_publisher_reaches_whep_players_and_everything_is_freed() {
