@@ -329,10 +329,36 @@ async fn whep_answers_a_players_offer() {
     assert_eq!(created.status(), StatusCode::CREATED);
     let location = header(created.headers(), "location").to_owned();
     assert!(location.starts_with("/whep/show/"), "{location}");
+    let etag = header(created.headers(), "etag").to_owned();
     let answer = created.text().await.expect("answer");
     assert_eq!(answer.matches("a=sendonly").count(), 2, "{answer}");
     let snapshot = server.registry.room_snapshot("show").expect("room");
     assert_eq!(snapshot.participants[0].name, "Screen");
+    // An ICE restart over PATCH, as for WHIP: the server's new credentials, a new ETag.
+    let restarted = http()
+        .patch(url(&server, &location))
+        .header(header::CONTENT_TYPE, "application/trickle-ice-sdpfrag")
+        .header(header::IF_MATCH, &etag)
+        .body(fragment(
+            "playerufrag2",
+            "a-new-player-password-24ch",
+            "candidate:1 1 udp 2122260223 127.0.0.1 9 typ host",
+        ))
+        .send()
+        .await
+        .expect("PATCH");
+    assert_eq!(restarted.status(), StatusCode::OK);
+    let new_etag = header(restarted.headers(), "etag").to_owned();
+    assert!(
+        !new_etag.is_empty() && new_etag != etag,
+        "{new_etag} after {etag}"
+    );
+    let answer_fragment = restarted.text().await.expect("fragment");
+    assert_ne!(
+        attribute(&answer_fragment, "ice-ufrag"),
+        attribute(&answer, "ice-ufrag"),
+        "{answer_fragment}"
+    );
     // One participant's tracks: by id or name; someone not in the room is not found.
     let nobody = http()
         .post(url(&server, "/whep/show/Nobody"))
