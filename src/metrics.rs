@@ -163,6 +163,7 @@ metrics! {
         packets_muted: "RTP packets dropped on arrival because an administrator muted their track",
         relay_packets_skipped: "Packets of a simulcast layer not relayed to a media worker whose subscribers of the track take other layers",
         datagrams_unroutable: "Datagrams dropped because they matched no connection (unknown address and ICE ufrag)",
+        bwe_estimator_restarts: "Bandwidth estimators restarted because their estimate stalled while a subscriber's video stayed below the layer its tile needs",
         ice_keepalive_indications: "STUN Binding indications (libnice's keepalives) taken as the client's liveness, which the ICE-lite engine counts from Binding requests only",
         keyframe_requests: "Keyframe requests (PLI) sent to publishers",
         media_loop_turns: "Turns of the media workers' event loops (wake-ups); packets per turn is the batching",

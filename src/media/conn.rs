@@ -153,6 +153,10 @@ pub struct Conn {
     /// The engine's estimate of the subscriber's downlink, bits per second (None: no
     /// estimate, e.g. a client without transport-wide congestion control).
     pub estimate: Option<u64>,
+    /// When the estimate last changed, and when the estimator was last restarted because it
+    /// stalled below what the subscriber's videos need (`Worker::allocate_layers`).
+    pub estimate_changed_at: Option<Instant>,
+    pub estimator_restarted_at: Option<Instant>,
     pub chat: Option<ChannelId>,
     pub inbound: HashMap<Mid, Inbound>,
     pub outbound: Vec<Outbound>,
@@ -203,6 +207,8 @@ impl Conn {
             scheduled: None,
             dirty: false,
             estimate: None,
+            estimate_changed_at: None,
+            estimator_restarted_at: None,
             chat: None,
             inbound: HashMap::new(),
             outbound: Vec::new(),

@@ -66,6 +66,10 @@ const RED_MIN_DOWNLINK: u64 = 600_000;
 /// How often every subscriber's layers are chosen again (estimates, tile sizes and what
 /// publishers send change meanwhile).
 const ALLOCATION_INTERVAL: Duration = Duration::from_millis(500);
+/// An estimate unchanged this long while a video is held below its needed layer has stalled.
+const ESTIMATE_STALL: Duration = Duration::from_secs(8);
+/// At most one restart of a connection's estimator this often (a restart probes).
+const ESTIMATOR_RESTART_EVERY: Duration = Duration::from_secs(30);
 /// A socket holding more than 1/BACKLOG_SHARE of its receive buffer unread when the load is
 /// measured counts as backlogged.
 const BACKLOG_SHARE: u64 = 4;
@@ -328,6 +332,7 @@ struct Tally {
     relay_skipped: u64,
     unroutable: u64,
     keepalive_indications: u64,
+    estimator_restarts: u64,
     keyframe_requests: u64,
     turns: u64,
     video_out_by_layer: [u64; COUNTED_LAYERS],
@@ -702,6 +707,7 @@ impl Worker {
                 tracing::debug!(participant = %conn.participant, %estimate, can_probe, "downlink estimate");
                 if conn.twcc == Some(true) {
                     conn.estimate = Some(estimate.as_u64());
+                    conn.estimate_changed_at = Some(now);
                 }
             }
             Event::ChannelOpen(channel, label) => {
@@ -1071,10 +1077,32 @@ impl Worker {
             });
         }
         let desired = audio + allocate(conn.estimate, audio, &mut demands, now);
+        // Below the layer its tile needs (paused counts: None is below any layer).
+        let limited = demands.iter().any(|d| d.choice.layer < d.choice.needed);
         drop(demands);
         conn.rtc
             .bwe()
             .set_bitrate(Bitrate::ZERO, Bitrate::bps(desired));
+        // str0m's estimator can stall for good after a congested spell: application-limited
+        // on a low layer, and still counting the old losses, it neither grows nor probes
+        // (seen: a 400 kbit/s cap lifted, the estimate frozen at 428 kbit/s for 40 s, 1 run in
+        // 7). A video held below what its tile needs by an estimate that has not moved for
+        // ESTIMATE_STALL restarts the estimator from its last value: a fresh one probes.
+        if limited
+            && let Some(estimate) = conn.estimate
+            && conn
+                .estimate_changed_at
+                .is_some_and(|t| now.saturating_duration_since(t) >= ESTIMATE_STALL)
+            && conn
+                .estimator_restarted_at
+                .is_none_or(|t| now.saturating_duration_since(t) >= ESTIMATOR_RESTART_EVERY)
+        {
+            tracing::debug!(participant = %conn.participant, estimate, "estimate stalled: estimator restarted");
+            conn.rtc.bwe().reset(Bitrate::bps(estimate));
+            conn.estimator_restarted_at = Some(now);
+            conn.estimate_changed_at = Some(now);
+            self.tally.estimator_restarts += 1;
+        }
         for (i, _) in &videos {
             let out = &mut conn.outbound[*i];
             let Some(live) = &mut out.live else { continue };
@@ -1635,6 +1663,7 @@ impl Worker {
             (&m.relay_packets_skipped, t.relay_skipped),
             (&m.datagrams_unroutable, t.unroutable),
             (&m.ice_keepalive_indications, t.keepalive_indications),
+            (&m.bwe_estimator_restarts, t.estimator_restarts),
             (&m.keyframe_requests, t.keyframe_requests),
             (&m.media_loop_turns, t.turns),
         ] {
