@@ -378,7 +378,7 @@ async fn a_crowded_room_shows_the_speaker_large_in_chromium() {
 
 async fn crowded_room(env: Arc<Env>) -> Result<()> {
     let room = "e2e-crowd";
-    let ws = format!("{}/ws", env.base.replacen("http", "ws", 1));
+    let ws = env.ws_url();
     let mut crowd = Vec::new();
     for i in 0..7 {
         let media = MediaProfile {
@@ -645,6 +645,10 @@ const WHEP_PLAY: &str = r#"
     })().catch((e) => ({ error: String(e) }));
 "#;
 
+/// Ends the page's WHEP session (`DELETE` on its resource); returns the status.
+const WHEP_DELETE: &str =
+    "return fetch(window.whep.location, { method: 'DELETE' }).then((r) => r.status);";
+
 /// What the WHEP player's connection decoded and received so far.
 const WHEP_STATS: &str = r#"
     return window.whep.pc.getStats().then((report) => {
@@ -741,26 +745,16 @@ async fn whip_publisher(env: Arc<Env>) -> Result<()> {
         "a tile for the WHEP player: {}",
         summarize(&state)
     );
-    let start = Instant::now();
-    loop {
-        let stats = player.session.execute(WHEP_STATS, vec![]).await?;
-        if stats["framesDecoded"].as_u64() > Some(10) && stats["audioPackets"].as_u64() > Some(50) {
-            break;
-        }
-        ensure!(
-            start.elapsed() < Duration::from_secs(30),
-            "the WHEP player does not decode: {stats}; answer {}",
-            played["answer"]
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let deleted = player
-        .session
-        .execute(
-            "return fetch(window.whep.location, { method: 'DELETE' }).then((r) => r.status);",
-            vec![],
+    player
+        .whep_until(
+            &format!("the WHEP player decoding (answer {})", played["answer"]),
+            |stats| {
+                stats["framesDecoded"].as_u64() > Some(10)
+                    && stats["audioPackets"].as_u64() > Some(50)
+            },
         )
         .await?;
+    let deleted = player.session.execute(WHEP_DELETE, vec![]).await?;
     ensure!(deleted == 200, "WHEP DELETE: {deleted}");
 
     step("a page plays one participant over WHEP, named in the URL");
@@ -770,30 +764,18 @@ async fn whip_publisher(env: Arc<Env>) -> Result<()> {
         .execute(WHEP_PLAY, vec![json!(room), json!("Broadcaster")])
         .await?;
     ensure!(played["status"] == 201, "WHEP POST: {played}");
-    let start = Instant::now();
-    loop {
-        let stats = player.session.execute(WHEP_STATS, vec![]).await?;
-        if stats["framesDecoded"].as_u64() > Some(10) && stats["width"] == 640 {
-            break;
-        }
-        ensure!(
-            start.elapsed() < Duration::from_secs(30),
-            "the WHEP player of the Broadcaster does not decode its 640-wide video: {stats}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    player
+        .whep_until(
+            "the WHEP player of the Broadcaster decoding its 640-wide video",
+            |stats| stats["framesDecoded"].as_u64() > Some(10) && stats["width"] == 640,
+        )
+        .await?;
     let unknown = player
         .session
         .execute(WHEP_PLAY, vec![json!(room), json!("Nobody")])
         .await?;
     ensure!(unknown["status"] == 404, "WHEP of nobody: {unknown}");
-    player
-        .session
-        .execute(
-            "return fetch(window.whep.location, { method: 'DELETE' }).then((r) => r.status);",
-            vec![],
-        )
-        .await?;
+    player.session.execute(WHEP_DELETE, vec![]).await?;
 
     step("DELETE on the resource: the publisher leaves the room");
     let deleted = broadcaster
@@ -831,7 +813,7 @@ async fn a_whep_player_follows_the_active_speaker_in_chromium() {
 
 async fn whep_follows_speaker(env: Arc<Env>) -> Result<()> {
     let room = "e2e-whep-speaker";
-    let ws = format!("{}/ws", env.base.replacen("http", "ws", 1));
+    let ws = env.ws_url();
     let publisher = |packet: usize, speaking: Option<u8>| ClientOptions {
         media: MediaProfile {
             video_fps: 15,
@@ -1427,6 +1409,22 @@ struct Page {
 }
 
 impl Page {
+    /// Polls the page's WHEP connection ([`WHEP_STATS`]) until `done` holds, for up to 30 s.
+    async fn whep_until(&self, what: &str, done: impl Fn(&Value) -> bool) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            let stats = self.session.execute(WHEP_STATS, vec![]).await?;
+            if done(&stats) {
+                return Ok(());
+            }
+            ensure!(
+                start.elapsed() < Duration::from_secs(30),
+                "timed out waiting for {what}: {stats}"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
     /// `window.switchboard.state()`, or null before the page's modules ran.
     async fn state(&self) -> Result<Value> {
         self.session
@@ -1651,6 +1649,11 @@ struct Env {
 }
 
 impl Env {
+    /// The server's signaling WebSocket (for synthetic clients beside the pages).
+    fn ws_url(&self) -> String {
+        format!("{}/ws", self.base.replacen("http", "ws", 1))
+    }
+
     async fn open_pages(&self, names: &[&str]) -> Result<Vec<Page>> {
         self.open_pages_with(&self.driver, names).await
     }

@@ -66,6 +66,25 @@ fn attribute<'a>(sdp: &'a str, name: &str) -> Option<&'a str> {
         .find_map(|l| l.trim().strip_prefix(prefix.as_str()))
 }
 
+/// A PATCH with new ICE credentials answered as an ICE restart: 200, an ETag other than
+/// `etag`, and the server's new ufrag (not the one in `answer`). Returns the answer fragment.
+async fn assert_ice_restarted(restarted: reqwest::Response, etag: &str, answer: &str) -> String {
+    assert_eq!(restarted.status(), StatusCode::OK);
+    let new_etag = header(restarted.headers(), "etag").to_owned();
+    assert!(
+        !new_etag.is_empty() && new_etag != etag,
+        "{new_etag} after {etag}"
+    );
+    let answer_fragment = restarted.text().await.expect("fragment");
+    let server_ufrag = attribute(&answer_fragment, "ice-ufrag").expect("server ufrag");
+    assert_ne!(
+        Some(server_ufrag),
+        attribute(answer, "ice-ufrag"),
+        "{answer_fragment}"
+    );
+    answer_fragment
+}
+
 #[tokio::test]
 async fn whip_answers_patches_and_deletes_by_the_rfc() {
     let server = start_server_with(|_| {}).await;
@@ -144,19 +163,7 @@ async fn whip_answers_patches_and_deletes_by_the_rfc() {
     )
     .await
     .expect("PATCH");
-    assert_eq!(restarted.status(), StatusCode::OK);
-    let new_etag = header(restarted.headers(), "etag").to_owned();
-    assert!(
-        !new_etag.is_empty() && new_etag != etag,
-        "{new_etag} after {etag}"
-    );
-    let answer_fragment = restarted.text().await.expect("fragment");
-    let server_ufrag = attribute(&answer_fragment, "ice-ufrag").expect("server ufrag");
-    assert_ne!(
-        Some(server_ufrag),
-        attribute(&answer, "ice-ufrag"),
-        "{answer_fragment}"
-    );
+    let answer_fragment = assert_ice_restarted(restarted, &etag, &answer).await;
     assert!(
         answer_fragment.contains("a=candidate:"),
         "{answer_fragment}"
@@ -347,18 +354,7 @@ async fn whep_answers_a_players_offer() {
         .send()
         .await
         .expect("PATCH");
-    assert_eq!(restarted.status(), StatusCode::OK);
-    let new_etag = header(restarted.headers(), "etag").to_owned();
-    assert!(
-        !new_etag.is_empty() && new_etag != etag,
-        "{new_etag} after {etag}"
-    );
-    let answer_fragment = restarted.text().await.expect("fragment");
-    assert_ne!(
-        attribute(&answer_fragment, "ice-ufrag"),
-        attribute(&answer, "ice-ufrag"),
-        "{answer_fragment}"
-    );
+    assert_ice_restarted(restarted, &etag, &answer).await;
     // One participant's tracks: by id or name; someone not in the room is not found.
     let nobody = http()
         .post(url(&server, "/whep/show/Nobody"))
