@@ -404,7 +404,9 @@ impl Task {
         if s.kind == MediaKind::Video && !s.key {
             payload::mark_delta(buf, false);
         }
-        let data = buf.split().freeze();
+        // One copy, into the shared buffer str0m keeps for retransmission; `buf` is reused.
+        let data: Arc<[u8]> = Arc::from(&buf[..]);
+        buf.clear();
         let len = data.len() as u64;
         let marker = s.kind == MediaKind::Video && s.index + 1 == s.packets_per_frame;
         let (mid, pt, seq, ts) = (s.mid, s.pt, s.rtp_seq, s.timestamp);
@@ -424,7 +426,7 @@ impl Task {
             return;
         };
         stream.write_rtp(
-            RtpWrite::new(pt, seq.into(), ts, Instant::now(), data.to_vec())
+            RtpWrite::new(pt, seq.into(), ts, Instant::now(), data)
                 .marker(marker)
                 .nackable(nackable),
         );
