@@ -238,6 +238,30 @@ pub struct Config {
     /// characters or more.
     #[arg(long, env = "SWITCHBOARD_WEBHOOK_SECRET", hide_env_values = true)]
     pub webhook_secret: Option<String>,
+    /// Redis of the cluster (`redis://[:password@]host:6379[/db]`), shared by every node. Unset:
+    /// a single node, nothing shared.
+    #[arg(long, env = "SWITCHBOARD_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// This node's id in the cluster: 1-64 characters of A-Z a-z 0-9 _ . - (unset: a random id,
+    /// new at each start).
+    #[arg(long, env = "SWITCHBOARD_NODE_ID")]
+    pub node_id: Option<String>,
+    /// This node's region: a new room is placed on the least-loaded node of the region of the
+    /// node its first client reached.
+    #[arg(long, env = "SWITCHBOARD_NODE_REGION", default_value = "default")]
+    pub node_region: String,
+    /// `host:port` where other nodes reach this one's HTTP listener. Unset: `--public-ip` (else
+    /// the `--http` address) with the HTTP port.
+    #[arg(long, env = "SWITCHBOARD_NODE_ADDRESS")]
+    pub node_address: Option<String>,
+    /// This node's base URL for clients (`https://sfu-2.example.com`): where a client is
+    /// redirected to join a room this node hosts. Unset: `http(s)://` + `--node-address`.
+    #[arg(long, env = "SWITCHBOARD_NODE_URL")]
+    pub node_url: Option<String>,
+    /// Seconds after its last heartbeat (sent every fifth of it) a node counts as dead: its
+    /// rooms go to other nodes and its entries in Redis expire.
+    #[arg(long, env = "SWITCHBOARD_NODE_TTL_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    pub node_ttl_secs: u64,
     #[command(flatten)]
     pub limits: Limits,
     #[command(subcommand)]

@@ -152,6 +152,8 @@ metrics! {
         downtracks_paused_hidden: "Subscribed videos paused because the subscriber does not show them",
         turn_allocations: "Relays the embedded TURN server holds open",
         draining: "1 while the server drains before shutting down (new joins refused, /healthz 503)",
+        cluster_nodes: "Live nodes of the cluster (this one included) at the last heartbeat; 0 without --redis-url",
+        cluster_rooms_contested: "Rooms open here whose placement in Redis names another live node (joined on both during a Redis outage); new joiners go there",
     }
     counters {
         packets_in: "RTP packets received from publishers",
@@ -188,6 +190,9 @@ metrics! {
         webhooks_retried: "Webhook attempts that failed and were retried",
         webhooks_failed: "Webhook events given up on after every attempt failed",
         webhooks_dropped: "Webhook events dropped because a receiver's queue was full",
+        cluster_redirects: "Joins answered with `redirect`: the room is placed on another node",
+        cluster_redis_errors: "Redis calls that failed or timed out (a join then serves its room here; a heartbeat is retried)",
+        cluster_nodes_reaped: "Dead nodes (heartbeat expired) this node removed from the cluster's node set",
     }
 }
 

@@ -10,6 +10,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::auth::Keys;
+use crate::cluster::{Cluster, ClusterConfig, LocalState, LocalStateFn};
 use crate::config::Config;
 use crate::media::MediaPlane;
 use crate::metrics::Metrics;
@@ -38,7 +39,12 @@ pub struct ServerHandle {
     /// How long draining lets calls go on (`--drain-secs`).
     drain_grace: Duration,
     task: JoinHandle<()>,
+    /// The cluster heartbeat, which removes this node's entries from Redis when it ends.
+    cluster_task: Option<JoinHandle<()>>,
 }
+
+/// How long a starting node waits for Redis before giving up.
+const CLUSTER_CONNECT_WAIT: Duration = Duration::from_secs(10);
 
 impl Server {
     /// Binds the HTTP listener and starts serving.
@@ -68,6 +74,29 @@ impl Server {
                 "no API keys (--api-key / SWITCHBOARD_API_KEYS): development mode, anyone who reaches this server may join any room"
             );
         }
+        let listener = tokio::net::TcpListener::bind(config.http)
+            .await
+            .with_context(|| format!("binding HTTP on {}", config.http))?;
+        let http_addr = listener.local_addr()?;
+        let certificate = certificate(&config)?;
+        let (cluster, cluster_task) = match &config.redis_url {
+            None => (None, None),
+            Some(url) => {
+                let local = local_state(&registry, &media, &draining_rx);
+                let cluster_config =
+                    cluster_config(&config, url, http_addr, certificate.is_some())?;
+                let (cluster, task) = Cluster::start(
+                    cluster_config,
+                    metrics.clone(),
+                    local,
+                    shutdown_rx.clone(),
+                    CLUSTER_CONNECT_WAIT,
+                )
+                .await
+                .context("joining the cluster")?;
+                (Some(cluster), Some(task))
+            }
+        };
         let ctx = Arc::new(ServerContext {
             registry: registry.clone(),
             media: media.clone(),
@@ -80,12 +109,8 @@ impl Server {
             ice_servers,
             shutdown: shutdown_rx.clone(),
             draining: draining_rx,
+            cluster,
         });
-        let listener = tokio::net::TcpListener::bind(config.http)
-            .await
-            .with_context(|| format!("binding HTTP on {}", config.http))?;
-        let http_addr = listener.local_addr()?;
-        let certificate = certificate(&config)?;
         let tls_certificate = certificate.as_ref().map(|c| c.leaf().clone());
         let app =
             crate::http::router(ctx).into_make_service_with_connect_info::<std::net::SocketAddr>();
@@ -129,8 +154,56 @@ impl Server {
             draining,
             drain_grace: Duration::from_secs(config.limits.drain_secs),
             task,
+            cluster_task,
         })
     }
+}
+
+/// What the cluster heartbeat reports of this node.
+fn local_state(
+    registry: &Arc<Registry>,
+    media: &Arc<MediaPlane>,
+    draining: &watch::Receiver<Option<Instant>>,
+) -> LocalStateFn {
+    let (registry, media, draining) = (registry.clone(), media.clone(), draining.clone());
+    Arc::new(move || LocalState {
+        rooms: registry.membership(),
+        load_permille: media.least_load_permille(),
+        draining: draining.borrow().is_some(),
+    })
+}
+
+/// This node's identity in the cluster, from the flags and where it listens.
+fn cluster_config(
+    config: &Config,
+    redis_url: &str,
+    http_addr: SocketAddr,
+    tls: bool,
+) -> anyhow::Result<ClusterConfig> {
+    let address = match &config.node_address {
+        Some(address) => address.clone(),
+        None => {
+            let ip = config.public_ip.unwrap_or(http_addr.ip());
+            if ip.is_unspecified() {
+                anyhow::bail!(
+                    "--redis-url needs --node-address (or --public-ip): where other nodes and redirected clients reach this node"
+                );
+            }
+            SocketAddr::new(ip, http_addr.port()).to_string()
+        }
+    };
+    let scheme = if tls { "https" } else { "http" };
+    Ok(ClusterConfig {
+        redis_url: redis_url.to_owned(),
+        node_id: config.node_id.clone().unwrap_or_else(|| random_token(12)),
+        region: config.node_region.clone(),
+        url: config
+            .node_url
+            .clone()
+            .unwrap_or_else(|| format!("{scheme}://{address}")),
+        address,
+        ttl: Duration::from_secs(config.node_ttl_secs),
+    })
 }
 
 /// The certificate HTTPS is served with, if any (`--tls-cert`, `--tls-self-signed`).
@@ -267,6 +340,9 @@ impl ServerHandle {
         }
         // After the sessions: their leaves and the rooms' ends are the last events.
         self.webhooks.close().await;
+        if let Some(task) = self.cluster_task {
+            let _ = tokio::time::timeout(DRAIN_TIMEOUT, task).await;
+        }
         let media = self.media.clone();
         let _ = tokio::task::spawn_blocking(move || media.shutdown()).await;
     }

@@ -8,7 +8,7 @@
 // The page lives at /room/{name}; `?mode=mesh` asks for a mesh room (it only matters to whoever
 // creates the room).
 
-import { Signaling } from "/signaling.js";
+import { Signaling, signalingUrl } from "/signaling.js";
 import { LocalMedia, describeMediaError } from "/media.js";
 import { SfuSession } from "/sfu.js";
 import { MeshSession } from "/mesh.js";
@@ -41,6 +41,8 @@ const STALL_AFTER_S = 3;
 const RESUME_DELAYS_MS = [0, 300, 1200, 2700, 4800];
 const RESUME_EVERY_MS = 7000;
 const RESUME_WINDOW_MS = 18000;
+// Redirects followed for one join (a cluster sends a client to the node hosting its room).
+const MAX_REDIRECTS = 3;
 
 const ui = new UI();
 const media = new LocalMedia();
@@ -234,14 +236,14 @@ async function join() {
  * `userText` (and `code` for server errors) when that does not work out. `phase` is the phase
  * we expect to still be in when the answer comes (the user may have left meanwhile).
  */
-async function connectAndJoin(phase) {
-  const sig = new Signaling();
+async function connectAndJoin(phase, url = signalingUrl(), redirects = 0) {
+  const sig = new Signaling(url);
   try {
     await sig.connect();
   } catch (err) {
     throw Object.assign(err, {
       code: "unreachable",
-      userText: `Cannot reach the Switchboard server at ${location.host}. Check your connection and try again.`,
+      userText: `Cannot reach the Switchboard server at ${new URL(url).host}. Check your connection and try again.`,
     });
   }
   // Messages that follow `joined` (an early server offer, say) wait here until the session
@@ -259,7 +261,7 @@ async function connectAndJoin(phase) {
   });
   let reply;
   try {
-    reply = await sig.waitFor((m) => m.type === "joined" || m.type === "error", 10000);
+    reply = await sig.waitFor((m) => ["joined", "error", "redirect"].includes(m.type), 10000);
   } catch (err) {
     offEarly();
     sig.close();
@@ -277,6 +279,16 @@ async function connectAndJoin(phase) {
       userText: ERROR_TEXT[reply.code] ?? `The server refused to let us in: ${reply.message}`,
     });
   }
+  // In a cluster the room may live on another node: join there (a few hops at most).
+  if (reply.type === "redirect") {
+    sig.close();
+    if (redirects >= MAX_REDIRECTS) {
+      throw Object.assign(new Error("too many redirects"), { code: "unreachable", userText: "The servers kept sending us elsewhere; try again." });
+    }
+    console.info(`[app] room ${reply.room} is on node ${reply.node}: joining at ${reply.url}`);
+    return connectAndJoin(phase, reply.url, redirects + 1);
+  }
+  state.signalingUrl = url;
   const after = early.slice(early.indexOf(reply) + 1);
   enterCall(sig, reply, after);
 }
@@ -551,7 +563,8 @@ function startResume() {
 
 /** One `resume` on a new socket: resolves with the socket, `resumed` and what followed it. */
 async function resumeOnce() {
-  const sig = new Signaling();
+  // The node that holds the session (a redirect may have sent us to it).
+  const sig = new Signaling(state.signalingUrl ?? signalingUrl());
   await sig.connect(5000);
   const early = [];
   const offEarly = sig.on("message", (msg) => early.push(msg));

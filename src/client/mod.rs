@@ -167,9 +167,9 @@ impl ClientOptions {
     }
 }
 
-/// Reads a signaling socket until the server answers `join`: its `joined` message, and the
-/// messages that came before it (kept for the caller). A refusal (`error`), a closed socket or
-/// no answer within `timeout` is an error.
+/// Reads a signaling socket until the server answers `join`: its `joined` (or, in a cluster,
+/// `redirect`) message, and the messages that came before it (kept for the caller). A refusal
+/// (`error`), a closed socket or no answer within `timeout` is an error.
 pub async fn wait_for_joined<S>(
     stream: &mut S,
     timeout: Duration,
@@ -186,7 +186,10 @@ where
                         Ok(ServerMessage::Error { code, message }) => {
                             bail!("join refused: {code:?}: {message}")
                         }
-                        Ok(joined @ ServerMessage::Joined { .. }) => return Ok(joined),
+                        Ok(
+                            answer
+                            @ (ServerMessage::Joined { .. } | ServerMessage::Redirect { .. }),
+                        ) => return Ok(answer),
                         Ok(other) => early.push(other),
                         Err(e) => bail!("unparsable answer to join: {e}"),
                     }
@@ -205,6 +208,9 @@ where
     Ok((joined, early))
 }
 
+/// Redirects one join follows (a cluster sends a client to the node hosting its room).
+const MAX_REDIRECTS: usize = 3;
+
 /// A remote track currently received on one of the client's peer connections.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ActiveRemoteTrack {
@@ -219,6 +225,8 @@ pub struct ActiveRemoteTrack {
 /// A connected synthetic participant. Dropping it without [`Client::close`] aborts its tasks and
 /// closes its connections in the background.
 pub struct Client {
+    /// The signaling URL of the node the client joined (after any redirects).
+    signaling_url: String,
     participant_id: String,
     room: String,
     mode: RoomMode,
@@ -248,8 +256,6 @@ impl Client {
         opts: ClientOptions,
     ) -> anyhow::Result<Client> {
         let tls = opts.tls.clone().unwrap_or_else(public_roots);
-        let socket = open_socket(ws_url, &tls, opts.join_timeout).await?;
-        let (mut sink, mut stream) = socket.split();
         let join = ClientMessage::Join {
             room: room.to_owned(),
             name: name.to_owned(),
@@ -257,11 +263,27 @@ impl Client {
             protocol: Some(PROTOCOL_VERSION),
             token: opts.token.clone(),
         };
-        sink.send(Message::Text(serde_json::to_string(&join)?.into()))
-            .await
-            .context("sending join")?;
-
-        let (joined, early) = wait_for_joined(&mut stream, opts.join_timeout).await?;
+        let join = serde_json::to_string(&join)?;
+        // In a cluster the room may be hosted by another node: follow a few redirects.
+        let mut url = ws_url.to_owned();
+        let mut redirects = 0;
+        let (sink, stream, joined, early) = loop {
+            let socket = open_socket(&url, &tls, opts.join_timeout).await?;
+            let (mut sink, mut stream) = socket.split();
+            sink.send(Message::Text(join.clone().into()))
+                .await
+                .context("sending join")?;
+            let (answer, early) = wait_for_joined(&mut stream, opts.join_timeout).await?;
+            match answer {
+                ServerMessage::Redirect { url: next, .. } if redirects < MAX_REDIRECTS => {
+                    redirects += 1;
+                    let _ = sink.close().await;
+                    url = next;
+                }
+                ServerMessage::Redirect { .. } => bail!("more than {MAX_REDIRECTS} redirects"),
+                joined => break (sink, stream, joined, early),
+            }
+        };
         let ServerMessage::Joined {
             ref participant_id,
             room: ref joined_room,
@@ -315,6 +337,7 @@ impl Client {
         }
         let session = tokio::spawn(session.run(events_rx));
         Ok(Client {
+            signaling_url: url,
             participant_id,
             room: joined_room,
             mode,
@@ -329,6 +352,11 @@ impl Client {
             closed: AtomicBool::new(false),
             tls,
         })
+    }
+
+    /// The signaling URL of the node that took the join (in a cluster, where redirects led).
+    pub fn signaling_url(&self) -> &str {
+        &self.signaling_url
     }
 
     /// The participant id the server assigned.

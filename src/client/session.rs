@@ -528,6 +528,8 @@ impl Session {
                 self.shared.update(|r| r.left = true);
                 self.shared.push_event(message);
             }
+            // Only ever an answer to `join`, which `Client::connect` follows.
+            ServerMessage::Redirect { .. } => self.shared.push_event(message),
             ServerMessage::Resumed {
                 ref participants,
                 ref tracks,

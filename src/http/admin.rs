@@ -133,6 +133,33 @@ pub async fn list_rooms(State(ctx): State<Arc<ServerContext>>, headers: HeaderMa
     Json(rooms).into_response()
 }
 
+/// `GET /api/cluster/nodes`: the live nodes of the cluster as their heartbeats describe them
+/// (an admin of every room only; 404 without `--redis-url`).
+pub async fn list_nodes(State(ctx): State<Arc<ServerContext>>, headers: HeaderMap) -> Response {
+    match authorize(&ctx, &headers) {
+        Ok(Scope::All) => {}
+        Ok(Scope::Room(_)) => {
+            ctx.metrics.admin_unauthorized.inc();
+            return refuse(
+                StatusCode::FORBIDDEN,
+                "the token must cover every room (`*`)",
+            );
+        }
+        Err(refused) => return refused.into_response(),
+    }
+    let Some(cluster) = &ctx.cluster else {
+        return refuse(StatusCode::NOT_FOUND, "this server is not in a cluster");
+    };
+    match cluster.nodes().await {
+        Ok(nodes) => Json(nodes).into_response(),
+        Err(e) => {
+            ctx.metrics.cluster_redis_errors.inc();
+            tracing::warn!("listing the cluster's nodes: Redis: {e}");
+            refuse(StatusCode::SERVICE_UNAVAILABLE, "Redis did not answer")
+        }
+    }
+}
+
 #[derive(Debug, Deserialize)]
 pub struct CreateRoom {
     name: String,

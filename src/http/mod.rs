@@ -42,6 +42,7 @@ pub fn router(ctx: Arc<ServerContext>) -> Router {
             delete(admin::remove_participant),
         )
         .route("/api/rooms/{name}/data", post(admin::send_data))
+        .route("/api/cluster/nodes", get(admin::list_nodes))
         .route(
             "/api/rooms/{name}/tracks/{track_id}/mute",
             post(admin::mute_track),

@@ -23,10 +23,11 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
+use crate::cluster::base_url;
 use crate::metrics::GaugeGuard;
 use crate::signal::ServerContext;
 use crate::signal::http_session::{
@@ -49,10 +50,12 @@ pub async fn publish(
     State(ctx): State<Arc<ServerContext>>,
     Path(room): Path<String>,
     Query(query): Query<PublishQuery>,
+    uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    create(ctx, room, query, headers, body, HttpPeer::whip()).await
+    let request = Request { uri, headers, body };
+    create(ctx, room, query, request, HttpPeer::whip()).await
 }
 
 /// `POST /whep/{room}`: joins the room as a player and answers its offer; the active
@@ -61,10 +64,12 @@ pub async fn play(
     State(ctx): State<Arc<ServerContext>>,
     Path(room): Path<String>,
     Query(query): Query<PublishQuery>,
+    uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    create(ctx, room, query, headers, body, HttpPeer::whep(None)).await
+    let request = Request { uri, headers, body };
+    create(ctx, room, query, request, HttpPeer::whep(None)).await
 }
 
 /// `POST /whep/{room}/{participant}`: plays one participant's tracks (its id or name).
@@ -72,21 +77,30 @@ pub async fn play_participant(
     State(ctx): State<Arc<ServerContext>>,
     Path((room, participant)): Path<(String, String)>,
     Query(query): Query<PublishQuery>,
+    uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
     let peer = HttpPeer::whep(Some(participant));
-    create(ctx, room, query, headers, body, peer).await
+    let request = Request { uri, headers, body };
+    create(ctx, room, query, request, peer).await
+}
+
+/// A resource-creating POST as it came.
+struct Request {
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
 }
 
 async fn create(
     ctx: Arc<ServerContext>,
     room: String,
     query: PublishQuery,
-    headers: HeaderMap,
-    body: Bytes,
+    request: Request,
     peer: HttpPeer,
 ) -> Response {
+    let Request { uri, headers, body } = request;
     let (path, default_name) = match peer.client {
         HttpClient::Whip => ("whip", "WHIP"),
         HttpClient::Whep => ("whep", "WHEP"),
@@ -118,10 +132,20 @@ async fn create(
         token: bearer_token(&headers),
     };
     let participant_id = match session
-        .request(join, |m| matches!(m, ServerMessage::Joined { .. }))
+        .request(join, |m| {
+            matches!(
+                m,
+                ServerMessage::Joined { .. } | ServerMessage::Redirect { .. }
+            )
+        })
         .await
     {
         Ok(ServerMessage::Joined { participant_id, .. }) => participant_id,
+        // The room is hosted by another node of the cluster: the client posts there
+        // (RFC 9725 allows a redirect on the POST).
+        Ok(ServerMessage::Redirect { url, .. }) => {
+            return cors.apply(redirect(&url, &uri));
+        }
         other => return cors.apply(failure(other)),
     };
     let offered = ClientMessage::Offer {
@@ -390,6 +414,19 @@ fn failure(outcome: Result<ServerMessage, HttpSessionError>) -> Response {
         }
         Err(HttpSessionError::Busy) => problem(StatusCode::CONFLICT, "another request is running"),
         Err(e) => problem(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
+}
+
+/// `307 Temporary Redirect` to the same request on the node at `signaling_url` (its `/ws`).
+fn redirect(signaling_url: &str, uri: &Uri) -> Response {
+    let target = format!("{}{}", base_url(signaling_url), uri);
+    match HeaderValue::from_str(&target) {
+        Ok(location) => {
+            let mut response = StatusCode::TEMPORARY_REDIRECT.into_response();
+            response.headers_mut().insert(header::LOCATION, location);
+            response
+        }
+        Err(_) => problem(StatusCode::INTERNAL_SERVER_ERROR, "bad redirect target"),
     }
 }
 

@@ -249,6 +249,16 @@ impl MediaPlane {
         self.workers.iter().map(|w| w.addrs.clone()).collect()
     }
 
+    /// The load a new participant would meet: the least-loaded worker's projected busy share,
+    /// per mille (what the cluster's heartbeat reports).
+    pub fn least_load_permille(&self) -> u32 {
+        self.workers
+            .iter()
+            .map(|w| w.projected_load())
+            .min()
+            .unwrap_or(1000)
+    }
+
     /// Picks the least-loaded worker for a new participant, or refuses when every worker is
     /// past the load limit (see [`WorkerShared::projected_load`]).
     fn pick_worker(&self) -> Result<usize, MediaError> {

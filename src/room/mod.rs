@@ -661,6 +661,18 @@ impl Registry {
         self.rooms.get(name).map(|room| room.mode())
     }
 
+    /// Every open room and its members' ids (what the cluster's heartbeat reports).
+    pub fn membership(&self) -> Vec<(String, Vec<String>)> {
+        let rooms: Vec<Arc<Room>> = self.rooms.iter().map(|r| r.value().clone()).collect();
+        rooms
+            .iter()
+            .map(|room| {
+                let ids = room.lock().order.iter().map(|id| id.to_string()).collect();
+                (room.name().to_string(), ids)
+            })
+            .collect()
+    }
+
     pub fn room_names(&self) -> Vec<String> {
         let mut names: Vec<String> = self.rooms.iter().map(|r| r.key().to_string()).collect();
         names.sort();

@@ -274,6 +274,14 @@ pub enum ServerMessage {
         kind: MediaKind,
         muted: bool,
     },
+    /// Answer to `join` in a cluster (`--redis-url`): the room is hosted by another node. Open a
+    /// socket to `url` (that node's signaling WebSocket) and send the same `join` there; this
+    /// socket stays open for another `join` until closed.
+    Redirect {
+        url: String,
+        node: String,
+        room: String,
+    },
     /// Answer to `leave`.
     Left,
     Pong,

@@ -26,6 +26,7 @@ use super::resume::{Resumable, Resumables};
 use super::sfu::SfuMedia;
 use super::socket::{SendError, SignalSocket};
 use crate::auth::Keys;
+use crate::cluster::{Cluster, Placement, signaling_url};
 use crate::config::Limits;
 use crate::media::{MediaError, MediaEvent, MediaPlane, OfferOutcome, PauseCause, Visibility};
 use crate::metrics::{GaugeGuard, Metrics};
@@ -63,6 +64,8 @@ pub struct ServerContext {
     pub shutdown: watch::Receiver<bool>,
     /// Set to the drain's deadline when the server starts draining: no new joins, clients told.
     pub draining: watch::Receiver<Option<Instant>>,
+    /// The cluster this node belongs to (`--redis-url`), which places rooms on nodes.
+    pub cluster: Option<Cluster>,
 }
 
 /// Runs a session until the socket closes, the participant's media fails, or shutdown.
@@ -549,6 +552,21 @@ impl Session {
                     ErrorCode::InvalidName,
                     "display name must be 1-64 printable characters",
                 )
+                .await;
+        }
+        // In a cluster, a room not open here may be hosted by another node: send the client there.
+        if let Some(cluster) = &self.ctx.cluster
+            && self.ctx.registry.room(room).is_none()
+            && let Placement::Elsewhere { node, url } = cluster.place(room).await
+        {
+            self.ctx.metrics.cluster_redirects.inc();
+            tracing::info!(room, node, "join redirected to the node hosting the room");
+            return self
+                .send(&ServerMessage::Redirect {
+                    url: signaling_url(&url),
+                    node,
+                    room: room.to_owned(),
+                })
                 .await;
         }
         let effective_mode = self
@@ -1202,6 +1220,7 @@ mod tests {
             ice_servers: IceServers::new(Vec::new(), String::new(), Duration::ZERO),
             shutdown,
             draining,
+            cluster: None,
         });
         let room = RoomName::parse("ghosts").expect("room name");
         let (events_tx, events) = mpsc::channel(8);
