@@ -242,19 +242,14 @@ impl Cluster {
     /// (on the least-loaded node of this region) if it is open nowhere. Redis failing or slow
     /// places it here.
     pub async fn place(&self, room: &str) -> Placement {
-        match tokio::time::timeout(PLACE_TIMEOUT, self.try_place(room)).await {
-            Ok(Ok(placement)) => placement,
-            Ok(Err(e)) => {
-                self.inner.metrics.cluster_redis_errors.inc();
-                tracing::warn!("placing a room: Redis: {e}; serving it here");
-                Placement::Here
-            }
-            Err(_) => {
-                self.inner.metrics.cluster_redis_errors.inc();
-                tracing::warn!("placing a room: Redis did not answer in time; serving it here");
-                Placement::Here
-            }
-        }
+        let failure = match tokio::time::timeout(PLACE_TIMEOUT, self.try_place(room)).await {
+            Ok(Ok(placement)) => return placement,
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "no answer in time".to_owned(),
+        };
+        self.inner.metrics.cluster_redis_errors.inc();
+        tracing::warn!("placing a room: Redis: {failure}; serving it here");
+        Placement::Here
     }
 
     async fn try_place(&self, room: &str) -> redis::RedisResult<Placement> {
