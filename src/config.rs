@@ -262,6 +262,14 @@ pub struct Config {
     /// rooms go to other nodes and its entries in Redis expire.
     #[arg(long, env = "SWITCHBOARD_NODE_TTL_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
     pub node_ttl_secs: u64,
+    /// What a node does with a join for a room another node hosts: `redirect` the client there,
+    /// or `cascade` (serve it here, relaying media between the nodes that host the room).
+    #[arg(long, env = "SWITCHBOARD_CLUSTER_POLICY", value_enum, default_value_t = ClusterPolicy::Redirect)]
+    pub cluster_policy: ClusterPolicy,
+    /// UDP port of the node link (QUIC, mutually authenticated TLS 1.3), which carries cascaded
+    /// rooms' media between nodes. 0: an ephemeral port (tests).
+    #[arg(long, env = "SWITCHBOARD_NODE_LINK_PORT", default_value_t = 7870)]
+    pub node_link_port: u16,
     #[command(flatten)]
     pub limits: Limits,
     #[command(subcommand)]
@@ -305,6 +313,16 @@ pub struct TokenArgs {
     /// May manage the room through the admin API.
     #[arg(long)]
     pub room_admin: bool,
+}
+
+/// What a node does with a join for a room hosted by another node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ClusterPolicy {
+    /// Send the client to the node hosting the room: one room, one node.
+    #[default]
+    Redirect,
+    /// Serve the client here and relay media between the nodes hosting the room.
+    Cascade,
 }
 
 /// Why the configuration could not be read.
@@ -364,6 +382,11 @@ impl Config {
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
     }
 
+    /// Rooms are cascaded across the nodes of a cluster.
+    pub fn cascades(&self) -> bool {
+        self.redis_url.is_some() && self.cluster_policy == ClusterPolicy::Cascade
+    }
+
     /// Loopback everything, ephemeral ports: what in-process tests and benches use.
     pub fn for_tests() -> Self {
         let mut config = Config::parse_from(["switchboard"]);
@@ -371,6 +394,7 @@ impl Config {
         config.udp_port = 0;
         config.no_turn = true;
         config.public_ip = Some(IpAddr::from([127, 0, 0, 1]));
+        config.node_link_port = 0;
         config
     }
 }

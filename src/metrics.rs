@@ -154,6 +154,8 @@ metrics! {
         draining: "1 while the server drains before shutting down (new joins refused, /healthz 503)",
         cluster_nodes: "Live nodes of the cluster (this one included) at the last heartbeat; 0 without --redis-url",
         cluster_rooms_contested: "Rooms open here whose placement in Redis names another live node (joined on both during a Redis outage); new joiners go there",
+        cascade_links: "Open QUIC connections of the node link to other nodes (cascading)",
+        cascade_tracks_in: "Tracks published on other nodes relayed to this one now (cascading)",
     }
     counters {
         packets_in: "RTP packets received from publishers",
@@ -193,6 +195,10 @@ metrics! {
         cluster_redirects: "Joins answered with `redirect`: the room is placed on another node",
         cluster_redis_errors: "Redis calls that failed or timed out (a join then serves its room here; a heartbeat is retried)",
         cluster_nodes_reaped: "Dead nodes (heartbeat expired) this node removed from the cluster's node set",
+        cascade_packets_out: "Media packets relayed to other nodes (one per packet per node)",
+        cascade_packets_in: "Media packets relayed here from other nodes",
+        cascade_packets_dropped: "Relayed media packets dropped: a full queue, a link not up, too large for a datagram, or undecodable",
+        cascade_messages_dropped: "Cascading messages dropped: room changes or chat lines not published (full queue, Redis down; the periodic state repairs membership), link control frames to a full or closed link",
     }
 }
 

@@ -10,11 +10,12 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::auth::Keys;
+use crate::cascade::CascadeConfig;
 use crate::cluster::{Cluster, ClusterConfig, LocalState, LocalStateFn};
 use crate::config::Config;
 use crate::media::MediaPlane;
 use crate::metrics::Metrics;
-use crate::room::Registry;
+use crate::room::{Notices, Registry};
 use crate::signal::ServerContext;
 use crate::signal::session::DRAIN_TIMEOUT;
 use crate::tls::Certificate;
@@ -41,6 +42,8 @@ pub struct ServerHandle {
     task: JoinHandle<()>,
     /// The cluster heartbeat, which removes this node's entries from Redis when it ends.
     cluster_task: Option<JoinHandle<()>>,
+    /// The cascade's room-state exchange, which tells the other nodes when it ends.
+    cascade_task: Option<JoinHandle<()>>,
 }
 
 /// How long a starting node waits for Redis before giving up.
@@ -59,9 +62,19 @@ impl Server {
             metrics.clone(),
         )
         .context("starting the webhooks")?;
-        let registry = Arc::new(
-            Registry::new(config.limits.clone(), metrics.clone()).with_webhooks(webhooks.clone()),
-        );
+        let mut registry =
+            Registry::new(config.limits.clone(), metrics.clone()).with_webhooks(webhooks.clone());
+        // Cascading: rooms tell the other nodes what changes in them.
+        let mut notices = None;
+        if config.cascades() {
+            let (queue, receiver) = tokio::sync::mpsc::channel(ROOM_NOTICE_QUEUE);
+            notices = Some(receiver);
+            registry = registry.with_notices(Notices {
+                queue,
+                dropped: metrics.cascade_messages_dropped.clone(),
+            });
+        }
+        let registry = Arc::new(registry);
         let (shutdown, shutdown_rx) = watch::channel(false);
         let (draining, draining_rx) = watch::channel(None);
         let media = Arc::new(
@@ -97,6 +110,24 @@ impl Server {
                 (Some(cluster), Some(task))
             }
         };
+        let cascade_task = match (&cluster, notices, media.take_gateway()) {
+            (Some(cluster), Some(notices), Some(gateway)) => {
+                let cascade_config = cascade_config(&config, cluster.address());
+                let task = crate::cascade::start(
+                    cascade_config,
+                    cluster.clone(),
+                    registry.clone(),
+                    gateway,
+                    notices,
+                    metrics.clone(),
+                    shutdown_rx.clone(),
+                )
+                .await
+                .context("starting the node link")?;
+                Some(task)
+            }
+            _ => None,
+        };
         let ctx = Arc::new(ServerContext {
             registry: registry.clone(),
             media: media.clone(),
@@ -109,6 +140,7 @@ impl Server {
             ice_servers,
             shutdown: shutdown_rx.clone(),
             draining: draining_rx,
+            cascade: cascade_task.is_some(),
             cluster,
         });
         let tls_certificate = certificate.as_ref().map(|c| c.leaf().clone());
@@ -155,7 +187,27 @@ impl Server {
             drain_grace: Duration::from_secs(config.limits.drain_secs),
             task,
             cluster_task,
+            cascade_task,
         })
+    }
+}
+
+/// Room changes queued for the cascade before they are dropped (the periodic state repairs).
+const ROOM_NOTICE_QUEUE: usize = 1024;
+
+/// Where the node link binds and the host it is announced at: the host of `--node-address`.
+fn cascade_config(config: &Config, node_address: &str) -> CascadeConfig {
+    let host = match node_address.rsplit_once(':') {
+        Some((host, _port)) => host.trim_matches(['[', ']']).to_owned(),
+        None => node_address.to_owned(),
+    };
+    let bind_ip = match host.parse::<std::net::IpAddr>() {
+        Ok(ip) if ip.is_loopback() => ip,
+        _ => std::net::IpAddr::from([0, 0, 0, 0]),
+    };
+    CascadeConfig {
+        bind: SocketAddr::new(bind_ip, config.node_link_port),
+        host,
     }
 }
 
@@ -203,6 +255,7 @@ fn cluster_config(
             .unwrap_or_else(|| format!("{scheme}://{address}")),
         address,
         ttl: Duration::from_secs(config.node_ttl_secs),
+        cascade: config.cascades(),
     })
 }
 
@@ -340,7 +393,7 @@ impl ServerHandle {
         }
         // After the sessions: their leaves and the rooms' ends are the last events.
         self.webhooks.close().await;
-        if let Some(task) = self.cluster_task {
+        for task in [self.cascade_task, self.cluster_task].into_iter().flatten() {
             let _ = tokio::time::timeout(DRAIN_TIMEOUT, task).await;
         }
         let media = self.media.clone();

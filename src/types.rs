@@ -55,7 +55,7 @@ pub enum MediaKind {
 }
 
 /// The codec a publisher sends, as subscribers' tracks must declare it.
-#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct TrackCodec {
     pub mime_type: String,
     pub clock_rate: u32,

@@ -3,7 +3,10 @@
 //! one Redis. A join reaching the node that does not host the room is redirected to the one
 //! that does; new rooms go to the least-loaded node; a Redis restart drops no call and the
 //! cluster state comes back by itself; a killed node's clients are back in their room on the
-//! survivor within seconds, and Redis holds no trace of it after its TTL.
+//! survivor within seconds, and Redis holds no trace of it after its TTL. With
+//! `--cluster-policy cascade` one room is served by both nodes: participants on either hear
+//! and see each other through one relay per track and node pair, and a killed node's
+//! participants leave the survivors' call by themselves.
 //!
 //! Needs `redis-server` on the PATH: skipped without it, unless `SWITCHBOARD_REQUIRE_REDIS=1`
 //! (CI) makes that a failure.
@@ -17,6 +20,7 @@ use std::time::{Duration, Instant};
 use common::{CLEANUP, close_all, eventually, serial, start_server_with, wait_all, ws_url};
 use redis::AsyncCommands;
 use switchboard::client::{Client, ClientOptions};
+use switchboard::config::ClusterPolicy;
 use switchboard::server::ServerHandle;
 use switchboard::signal::protocol::MediaKind;
 
@@ -116,6 +120,18 @@ async fn start_node(redis: &RedisServer, id: &str) -> ServerHandle {
         c.redis_url = Some(url);
         c.node_id = Some(id.to_owned());
         c.node_ttl_secs = TTL_SECS;
+    })
+    .await
+}
+
+/// An in-process node of a cascading cluster on `redis`.
+async fn start_cascading_node(redis: &RedisServer, id: &str) -> ServerHandle {
+    let url = redis.url();
+    start_server_with(|c| {
+        c.redis_url = Some(url);
+        c.node_id = Some(id.to_owned());
+        c.node_ttl_secs = TTL_SECS;
+        c.cluster_policy = ClusterPolicy::Cascade;
     })
     .await
 }
@@ -304,6 +320,102 @@ async fn a_join_on_either_node_reaches_the_node_hosting_the_room() {
     assert_eq!(keys(&mut conn).await, Vec::<String>::new());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_room_cascades_across_two_nodes() {
+    let _serial = serial().await;
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let a = start_cascading_node(&redis, "node-a").await;
+    let b = start_cascading_node(&redis, "node-b").await;
+    // Each joins where it arrived: no redirect.
+    let alice = Client::connect(&ws_url(&a), "cascade", "alice", ClientOptions::default())
+        .await
+        .expect("alice joins on a");
+    let bob = Client::connect(&ws_url(&b), "cascade", "bob", ClientOptions::default())
+        .await
+        .expect("bob joins on b");
+    assert_eq!(bob.signaling_url(), ws_url(&b), "bob stays on node b");
+    assert_eq!(b.metrics.snapshot().cluster_redirects, 0);
+    wait_all(&[&alice, &bob], "connected", CONNECT, |_, s| {
+        s.all_connected()
+    })
+    .await;
+    media_flows(&[&alice, &bob], 20).await;
+    chat_reaches(&alice, &bob, "hello from alice on a").await;
+    chat_reaches(&bob, &alice, "hello from bob on b").await;
+
+    // Late joiners on either node get everything; a second subscriber on b of alice's tracks
+    // costs no second relay.
+    let carol = Client::connect(&ws_url(&a), "cascade", "carol", ClientOptions::default())
+        .await
+        .expect("carol joins on a");
+    let dave = Client::connect(&ws_url(&b), "cascade", "dave", ClientOptions::default())
+        .await
+        .expect("dave joins on b");
+    let everyone = [&alice, &bob, &carol, &dave];
+    wait_all(&everyone, "connected", CONNECT, |_, s| s.all_connected()).await;
+    media_flows(&everyone, 20).await;
+    // Redis names both nodes as the room's hosts.
+    let conn = redis.connection().await;
+    eventually("both nodes host the room", CLEANUP, || {
+        let mut conn = conn.clone();
+        async move {
+            let mut hosts: Vec<String> = conn
+                .hkeys("switchboard:room-nodes:cascade")
+                .await
+                .expect("HKEYS");
+            hosts.sort();
+            hosts == ["node-a", "node-b"]
+        }
+    })
+    .await
+    .expect("the room's hosts in Redis");
+    for client in everyone {
+        let names: Vec<String> = client.participants().into_values().collect();
+        assert_eq!(names.len(), 3, "{} sees {names:?}", client.id());
+    }
+    // Both nodes relay the two tracks of each of their two members: one copy each.
+    let (ma, mb) = (a.metrics.snapshot(), b.metrics.snapshot());
+    assert_eq!((ma.cascade_tracks_in, mb.cascade_tracks_in), (4, 4));
+    assert_eq!((ma.cascade_links, mb.cascade_links), (2, 2));
+    assert!(ma.cascade_packets_out > 0 && mb.cascade_packets_in > 0);
+    eprintln!(
+        "relayed a→b {} packets, b→a {}, dropped {} / {}",
+        ma.cascade_packets_out,
+        mb.cascade_packets_out,
+        ma.cascade_packets_dropped,
+        mb.cascade_packets_dropped
+    );
+
+    // A member leaving one node leaves the room on the other.
+    let carol_id = carol.id().to_owned();
+    carol.close().await;
+    bob.wait_for("carol gone", MEDIA, |s| {
+        !s.participants.contains_key(&carol_id)
+    })
+    .await
+    .expect("bob hears that carol left");
+    eventually("carol's tracks no longer relayed", CLEANUP, || async {
+        b.metrics.snapshot().cascade_tracks_in == 2
+    })
+    .await
+    .expect("b relays only alice's tracks");
+    media_flows(&[&alice, &bob, &dave], 20).await;
+
+    // Everybody gone: nothing relayed any more, on either node.
+    close_all(&[&alice, &bob, &dave]).await;
+    eventually("relays and links gone", CLEANUP, || async {
+        let (ma, mb) = (a.metrics.snapshot(), b.metrics.snapshot());
+        ma.cascade_tracks_in == 0 && mb.cascade_tracks_in == 0 && ma.rooms == 0 && mb.rooms == 0
+    })
+    .await
+    .expect("no relayed track left");
+    b.shutdown().await;
+    a.shutdown().await;
+    assert_eq!(keys(&mut conn.clone()).await, Vec::<String>::new());
+}
+
 /// Blocks on a future (for a failure message).
 fn futures_now<F: std::future::Future>(f: F) -> F::Output {
     tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
@@ -380,6 +492,10 @@ struct NodeProcess {
 
 impl NodeProcess {
     async fn start(redis: &RedisServer, id: &str) -> NodeProcess {
+        Self::start_with(redis, id, &[]).await
+    }
+
+    async fn start_with(redis: &RedisServer, id: &str, args: &[&str]) -> NodeProcess {
         let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
             .args(["--http", &http.to_string(), "--udp-port", "0"])
@@ -387,6 +503,7 @@ impl NodeProcess {
             .args(["--redis-url", &redis.url(), "--node-id", id])
             .args(["--node-ttl-secs", &TTL_SECS.to_string()])
             .args(["--start-bitrate-kbps", "0"])
+            .args(args)
             .env("SWITCHBOARD_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()
@@ -508,4 +625,55 @@ async fn a_killed_node_s_clients_rejoin_on_the_survivor_and_it_leaves_no_trace()
         Some("node-b")
     );
     close_all(&[&alice, &bob, &carol, &dave]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_leaves_the_cascaded_room_and_the_survivors_call_goes_on() {
+    let _serial = serial().await;
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let cascade = ["--cluster-policy", "cascade", "--node-link-port", "0"];
+    let mut a = NodeProcess::start_with(&redis, "node-a", &cascade).await;
+    let b = NodeProcess::start_with(&redis, "node-b", &cascade).await;
+    let alice = Client::connect(&a.ws_url(), "both", "alice", ClientOptions::default())
+        .await
+        .expect("alice joins on a");
+    let bob = Client::connect(&b.ws_url(), "both", "bob", ClientOptions::default())
+        .await
+        .expect("bob joins on b");
+    let carol = Client::connect(&b.ws_url(), "both", "carol", ClientOptions::default())
+        .await
+        .expect("carol joins on b");
+    wait_all(&[&alice, &bob, &carol], "connected", CONNECT, |_, s| {
+        s.all_connected()
+    })
+    .await;
+    media_flows(&[&alice, &bob, &carol], 20).await;
+
+    a.kill();
+    let started = Instant::now();
+    let old_alice = alice.id().to_owned();
+    drop(alice);
+    // The survivors' media never stops.
+    media_flows(&[&bob, &carol], 20).await;
+    let alice = rejoin(&b.ws_url(), "both", "alice").await;
+    let back_in = started.elapsed();
+    assert!(
+        back_in < Duration::from_secs(5),
+        "back in the room after {back_in:?}"
+    );
+    wait_all(&[&alice, &bob, &carol], "connected", CONNECT, |_, s| {
+        s.all_connected()
+    })
+    .await;
+    media_flows(&[&alice, &bob, &carol], 20).await;
+    // The dead node's member leaves the others' room once the node's TTL has passed.
+    bob.wait_for("the dead node's alice gone", MEDIA, |s| {
+        !s.participants.contains_key(&old_alice)
+    })
+    .await
+    .expect("bob hears that the old alice left");
+    eprintln!("a killed node's member was back in the cascaded room {back_in:?} after it died");
+    close_all(&[&alice, &bob, &carol]).await;
 }

@@ -80,6 +80,27 @@ end
 return 0
 ";
 
+/// Cascading: marks this node as hosting the rooms (a hash of node → last heartbeat, ms) and
+/// drops the nodes whose heartbeat there is older than the TTL.
+/// KEYS: the rooms' host keys. ARGV: this node, now in ms, TTL in ms.
+const HOST: &str = r"
+local oldest = tonumber(ARGV[2]) - tonumber(ARGV[3])
+for _, key in ipairs(KEYS) do
+  redis.call('HSET', key, ARGV[1], ARGV[2])
+  local hosts = redis.call('HGETALL', key)
+  for i = 1, #hosts, 2 do
+    if tonumber(hosts[i + 1]) < oldest then
+      redis.call('HDEL', key, hosts[i])
+    end
+  end
+  redis.call('PEXPIRE', key, ARGV[3])
+end
+return 0
+";
+
+/// Cascading: the hosts of a room (hash: node id → its last heartbeat, ms).
+const ROOM_HOSTS_PREFIX: &str = "switchboard:room-nodes:";
+
 /// Who this node is in the cluster.
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
@@ -92,6 +113,9 @@ pub struct ClusterConfig {
     pub url: String,
     /// A node silent this long is dead: its entries expire.
     pub ttl: Duration,
+    /// Rooms are cascaded: several nodes host one room (`switchboard:room-nodes:{name}`), none
+    /// owns it.
+    pub cascade: bool,
 }
 
 /// What this node holds, as the heartbeat reports it.
@@ -154,11 +178,13 @@ impl std::fmt::Debug for Cluster {
 
 struct Inner {
     config: ClusterConfig,
+    client: redis::Client,
     redis: ConnectionManager,
     metrics: Arc<Metrics>,
     place: Script,
     keep: Script,
     release: Script,
+    host: Script,
 }
 
 /// What the last successful heartbeat wrote, to drop what is gone at the next one.
@@ -205,11 +231,13 @@ impl Cluster {
         let cluster = Cluster {
             inner: Arc::new(Inner {
                 config,
+                client,
                 redis,
                 metrics,
                 place: Script::new(PLACE),
                 keep: Script::new(KEEP),
                 release: Script::new(RELEASE),
+                host: Script::new(HOST),
             }),
         };
         let mut held = Held::default();
@@ -226,6 +254,11 @@ impl Cluster {
         Ok((cluster, task))
     }
 
+    /// Where other nodes reach this one (`host:port`).
+    pub fn address(&self) -> &str {
+        &self.inner.config.address
+    }
+
     pub fn node_id(&self) -> &str {
         &self.inner.config.node_id
     }
@@ -236,6 +269,77 @@ impl Cluster {
 
     fn conn(&self) -> ConnectionManager {
         self.inner.redis.clone()
+    }
+
+    /// The heartbeat's period: what the cluster state is refreshed by.
+    pub fn beat_interval(&self) -> Duration {
+        self.inner.config.ttl / 5
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.inner.config.ttl
+    }
+
+    /// Publishes a message to every node subscribed to `channel` (Redis pub/sub: at most once,
+    /// lost while Redis is down).
+    pub async fn publish(&self, channel: &str, message: &str) -> redis::RedisResult<()> {
+        let mut conn = self.conn();
+        let published: redis::RedisResult<i64> = conn.publish(channel, message).await;
+        if published.is_err() {
+            self.inner.metrics.cluster_redis_errors.inc();
+        }
+        published.map(|_| ())
+    }
+
+    /// The messages published to `channel`, subscribed again after Redis restarts (what was
+    /// published meanwhile is lost), until the receiver is dropped. At most `queue` wait; more
+    /// are dropped and counted (`dropped`).
+    pub fn subscribe(
+        &self,
+        channel: &'static str,
+        queue: usize,
+        dropped: prometheus_client::metrics::counter::Counter,
+    ) -> tokio::sync::mpsc::Receiver<String> {
+        let (tx, rx) = tokio::sync::mpsc::channel(queue);
+        let client = self.inner.client.clone();
+        let metrics = self.inner.metrics.clone();
+        tokio::spawn(async move {
+            use futures_util::StreamExt;
+            while !tx.is_closed() {
+                let mut pubsub = match client.get_async_pubsub().await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        metrics.cluster_redis_errors.inc();
+                        tracing::debug!("pub/sub connection: {e}");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
+                    }
+                };
+                if let Err(e) = pubsub.subscribe(channel).await {
+                    metrics.cluster_redis_errors.inc();
+                    tracing::debug!("subscribing to {channel}: {e}");
+                    continue;
+                }
+                let mut messages = pubsub.into_on_message();
+                loop {
+                    tokio::select! {
+                        message = messages.next() => {
+                            let Some(message) = message else { break };
+                            let Ok(text) = message.get_payload::<String>() else {
+                                continue;
+                            };
+                            if tx.try_send(text).is_err() {
+                                dropped.inc();
+                            }
+                        }
+                        _ = tx.closed() => return,
+                    }
+                }
+                tracing::warn!("Redis pub/sub connection lost; subscribing again");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        rx
     }
 
     /// Where the room a client asks to join lives: here, or on another live node. Places it
@@ -387,7 +491,17 @@ impl Cluster {
 
         // A draining node lets its rooms go: their clients come back through other nodes.
         let mut contested = 0;
-        if !now.rooms.is_empty() && !state.draining {
+        if config.cascade && !now.rooms.is_empty() {
+            let mut host = self.inner.host.prepare_invoke();
+            for room in &now.rooms {
+                host.key(format!("{ROOM_HOSTS_PREFIX}{room}"));
+            }
+            host.arg(me)
+                .arg(beat_ms)
+                .arg(ttl)
+                .invoke_async::<()>(&mut conn)
+                .await?;
+        } else if !now.rooms.is_empty() && !state.draining {
             let mut keep = self.inner.keep.prepare_invoke();
             for room in &now.rooms {
                 keep.key(format!("{ROOM_PREFIX}{room}"));
@@ -420,6 +534,14 @@ impl Cluster {
         rooms: &[&String],
         conn: &mut ConnectionManager,
     ) -> redis::RedisResult<()> {
+        if self.inner.config.cascade {
+            let mut pipe = redis::pipe();
+            for room in rooms {
+                pipe.hdel(format!("{ROOM_HOSTS_PREFIX}{room}"), self.node_id())
+                    .ignore();
+            }
+            return pipe.query_async(conn).await;
+        }
         let mut release = self.inner.release.prepare_invoke();
         for room in rooms {
             release.key(format!("{ROOM_PREFIX}{room}"));

@@ -82,7 +82,7 @@ impl LayerState {
 }
 
 /// One layer as layer choice sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LayerView {
     /// The publisher sends it.
     pub sending: bool,

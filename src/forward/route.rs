@@ -12,6 +12,17 @@ impl TrackKey {
         static NEXT: AtomicU64 = AtomicU64::new(1);
         TrackKey(NEXT.fetch_add(1, Ordering::Relaxed))
     }
+
+    /// The key as a number, for another node of the cluster to name the track by.
+    pub fn to_raw(self) -> u64 {
+        self.0
+    }
+
+    /// A key this process handed out, named back by another node (look it up before use: the
+    /// number may name nothing).
+    pub fn from_raw(raw: u64) -> Self {
+        TrackKey(raw)
+    }
 }
 
 /// Where a published track enters the server.

@@ -15,6 +15,7 @@
 mod codec;
 mod conn;
 mod demux;
+mod gateway;
 mod keepalive;
 mod udp;
 mod worker;
@@ -33,6 +34,7 @@ use crate::metrics::Metrics;
 use crate::types::{IceCandidate, MediaKind, ParticipantId, TrackCodec, TrackId};
 
 use demux::ConnId;
+pub use gateway::{Gateway, GatewayEvent};
 pub use udp::{ReceiveQueue, Receiver, receive_queue};
 use worker::{Command, WorkerShared};
 
@@ -154,7 +156,12 @@ impl Subscription {
 /// The running media workers.
 #[derive(Debug)]
 pub struct MediaPlane {
+    /// The workers, then (cascading) the gateway's slot.
     workers: Arc<[WorkerShared]>,
+    /// How many of `workers` are worker threads.
+    local: usize,
+    /// The gateway to the other nodes, until the node link takes it.
+    gateway: std::sync::Mutex<Option<Gateway>>,
     threads: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
     next_conn: AtomicU32,
     /// Worker load (busy share of the last second, in per mille) above which joins are refused.
@@ -208,7 +215,24 @@ impl MediaPlane {
             });
             inboxes.push((commands_rx, relay_rx));
         }
+        // The gateway's slot: the same channels, driven by the node link.
+        let gateway_inbox = config.cascades().then(|| {
+            let (commands, commands_rx) = mpsc::unbounded_channel();
+            let (relay, relay_rx) = mpsc::channel(worker::RELAY_QUEUE_BATCHES);
+            shared.push(WorkerShared {
+                commands,
+                relay,
+                load_permille: AtomicU32::new(0),
+                connections: AtomicUsize::new(0),
+                load_connections: AtomicUsize::new(0),
+                backlogged: AtomicBool::new(false),
+                addrs: Vec::new(),
+            });
+            (commands_rx, relay_rx)
+        });
         let workers: Arc<[WorkerShared]> = shared.into();
+        let gateway = gateway_inbox
+            .map(|(commands, relay)| Gateway::new(count, workers.clone(), commands, relay));
         let mut threads = Vec::with_capacity(count);
         for (index, (socket, (commands, relay))) in sockets.into_iter().zip(inboxes).enumerate() {
             let worker = worker::Worker::new(
@@ -229,6 +253,8 @@ impl MediaPlane {
         metrics.media_workers.set(count as i64);
         Ok(MediaPlane {
             workers,
+            local: count,
+            gateway: std::sync::Mutex::new(gateway),
             threads: std::sync::Mutex::new(threads),
             next_conn: AtomicU32::new(1),
             max_load_permille: config.limits.worker_load_permille(),
@@ -237,8 +263,21 @@ impl MediaPlane {
     }
 
     /// How many connections live on each worker.
+    /// The worker threads' shares (not the gateway's).
+    fn local_workers(&self) -> &[WorkerShared] {
+        &self.workers[..self.local]
+    }
+
+    /// The gateway to the other nodes of the cluster (with `--cluster-policy cascade`), once.
+    pub fn take_gateway(&self) -> Option<Gateway> {
+        self.gateway
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
     pub fn worker_connections(&self) -> Vec<usize> {
-        self.workers
+        self.local_workers()
             .iter()
             .map(|w| w.connections.load(Ordering::Relaxed))
             .collect()
@@ -246,13 +285,16 @@ impl MediaPlane {
 
     /// The addresses each worker announces, worker by worker.
     pub fn worker_addrs(&self) -> Vec<Vec<SocketAddr>> {
-        self.workers.iter().map(|w| w.addrs.clone()).collect()
+        self.local_workers()
+            .iter()
+            .map(|w| w.addrs.clone())
+            .collect()
     }
 
     /// The load a new participant would meet: the least-loaded worker's projected busy share,
     /// per mille (what the cluster's heartbeat reports).
     pub fn least_load_permille(&self) -> u32 {
-        self.workers
+        self.local_workers()
             .iter()
             .map(|w| w.projected_load())
             .min()
@@ -263,7 +305,7 @@ impl MediaPlane {
     /// past the load limit (see [`WorkerShared::projected_load`]).
     fn pick_worker(&self) -> Result<usize, MediaError> {
         let (index, load) = self
-            .workers
+            .local_workers()
             .iter()
             .enumerate()
             .map(|(i, w)| (i, w.projected_load(), w.connections.load(Ordering::Relaxed)))

@@ -76,7 +76,7 @@ const BACKLOG_SHARE: u64 = 4;
 
 /// A downtrack's target: the subscriber's connection and the SSRC of its send stream.
 type SubKey = (ConnId, Ssrc);
-type RelayBatch = Vec<(TrackKey, MediaPacket)>;
+pub type RelayBatch = Vec<(TrackKey, MediaPacket)>;
 
 /// What a worker shares with the plane and with the other workers.
 #[derive(Debug)]

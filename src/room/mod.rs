@@ -20,6 +20,10 @@ use crate::signal::protocol::{ParticipantInfo, RoomMode, ServerMessage, TrackInf
 use crate::types::{MediaKind, ParticipantId, RoomName, TrackCodec, TrackId};
 use crate::webhook::{self, EventKind, Webhooks};
 
+mod remote;
+
+pub use remote::{RemoteTrack, RemoteUpdate};
+
 /// A track published in a room.
 #[derive(Debug)]
 pub struct Publication {
@@ -29,6 +33,17 @@ pub struct Publication {
     pub codec: TrackCodec,
     /// Where the track enters the media plane.
     pub route: TrackRoute,
+    /// Published on another node of the cluster (cascading), relayed here.
+    pub origin: Option<RemoteOrigin>,
+}
+
+/// Where a track published on another node lives there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteOrigin {
+    pub node: Arc<str>,
+    /// Its key and media worker on that node.
+    pub key: u64,
+    pub worker: usize,
 }
 
 /// A track a member starts publishing.
@@ -140,7 +155,9 @@ impl Member {
 #[derive(Debug, Default)]
 struct RoomState {
     members: HashMap<ParticipantId, Member>,
-    /// In join order, so `joined` lists participants as they came.
+    /// Members on other nodes of the cluster (cascading), as their node last described them.
+    remote: HashMap<ParticipantId, remote::RemoteMember>,
+    /// Local and remote members in join order, so `joined` lists participants as they came.
     order: Vec<ParticipantId>,
     tracks: HashMap<TrackId, Arc<Publication>>,
     /// How loud each member speaks now (absent or 0: silent).
@@ -178,6 +195,18 @@ impl RoomState {
         }
     }
 
+    /// Queues a chat line for every local member but `except`; returns how many queues were
+    /// full (the line is dropped for them).
+    fn chat_except(&self, except: Option<&ParticipantId>, line: &Arc<str>) -> usize {
+        let mut dropped = 0;
+        for (id, member) in &self.members {
+            if Some(id) != except && member.channels.chat.try_send(line.clone()).is_err() {
+                dropped += 1;
+            }
+        }
+        dropped
+    }
+
     /// Queues an event for one member; false if there is no such member.
     fn deliver_to(&mut self, to: &ParticipantId, event: RoomEvent) -> bool {
         match self.members.get_mut(to) {
@@ -189,11 +218,14 @@ impl RoomState {
         }
     }
 
-    /// The members in join order.
+    /// The members, local and remote, in join order.
     fn participants(&self) -> Vec<ParticipantInfo> {
         self.order
             .iter()
-            .filter_map(|id| self.members.get(id).map(|m| m.info(id)))
+            .filter_map(|id| match self.members.get(id) {
+                Some(m) => Some(m.info(id)),
+                None => self.remote.get(id).map(|r| r.info.clone()),
+            })
             .collect()
     }
 }
@@ -204,7 +236,26 @@ pub struct Room {
     mode: RoomMode,
     state: Mutex<RoomState>,
     webhooks: Webhooks,
+    /// Where changes are told to the cluster (cascading), if this node is in one.
+    notices: Option<Notices>,
     _gauge: GaugeGuard,
+}
+
+/// What a room tells the cluster when rooms are cascaded across nodes.
+#[derive(Debug, Clone)]
+pub enum RoomNotice {
+    /// The room's local members or tracks changed (or it closed): its state is published again.
+    Changed(RoomName),
+    /// A local member sent a chat line (JSON), for the room's members on other nodes.
+    Chat(RoomName, Arc<str>),
+}
+
+/// The bounded queue of notices, and what is dropped when it is full (the next periodic state
+/// publication repairs a lost `Changed`).
+#[derive(Debug, Clone)]
+pub struct Notices {
+    pub queue: mpsc::Sender<RoomNotice>,
+    pub dropped: Counter,
 }
 
 /// Why a join was refused.
@@ -250,6 +301,19 @@ impl Room {
 
     pub fn mode(&self) -> RoomMode {
         self.mode
+    }
+
+    /// Tells the cluster (if any) about a change; never blocks.
+    fn notify(&self, notice: impl FnOnce() -> RoomNotice) {
+        if let Some(n) = &self.notices
+            && n.queue.try_send(notice()).is_err()
+        {
+            n.dropped.inc();
+        }
+    }
+
+    fn changed(&self) {
+        self.notify(|| RoomNotice::Changed(self.name.clone()));
     }
 
     fn lock(&self) -> MutexGuard<'_, RoomState> {
@@ -313,6 +377,7 @@ impl Room {
                 key: TrackKey::next(),
                 worker: publisher_worker,
             },
+            origin: None,
         });
         state.tracks.insert(track_id, publication.clone());
         Self::broadcast_except(
@@ -322,6 +387,8 @@ impl Room {
         );
         let member = state.members.get(publisher);
         self.track_webhook(EventKind::TrackPublished, &publication, member);
+        drop(state);
+        self.changed();
         Ok(publication)
     }
 
@@ -360,6 +427,8 @@ impl Room {
             Self::broadcast_except(&mut state, &publication.publisher, &event);
             let member = state.members.get(&publication.publisher);
             self.track_webhook(EventKind::TrackUnpublished, &publication, member);
+            drop(state);
+            self.changed();
         }
     }
 
@@ -398,13 +467,8 @@ impl Room {
     /// Sends a chat line to every member but the sender. Returns how many were dropped because
     /// the member's chat queue was full.
     pub fn chat(&self, from: &ParticipantId, line: Arc<str>) -> usize {
-        let state = self.lock();
-        let mut dropped = 0;
-        for (id, member) in &state.members {
-            if id != from && member.channels.chat.try_send(line.clone()).is_err() {
-                dropped += 1;
-            }
-        }
+        let dropped = self.lock().chat_except(Some(from), &line);
+        self.notify(|| RoomNotice::Chat(self.name.clone(), line));
         dropped
     }
 
@@ -447,6 +511,8 @@ impl Room {
         *flag = muted;
         let event = RoomEvent::ParticipantUpdated(member.info(who));
         Room::broadcast_except(&mut state, who, &event);
+        drop(state);
+        self.changed();
     }
 
     /// An administrator muted or unmuted a track (its packets are dropped in the media plane):
@@ -493,6 +559,7 @@ pub struct Registry {
     limits: Limits,
     metrics: Arc<Metrics>,
     webhooks: Webhooks,
+    notices: Option<Notices>,
 }
 
 impl Registry {
@@ -502,7 +569,14 @@ impl Registry {
             limits,
             metrics,
             webhooks: Webhooks::default(),
+            notices: None,
         }
+    }
+
+    /// Tells the cluster what changes in rooms (cascading).
+    pub fn with_notices(mut self, notices: Notices) -> Self {
+        self.notices = Some(notices);
+        self
     }
 
     /// Tells `webhooks` what happens in rooms.
@@ -532,7 +606,7 @@ impl Registry {
                 continue;
             }
             let max = self.limits.max_participants_per_room;
-            if max != 0 && state.members.len() >= max {
+            if max != 0 && state.members.len() + state.remote.len() >= max {
                 return Err(JoinError::RoomFull(room_name.to_string(), max));
             }
             let participant_id = ParticipantId::random();
@@ -555,6 +629,7 @@ impl Registry {
             state.members.insert(participant_id.clone(), member);
             state.order.push(participant_id.clone());
             drop(state);
+            room.changed();
             return Ok(Joined {
                 room,
                 participant_id,
@@ -587,6 +662,7 @@ impl Registry {
                         ..RoomState::default()
                     }),
                     webhooks: self.webhooks.clone(),
+                    notices: self.notices.clone(),
                     _gauge: GaugeGuard::new(&self.metrics, |m| &m.rooms),
                 })
             })
@@ -628,6 +704,7 @@ impl Registry {
                     .with_participant(member.webhook_participant(id))
             });
         }
+        room.changed();
         self.close_if_empty(room);
     }
 
@@ -644,6 +721,7 @@ impl Registry {
         });
         if removed.is_some() {
             tracing::info!(room = %room.name(), "room closed (empty)");
+            room.changed();
             self.webhooks
                 .notify(|| webhook::Event::new(EventKind::RoomFinished, room.name().as_str()));
         }
@@ -667,7 +745,11 @@ impl Registry {
         rooms
             .iter()
             .map(|room| {
-                let ids = room.lock().order.iter().map(|id| id.to_string()).collect();
+                let state = room.lock();
+                let ids = (state.order.iter())
+                    .filter(|id| state.members.contains_key(*id))
+                    .map(|id| id.to_string())
+                    .collect();
                 (room.name().to_string(), ids)
             })
             .collect()
@@ -864,6 +946,79 @@ mod tests {
             .map(|_| a.room.chat(&a.participant_id, "x".into()))
             .sum();
         assert_eq!(dropped, 6, "queue of 4");
+    }
+
+    #[test]
+    fn another_node_s_members_and_tracks_come_and_go_as_events() {
+        let reg = registry(10);
+        let name = RoomName::parse("r").unwrap();
+        let (ca, mut ea, _) = channels();
+        let a = reg
+            .join(&name, "alice", RoomMode::Sfu, ca, MemberProfile::default())
+            .unwrap();
+        let room = &a.room;
+        let bob = ParticipantInfo {
+            id: "pbob".into(),
+            name: "bob".into(),
+            audio_muted: false,
+            video_muted: false,
+            viewer: false,
+        };
+        let track = RemoteTrack {
+            info: TrackInfo {
+                track_id: "tcam".into(),
+                participant_id: "pbob".into(),
+                stream_id: "pbob-0".into(),
+                kind: MediaKind::Video,
+                codec: "video/VP8".into(),
+                layers: Vec::new(),
+            },
+            codec: codec(),
+            key: 77,
+            worker: 1,
+        };
+        // A node may not describe this node's own member.
+        let mut alice = bob.clone();
+        alice.id = a.participant_id.to_string();
+        let update = room.apply_remote("b", vec![bob.clone(), alice], vec![track.clone()], 9);
+        assert_eq!(update.added.len(), 1);
+        let relayed = &update.added[0];
+        assert_eq!(
+            (relayed.route.worker, relayed.origin.as_ref().unwrap().key),
+            (9, 77)
+        );
+        assert!(matches!(ea.try_recv(), Ok(RoomEvent::ParticipantJoined(p)) if p.name == "bob"));
+        assert!(
+            matches!(ea.try_recv(), Ok(RoomEvent::TrackPublished(t)) if t.info.track_id == "tcam")
+        );
+        assert!(ea.try_recv().is_err());
+        assert_eq!(room.snapshot().participants.len(), 2);
+        assert!(
+            room.local_state().1.is_empty(),
+            "a relayed track is not this node's"
+        );
+        assert_eq!(reg.membership()[0].1.len(), 1, "nor is a remote member");
+
+        // Said again: nothing changes. Muted: an update.
+        assert!(
+            room.apply_remote("b", vec![bob.clone()], vec![track.clone()], 9)
+                .added
+                .is_empty()
+        );
+        assert!(ea.try_recv().is_err());
+        let mut muted = bob.clone();
+        muted.audio_muted = true;
+        room.apply_remote("b", vec![muted], vec![track], 9);
+        assert!(matches!(ea.try_recv(), Ok(RoomEvent::ParticipantUpdated(p)) if p.audio_muted));
+
+        // The node holds nothing any more: the track ends, then its publisher leaves.
+        let update = room.apply_remote("b", Vec::new(), Vec::new(), 9);
+        assert_eq!(update.removed.len(), 1);
+        assert!(matches!(ea.try_recv(), Ok(RoomEvent::TrackUnpublished(_))));
+        assert!(
+            matches!(ea.try_recv(), Ok(RoomEvent::ParticipantLeft(id)) if id.as_str() == "pbob")
+        );
+        assert_eq!(room.snapshot().participants.len(), 1);
     }
 
     #[test]

@@ -66,6 +66,8 @@ pub struct ServerContext {
     pub draining: watch::Receiver<Option<Instant>>,
     /// The cluster this node belongs to (`--redis-url`), which places rooms on nodes.
     pub cluster: Option<Cluster>,
+    /// SFU rooms are cascaded across the cluster's nodes (`--cluster-policy cascade`).
+    pub cascade: bool,
 }
 
 /// Runs a session until the socket closes, the participant's media fails, or shutdown.
@@ -554,8 +556,11 @@ impl Session {
                 )
                 .await;
         }
-        // In a cluster, a room not open here may be hosted by another node: send the client there.
+        // In a cluster, a room not open here may be hosted by another node: send the client
+        // there, unless SFU rooms are cascaded (served on every node their clients reach).
+        let cascaded = self.ctx.cascade && mode != Some(RoomMode::Mesh);
         if let Some(cluster) = &self.ctx.cluster
+            && !cascaded
             && self.ctx.registry.room(room).is_none()
             && let Placement::Elsewhere { node, url } = cluster.place(room).await
         {
@@ -1221,6 +1226,7 @@ mod tests {
             shutdown,
             draining,
             cluster: None,
+            cascade: false,
         });
         let room = RoomName::parse("ghosts").expect("room name");
         let (events_tx, events) = mpsc::channel(8);
