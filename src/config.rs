@@ -110,8 +110,21 @@ impl Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits::parse_from(["limits"])
+        defaults()
     }
+}
+
+/// A flag set's command with no environment variables.
+fn defaults_command<T: CommandFactory>() -> clap::Command {
+    T::command().mut_args(|arg| arg.env(None))
+}
+
+/// The built-in defaults of a flag set, whatever `SWITCHBOARD_*` variables the process has
+/// (only the real command line reads them).
+fn defaults<T: Parser>() -> T {
+    let matches = defaults_command::<T>().get_matches_from(["switchboard"]);
+    // The defaults are constants of this file: a failure is a bug in them.
+    T::from_arg_matches(&matches).expect("the built-in defaults parse")
 }
 
 /// Switchboard: a selective forwarding unit for group video calls.
@@ -389,7 +402,7 @@ impl Config {
 
     /// Loopback everything, ephemeral ports: what in-process tests and benches use.
     pub fn for_tests() -> Self {
-        let mut config = Config::parse_from(["switchboard"]);
+        let mut config: Config = defaults();
         config.http = SocketAddr::from(([127, 0, 0, 1], 0));
         config.udp_port = 0;
         config.no_turn = true;
@@ -466,6 +479,18 @@ fn file_args(path: &Path, given: &clap::ArgMatches) -> Result<Vec<OsString>, Con
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn defaults_ignore_the_environment() {
+        let reads_env = |c: clap::Command| c.get_arguments().any(|a| a.get_env().is_some());
+        assert!(
+            reads_env(Config::command()),
+            "the command line reads SWITCHBOARD_*"
+        );
+        assert!(!reads_env(defaults_command::<Config>()));
+        assert!(!reads_env(defaults_command::<Limits>()));
+        assert_eq!(Limits::default().webhook_queue, 1024);
+    }
 
     fn write_config(name: &str, text: &str) -> PathBuf {
         let path = std::env::temp_dir().join(format!(

@@ -323,7 +323,7 @@ async fn a_join_on_either_node_reaches_the_node_hosting_the_room() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_room_cascades_across_two_nodes() {
     let _serial = serial().await;
-    let Some(redis) = RedisServer::start().await else {
+    let Some(mut redis) = RedisServer::start().await else {
         return;
     };
     let a = start_cascading_node(&redis, "node-a").await;
@@ -403,8 +403,19 @@ async fn one_room_cascades_across_two_nodes() {
     .expect("b relays only alice's tracks");
     media_flows(&[&alice, &bob, &dave], 20).await;
 
+    // Redis restarts empty mid-call: the media between the nodes goes on, and once the nodes
+    // are subscribed again a joiner on either node meets everyone.
+    redis.restart_empty().await;
+    media_flows(&[&alice, &bob, &dave], 20).await;
+    let erin = Client::connect(&ws_url(&a), "cascade", "erin", ClientOptions::default())
+        .await
+        .expect("erin joins on a after the restart");
+    let everyone = [&alice, &bob, &dave, &erin];
+    wait_all(&everyone, "connected", CONNECT, |_, s| s.all_connected()).await;
+    media_flows(&everyone, 20).await;
+
     // Everybody gone: nothing relayed any more, on either node.
-    close_all(&[&alice, &bob, &dave]).await;
+    close_all(&everyone).await;
     eventually("relays and links gone", CLEANUP, || async {
         let (ma, mb) = (a.metrics.snapshot(), b.metrics.snapshot());
         ma.cascade_tracks_in == 0 && mb.cascade_tracks_in == 0 && ma.rooms == 0 && mb.rooms == 0
@@ -413,7 +424,8 @@ async fn one_room_cascades_across_two_nodes() {
     .expect("no relayed track left");
     b.shutdown().await;
     a.shutdown().await;
-    assert_eq!(keys(&mut conn.clone()).await, Vec::<String>::new());
+    let mut conn = redis.connection().await;
+    assert_eq!(keys(&mut conn).await, Vec::<String>::new());
 }
 
 /// Blocks on a future (for a failure message).

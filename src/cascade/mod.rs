@@ -80,6 +80,7 @@ pub async fn start(
         heard: HashMap::new(),
         nodes: HashMap::new(),
         relayed: HashMap::new(),
+        expire_after: Instant::now(),
     };
     Ok(tokio::spawn(task.run(bus, notices, shutdown)))
 }
@@ -103,6 +104,8 @@ struct Exchange {
     nodes: HashMap<Arc<str>, (Instant, String)>,
     /// The keys of the tracks relayed here, per room.
     relayed: HashMap<String, HashSet<crate::forward::TrackKey>>,
+    /// Nothing expires before this (Redis was down: silence proves nothing).
+    expire_after: Instant,
 }
 
 impl Exchange {
@@ -194,12 +197,18 @@ impl Exchange {
     async fn refresh(&mut self) {
         let mut rooms: HashSet<String> = self.registry.room_names().into_iter().collect();
         rooms.extend(self.announced.iter().cloned());
+        let ttl = self.cluster.ttl();
         for room in rooms {
             if !self.publish_state(&room).await {
-                break; // Redis is down: the next heartbeat tries again
+                // Redis is down: nobody is heard meanwhile, so nobody expires until a TTL
+                // after it is back (the call goes on over the node links).
+                self.expire_after = Instant::now() + ttl;
+                break;
             }
         }
-        let ttl = self.cluster.ttl();
+        if Instant::now() < self.expire_after {
+            return;
+        }
         let stale: Vec<(String, Arc<str>)> = (self.heard.iter())
             .filter(|(_, at)| at.elapsed() > ttl)
             .map(|(k, _)| k.clone())

@@ -982,7 +982,7 @@ impl Worker {
                 tracing::warn!(participant = %conn.participant, "negotiated m-line without a send stream");
                 continue;
             };
-            tracing::debug!(participant = %conn.participant, %mid, pt, ?red, "downtrack starts");
+            tracing::debug!(participant = %conn.participant, track = %out.sub.track_id, %mid, pt, ?red, "downtrack starts");
             out.live = Some(LiveDownTrack::new(ssrc, &self.metrics));
             let parked = conn.parked_rewriters.remove(&ssrc);
             started.push((ssrc, pt, red, out.sub.clone(), parked));

@@ -334,12 +334,39 @@ impl Room {
         }
     }
 
-    /// Publishes a track and announces it to the other members.
+    /// Whether `publisher` may publish one more track.
+    pub fn may_publish(
+        &self,
+        publisher: &ParticipantId,
+        max_tracks: usize,
+    ) -> Result<(), PublishError> {
+        Self::check_publish(&self.lock(), publisher, max_tracks)
+    }
+
+    fn check_publish(
+        state: &RoomState,
+        publisher: &ParticipantId,
+        max_tracks: usize,
+    ) -> Result<(), PublishError> {
+        if !state.members.contains_key(publisher) {
+            return Err(PublishError::NotAMember);
+        }
+        let published = (state.tracks.values())
+            .filter(|t| &t.publisher == publisher)
+            .count();
+        if published >= max_tracks {
+            return Err(PublishError::TooManyTracks(max_tracks));
+        }
+        Ok(())
+    }
+
+    /// Publishes a track and announces it to the other members. The media plane must know the
+    /// track's `route` already: a subscriber may ask for it as soon as it is announced.
     pub fn publish(
         &self,
         publisher: &ParticipantId,
         track: NewTrack,
-        publisher_worker: usize,
+        route: TrackRoute,
         max_tracks: usize,
     ) -> Result<Arc<Publication>, PublishError> {
         let NewTrack {
@@ -349,17 +376,7 @@ impl Room {
             layers,
         } = track;
         let mut state = self.lock();
-        if !state.members.contains_key(publisher) {
-            return Err(PublishError::NotAMember);
-        }
-        let published = state
-            .tracks
-            .values()
-            .filter(|t| &t.publisher == publisher)
-            .count();
-        if published >= max_tracks {
-            return Err(PublishError::TooManyTracks(max_tracks));
-        }
+        Self::check_publish(&state, publisher, max_tracks)?;
         let track_id = TrackId::random();
         let publication = Arc::new(Publication {
             info: TrackInfo {
@@ -373,10 +390,7 @@ impl Room {
             publisher: publisher.clone(),
             track_id: track_id.clone(),
             codec,
-            route: TrackRoute {
-                key: TrackKey::next(),
-                worker: publisher_worker,
-            },
+            route,
             origin: None,
         });
         state.tracks.insert(track_id, publication.clone());
@@ -812,6 +826,13 @@ mod tests {
         }
     }
 
+    fn route() -> TrackRoute {
+        TrackRoute {
+            key: TrackKey::next(),
+            worker: 0,
+        }
+    }
+
     fn new_track(kind: MediaKind) -> NewTrack {
         NewTrack {
             kind,
@@ -840,7 +861,7 @@ mod tests {
 
         let publication = b
             .room
-            .publish(&b.participant_id, new_track(MediaKind::Video), 0, 8)
+            .publish(&b.participant_id, new_track(MediaKind::Video), route(), 8)
             .unwrap();
         assert_eq!(
             publication.info.stream_id,
@@ -917,11 +938,11 @@ mod tests {
             Err(JoinError::RoomFull(..))
         ));
         a.room
-            .publish(&a.participant_id, new_track(MediaKind::Audio), 0, 1)
+            .publish(&a.participant_id, new_track(MediaKind::Audio), route(), 1)
             .unwrap();
         assert_eq!(
             a.room
-                .publish(&a.participant_id, new_track(MediaKind::Audio), 0, 1)
+                .publish(&a.participant_id, new_track(MediaKind::Audio), route(), 1)
                 .unwrap_err(),
             PublishError::TooManyTracks(1)
         );

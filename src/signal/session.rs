@@ -963,6 +963,7 @@ impl Session {
         };
         match media.handle.offer_if_needed().await {
             Ok(Some(sdp)) => {
+                tracing::debug!(m_lines = sdp.matches("\nm=").count(), "server offer sent");
                 media.awaiting_answer = Some((Instant::now(), sdp.clone()));
                 self.send(&ServerMessage::Offer { sdp, from: None }).await
             }

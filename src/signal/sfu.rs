@@ -8,6 +8,7 @@ use tokio::sync::mpsc;
 
 use super::protocol::ServerMessage;
 use crate::auth::Grants;
+use crate::forward::{TrackKey, TrackRoute};
 use crate::media::{IncomingTrack, IncomingTrackId, MediaEvent, MediaHandle, Subscription};
 use crate::room::{NewTrack, Publication, Room};
 use crate::types::{ParticipantId, TrackId};
@@ -204,23 +205,28 @@ impl SfuMedia {
             codec: track.codec,
             layers: track.layers,
         };
-        let publication = match room.publish(publisher, new_track, self.handle.worker(), max_tracks)
-        {
+        // The worker learns of the track before the room announces it: a subscriber's request
+        // for it (on this worker or from another) must find it there.
+        if let Err(e) = room.may_publish(publisher, max_tracks) {
+            tracing::warn!(participant = %publisher, "track not published: {e}");
+            return;
+        }
+        let route = TrackRoute {
+            key: TrackKey::next(),
+            worker: self.handle.worker(),
+        };
+        if self.handle.publish(track.id, route.key).is_err() {
+            return;
+        }
+        let publication = match room.publish(publisher, new_track, route, max_tracks) {
             Ok(publication) => publication,
             Err(e) => {
+                // It left meanwhile: its connection is closing, forwarder and all.
                 tracing::warn!(participant = %publisher, "track not published: {e}");
                 return;
             }
         };
         tracing::info!(participant = %publisher, track = %publication.track_id, ?kind, codec = %publication.codec.mime_type, "track published");
-        if self
-            .handle
-            .publish(track.id, publication.route.key)
-            .is_err()
-        {
-            room.unpublish(&publication.track_id);
-            return;
-        }
         self.published
             .push((track.id, publication.track_id.clone()));
     }

@@ -126,6 +126,11 @@ struct Args {
     /// interface, `jlo0`, so runs against it need `--receiver-device jlo0`.
     #[arg(long, default_value = "lo")]
     receiver_device: String,
+    /// Lite receivers join through these signaling URLs in turn instead of --server (the
+    /// nodes of a cascading cluster: `--subscriber-server ws://127.0.0.1:8080/ws
+    /// --subscriber-server ws://127.0.0.1:8081/ws` splits them). Switchboard target only.
+    #[arg(long)]
+    subscriber_server: Vec<String>,
     /// Joins in progress at once.
     #[arg(long, default_value_t = 16)]
     join_concurrency: usize,
@@ -218,6 +223,10 @@ impl Args {
             return Ok(());
         }
         anyhow::ensure!(
+            self.subscriber_server.is_empty(),
+            "--subscriber-server is for --target switchboard"
+        );
+        anyhow::ensure!(
             !self.mesh && !self.mesh_table && !self.all_to_all,
             "--target {:?}: SFU rooms of one publisher and receivers only (no mesh, no all-to-all)",
             self.target
@@ -282,6 +291,7 @@ async fn run_main(args: Args) -> anyhow::Result<()> {
         decrypt_every: args.decrypt_every,
         subscriber_tile: args.subscriber_tile,
         receiver_device: args.receiver_device.clone(),
+        subscriber_servers: args.subscriber_server.clone(),
     };
     let ready_timeout = |s: &Scenario| {
         args.ready_timeout.unwrap_or(

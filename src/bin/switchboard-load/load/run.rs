@@ -56,6 +56,9 @@ pub struct Scenario {
     /// The device the lite receivers' socket is tied to (`lo`, or the loopback-only media
     /// interface of `scripts/janus-videoroom`).
     pub receiver_device: String,
+    /// Switchboard target: lite receivers join through these signaling URLs in turn (the
+    /// nodes of a cascading cluster) instead of the target's; empty: the target's.
+    pub subscriber_servers: Vec<String>,
 }
 
 /// The implementation of the receive-only participants.
@@ -553,6 +556,9 @@ pub(crate) struct Joiner {
     /// The tracks each publisher sends (what a WHEP player asks for).
     audio: bool,
     video: bool,
+    /// Where lite receivers join in turn (Switchboard target; empty: its URL).
+    subscriber_servers: Vec<String>,
+    receivers_joined: std::sync::atomic::AtomicUsize,
 }
 
 impl Joiner {
@@ -570,6 +576,8 @@ impl Joiner {
             tile: scenario.subscriber_tile,
             audio: scenario.audio,
             video: scenario.video,
+            subscriber_servers: scenario.subscriber_servers.clone(),
+            receivers_joined: Default::default(),
         })
     }
 
@@ -585,7 +593,12 @@ impl Joiner {
         let engine = self.engine.as_ref().filter(|_| !publisher);
         match (&self.target, engine) {
             (Target::Switchboard { ws_url }, Some(engine)) => {
-                lite::Receiver::connect(engine, ws_url, room, name, opts.join_timeout, self.tile)
+                let n = (self.receivers_joined).fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let url = match self.subscriber_servers.len() {
+                    0 => ws_url,
+                    servers => &self.subscriber_servers[n % servers],
+                };
+                lite::Receiver::connect(engine, url, room, name, opts.join_timeout, self.tile)
                     .await
                     .map(Peer::Lite)
             }
