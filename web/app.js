@@ -547,7 +547,11 @@ function startResume() {
     } catch (err) {
       if (!resuming) return;
       const late = Date.now() - resuming.since > RESUME_WINDOW_MS;
-      if (err.code === "resume-failed" || late) {
+      // A node we were redirected to that cannot be reached twice running has most likely
+      // died with our session: join anew through the entry URL (the load balancer).
+      const nodeGone =
+        !err.code && state.signalingUrl && state.signalingUrl !== signalingUrl() && resuming.attempt >= 2;
+      if (err.code === "resume-failed" || late || nodeGone) {
         resuming = null;
         startReconnect("Lost the connection to the server.");
         return;
