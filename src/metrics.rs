@@ -197,6 +197,7 @@ metrics! {
         cluster_nodes_reaped: "Dead nodes (heartbeat expired) this node removed from the cluster's node set",
         cascade_packets_out: "Media packets relayed to other nodes (one per packet per node)",
         cascade_packets_in: "Media packets relayed here from other nodes",
+        cascade_packets_repaired: "Relayed packets sent again to a node that missed them (a NACK on the node link)",
         cascade_packets_dropped: "Relayed media packets dropped: a full queue, a link not up, too large for a datagram, or undecodable",
         cascade_messages_dropped: "Cascading messages dropped: room changes or chat lines not published (full queue, Redis down; the periodic state repairs membership), link control frames to a full or closed link",
     }

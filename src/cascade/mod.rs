@@ -11,6 +11,7 @@
 
 mod link;
 mod relay;
+mod repair;
 pub mod wire;
 
 use std::collections::{HashMap, HashSet};

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
 use super::link::{LinkEndpoint, read_frame, write_frame};
+use super::repair::{GapDetector, SentBuffer};
 use super::wire::{Control, decode_packet, encode_packet};
 use crate::forward::{MediaPacket, TrackKey};
 use crate::media::{Gateway, GatewayEvent};
@@ -99,6 +100,8 @@ struct Inbound {
     wants_sent: u32,
     /// `attach` was sent on the current link.
     attached: bool,
+    /// What arrived, to ask again for what did not.
+    gaps: GapDetector,
     _gauge: Option<GaugeGuard>,
 }
 
@@ -113,6 +116,8 @@ struct Outbound {
     worker: usize,
     /// The nodes taking it, and the layers each takes.
     nodes: HashMap<Arc<str>, u32>,
+    /// The last datagrams sent, for the nodes that miss some.
+    sent: SentBuffer,
 }
 
 struct Link {
@@ -296,10 +301,11 @@ impl Relay {
     fn send_packets(&mut self, batch: &[(TrackKey, MediaPacket)]) {
         let (mut sent, mut dropped) = (0, 0);
         for (key, packet) in batch {
-            let Some(out) = self.outbound.get(key) else {
+            let Some(out) = self.outbound.get_mut(key) else {
                 continue;
             };
             let bytes = encode_packet(key.to_raw(), packet);
+            out.sent.keep(packet.layer, packet.seq, bytes.clone());
             for node in out.nodes.keys() {
                 match self.accepted.get(node) {
                     Some(link) if link.conn.send_datagram(bytes.clone()).is_ok() => sent += 1,
@@ -460,13 +466,26 @@ impl Relay {
                     self.metrics.cascade_packets_dropped.inc();
                     return;
                 };
-                let Some(track) = self.inbound.get(local) else {
+                let local = *local;
+                let Some(track) = self.inbound.get_mut(&local) else {
                     return;
                 };
                 self.metrics.cascade_packets_in.inc();
+                let missing = track.gaps.observe(packet.layer, packet.seq);
+                if !missing.is_empty() {
+                    let nack = Control::Nack {
+                        key,
+                        layer: packet.layer,
+                        seqs: missing,
+                    };
+                    self.control_dialed(&node, nack);
+                }
+                let Some(track) = self.inbound.get(&local) else {
+                    return;
+                };
                 for &worker in track.workers.keys() {
                     if let Some(batch) = self.pending.get_mut(worker) {
-                        batch.push((*local, packet.clone()));
+                        batch.push((local, packet.clone()));
                     }
                 }
             }
@@ -573,6 +592,7 @@ impl Relay {
                 let out = self.outbound.entry(key).or_insert_with(|| Outbound {
                     worker,
                     nodes: HashMap::new(),
+                    sent: SentBuffer::default(),
                 });
                 if out.worker != worker {
                     return; // a confused peer: the key lives on another worker
@@ -606,6 +626,20 @@ impl Relay {
                     && out.nodes.contains_key(&node)
                 {
                     self.gateway.request_keyframe(out.worker, key, layers);
+                }
+            }
+            Control::Nack { key, layer, seqs } => {
+                let key = TrackKey::from_raw(key);
+                let (Some(out), Some(link)) = (self.outbound.get(&key), self.accepted.get(&node))
+                else {
+                    return;
+                };
+                // At most what one NACK may name: a peer cannot make this node send more.
+                let seqs = &seqs[..seqs.len().min(super::repair::MAX_GAP as usize)];
+                for datagram in out.sent.find(layer, seqs) {
+                    if link.conn.send_datagram(datagram.clone()).is_ok() {
+                        self.metrics.cascade_packets_repaired.inc();
+                    }
                 }
             }
             other => tracing::debug!(%node, ?other, "unexpected frame from a subscribing node"),
@@ -740,6 +774,7 @@ impl Inbound {
             workers: HashMap::new(),
             wants_sent: u32::MAX,
             attached: false,
+            gaps: GapDetector::default(),
             _gauge: None,
         }
     }

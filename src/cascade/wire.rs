@@ -72,6 +72,12 @@ pub enum Control {
         worker: usize,
         layers: u32,
     },
+    /// These packets of one layer never arrived: send them again.
+    Nack {
+        key: u64,
+        layer: u8,
+        seqs: Vec<u64>,
+    },
     /// From the publisher's node: the track's layers as the publisher sends them.
     Views {
         key: u64,
