@@ -399,22 +399,7 @@ impl Relay {
             match dialed.await {
                 Ok((conn, send, recv)) => {
                     tracing::info!(%node, %addr, "node link up");
-                    let control = serve_link(
-                        node.clone(),
-                        true,
-                        conn.clone(),
-                        send,
-                        recv,
-                        events.clone(),
-                        metrics,
-                    );
-                    let _ = events
-                        .send(LinkEvent::Dialed {
-                            node,
-                            conn,
-                            control,
-                        })
-                        .await;
+                    start_link(node, true, conn, send, recv, events, metrics).await;
                 }
                 Err(e) => {
                     tracing::warn!(%node, %addr, "cannot dial the node link: {e}");
@@ -801,23 +786,7 @@ async fn accept_links(
             };
             match greeted.await {
                 Ok((node, conn, send, recv)) => {
-                    let node: Arc<str> = node.into();
-                    let control = serve_link(
-                        node.clone(),
-                        false,
-                        conn.clone(),
-                        send,
-                        recv,
-                        events.clone(),
-                        metrics,
-                    );
-                    let _ = events
-                        .send(LinkEvent::Accepted {
-                            node,
-                            conn,
-                            control,
-                        })
-                        .await;
+                    start_link(node.into(), false, conn, send, recv, events, metrics).await;
                 }
                 Err(e) => tracing::warn!("a node link refused: {e}"),
             }
@@ -825,9 +794,9 @@ async fn accept_links(
     }
 }
 
-/// Runs a link's reader (control frames and datagrams, to the relay) and its control writer;
-/// returns the writer's queue.
-fn serve_link(
+/// Starts a link's reader (control frames and datagrams, to the relay) and its control
+/// writer, and hands the link to the relay.
+async fn start_link(
     node: Arc<str>,
     dialed: bool,
     conn: quinn::Connection,
@@ -835,7 +804,7 @@ fn serve_link(
     mut recv: quinn::RecvStream,
     events: mpsc::Sender<LinkEvent>,
     metrics: Arc<Metrics>,
-) -> mpsc::Sender<Control> {
+) {
     let (control, mut control_rx) = mpsc::channel::<Control>(CONTROL_QUEUE);
     tokio::spawn(async move {
         while let Some(frame) = control_rx.recv().await {
@@ -848,6 +817,7 @@ fn serve_link(
     // Control frames: read_frame is not cancel-safe, so it has a task of its own. Whatever
     // ends it closes the connection, which ends the datagram reader below.
     let (frames_conn, frames_node, frames_events) = (conn.clone(), node.clone(), events.clone());
+    let (reader_conn, reader_node, reader_events) = (conn.clone(), node.clone(), events.clone());
     tokio::spawn(async move {
         loop {
             match read_frame(&mut recv).await {
@@ -876,25 +846,44 @@ fn serve_link(
         frames_conn.close(0u32.into(), b"control stream ended");
     });
     tokio::spawn(async move {
-        let id = conn.stable_id();
+        let id = reader_conn.stable_id();
         loop {
-            match conn.read_datagram().await {
+            match reader_conn.read_datagram().await {
                 Ok(bytes) => {
                     let event = LinkEvent::Datagram {
-                        node: node.clone(),
+                        node: reader_node.clone(),
                         bytes,
                     };
-                    if events.try_send(event).is_err() {
+                    if reader_events.try_send(event).is_err() {
                         metrics.cascade_packets_dropped.inc();
                     }
                 }
                 Err(e) => {
-                    tracing::debug!(%node, "node link closed: {e}");
+                    tracing::debug!(node = %reader_node, "node link closed: {e}");
                     break;
                 }
             }
         }
-        let _ = events.send(LinkEvent::Closed { node, dialed, id }).await;
+        let _ = reader_events
+            .send(LinkEvent::Closed {
+                node: reader_node,
+                dialed,
+                id,
+            })
+            .await;
     });
-    control
+    let event = if dialed {
+        LinkEvent::Dialed {
+            node,
+            conn,
+            control,
+        }
+    } else {
+        LinkEvent::Accepted {
+            node,
+            conn,
+            control,
+        }
+    };
+    let _ = events.send(event).await;
 }

@@ -22,7 +22,7 @@ mod worker;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use str0m::media::Mid;
 use tokio::sync::{mpsc, oneshot};
@@ -201,33 +201,18 @@ impl MediaPlane {
             let (commands, commands_rx) = mpsc::unbounded_channel();
             let (relay, relay_rx) = mpsc::channel(worker::RELAY_QUEUE_BATCHES);
             let port = socket.local_addr()?.port();
-            shared.push(WorkerShared {
-                commands,
-                relay,
-                load_permille: AtomicU32::new(0),
-                connections: AtomicUsize::new(0),
-                load_connections: AtomicUsize::new(0),
-                backlogged: AtomicBool::new(false),
-                addrs: announce_ips
-                    .iter()
-                    .map(|ip| SocketAddr::new(*ip, port))
-                    .collect(),
-            });
+            let addrs = announce_ips
+                .iter()
+                .map(|ip| SocketAddr::new(*ip, port))
+                .collect();
+            shared.push(WorkerShared::new(commands, relay, addrs));
             inboxes.push((commands_rx, relay_rx));
         }
         // The gateway's slot: the same channels, driven by the node link.
         let gateway_inbox = config.cascades().then(|| {
             let (commands, commands_rx) = mpsc::unbounded_channel();
             let (relay, relay_rx) = mpsc::channel(worker::RELAY_QUEUE_BATCHES);
-            shared.push(WorkerShared {
-                commands,
-                relay,
-                load_permille: AtomicU32::new(0),
-                connections: AtomicUsize::new(0),
-                load_connections: AtomicUsize::new(0),
-                backlogged: AtomicBool::new(false),
-                addrs: Vec::new(),
-            });
+            shared.push(WorkerShared::new(commands, relay, Vec::new()));
             (commands_rx, relay_rx)
         });
         let workers: Arc<[WorkerShared]> = shared.into();

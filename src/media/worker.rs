@@ -100,6 +100,22 @@ pub struct WorkerShared {
 const PROJECTION_MIN_CONNECTIONS: usize = 8;
 
 impl WorkerShared {
+    pub fn new(
+        commands: mpsc::UnboundedSender<Command>,
+        relay: mpsc::Sender<RelayBatch>,
+        addrs: Vec<SocketAddr>,
+    ) -> Self {
+        WorkerShared {
+            commands,
+            relay,
+            load_permille: AtomicU32::new(0),
+            connections: AtomicUsize::new(0),
+            load_connections: AtomicUsize::new(0),
+            backlogged: AtomicBool::new(false),
+            addrs,
+        }
+    }
+
     /// The worker's busy share, per mille, as admission sees it: the last second's figure
     /// scaled by the connections opened since (a new one costs about what the average one did,
     /// so a burst of joins counts before its media arrives), or full while its socket falls
