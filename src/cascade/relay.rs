@@ -324,7 +324,12 @@ impl Relay {
             return;
         };
         let Some(origin) = &track.origin else {
-            return; // its room state has not reached the relay yet
+            // Its room state has not reached the relay yet, or the track is gone already and
+            // its last subscriber too.
+            if track.workers.is_empty() {
+                self.inbound.remove(&key);
+            }
+            return;
         };
         let node = origin.node.clone();
         let (remote_key, worker) = (origin.key, origin.worker);
