@@ -461,6 +461,11 @@ impl Relay {
                     return;
                 };
                 self.metrics.cascade_packets_in.inc();
+                for &worker in track.workers.keys() {
+                    if let Some(batch) = self.pending.get_mut(worker) {
+                        batch.push((local, packet.clone()));
+                    }
+                }
                 let missing = track.gaps.observe(packet.layer, packet.seq);
                 if !missing.is_empty() {
                     let nack = Control::Nack {
@@ -469,14 +474,6 @@ impl Relay {
                         seqs: missing,
                     };
                     self.control_dialed(&node, nack);
-                }
-                let Some(track) = self.inbound.get(&local) else {
-                    return;
-                };
-                for &worker in track.workers.keys() {
-                    if let Some(batch) = self.pending.get_mut(worker) {
-                        batch.push((local, packet.clone()));
-                    }
                 }
             }
             LinkEvent::Control {
