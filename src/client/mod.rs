@@ -24,11 +24,13 @@
 //! [`Client::remote_track_count`] reads the transceivers instead: a track counts while its
 //! transceiver's negotiated direction still includes receiving.
 
+pub mod decode;
 mod keyframe;
 mod media;
 pub mod payload;
 mod peer;
 pub mod relay;
+mod rtx;
 mod session;
 mod stats;
 

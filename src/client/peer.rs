@@ -15,11 +15,15 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context as _;
 use rtc::ice::mdns::MulticastDnsMode;
 use rtc::peer_connection::configuration::RTCOfferOptions;
-use rtc::peer_connection::configuration::media_engine::{MIME_TYPE_OPUS, MIME_TYPE_VP8};
+use rtc::peer_connection::configuration::media_engine::{
+    MIME_TYPE_OPUS, MIME_TYPE_RTX, MIME_TYPE_VP8,
+};
+use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication;
 use rtc::rtp_transceiver::rtp_sender::{
     RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpHeaderExtensionCapability, RtpCodecKind,
 };
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tracing::{debug, warn};
 use webrtc::data_channel::{DataChannel, DataChannelEvent};
 use webrtc::media_stream::track_remote::{TrackRemote, TrackRemoteEvent};
@@ -30,6 +34,7 @@ use webrtc::peer_connection::{
 };
 use webrtc::runtime::TokioRuntime;
 
+use super::decode::FrameDecoder;
 use super::media::{AUDIO_LEVEL_EXTENSION, Output};
 use super::payload;
 use super::relay::MediaRelay;
@@ -148,6 +153,8 @@ struct LinkHandler {
     loopback_only: bool,
     mode: RoomMode,
     probe: Option<Arc<dyn MediaProbe>>,
+    /// Packets per video frame the publishers send (this client's own profile's).
+    packets_per_frame: u32,
 }
 
 #[async_trait::async_trait]
@@ -196,15 +203,22 @@ impl PeerConnectionEventHandler for LinkHandler {
 
     async fn on_track(&self, track: Arc<dyn TrackRemote>) {
         let state = self.state.clone();
-        tokio::spawn(receive_track(track, state, self.probe.clone()));
+        tokio::spawn(receive_track(
+            track,
+            state,
+            self.probe.clone(),
+            self.packets_per_frame,
+        ));
     }
 }
 
-/// Reads one remote track until the connection ends, counting what arrives.
+/// Reads one remote track until the connection ends, counting what arrives and, for video,
+/// what a decoder would make of it (asking for a key frame when it could not decode).
 async fn receive_track(
     track: Arc<dyn TrackRemote>,
     link: Arc<LinkState>,
     probe: Option<Arc<dyn MediaProbe>>,
+    packets_per_frame: u32,
 ) {
     let stream_id = track.stream_id().await;
     let track_id = track.track_id().await;
@@ -224,14 +238,30 @@ async fn receive_track(
         link.peer.clone(),
     ));
     link.shared.update(|r| r.remote_tracks.push(stats.clone()));
+    let mut decoder = (kind == MediaKind::Video).then(|| FrameDecoder::new(packets_per_frame));
     while let Some(event) = track.poll().await {
         match event {
             TrackRemoteEvent::OnRtpPacket(packet) => {
                 let now_us = payload::now_micros();
-                if let Some(header) = stats.record(&packet, now_us)
-                    && let Some(probe) = &probe
-                {
+                let Some(header) = stats.record(&packet, now_us) else {
+                    continue;
+                };
+                if let Some(probe) = &probe {
                     probe.on_media(&header, packet.payload.len(), now_us);
+                }
+                if let Some(decoder) = &mut decoder {
+                    let key = payload::is_key(&packet.payload);
+                    let request = decoder.packet(header.layer, header.seq, key, Instant::now());
+                    stats.set_decoded(decoder.counts());
+                    if request {
+                        let pli = PictureLossIndication {
+                            sender_ssrc: 0,
+                            media_ssrc: packet.header.ssrc,
+                        };
+                        if let Err(e) = track.write_rtcp(vec![Box::new(pli)]).await {
+                            debug!("cannot request a key frame: {e}");
+                        }
+                    }
                 }
             }
             TrackRemoteEvent::OnEnded => break,
@@ -263,7 +293,25 @@ fn candidate_address(candidate: &str) -> Option<&str> {
     value.split_whitespace().nth(4)
 }
 
-fn codecs() -> [(RTCRtpCodecParameters, RtpCodecKind); 3] {
+/// The RTX (RFC 4588) codec repairing `apt`: lost video packets are NACKed and resent on their
+/// own SSRC, as browsers do (the server answers and sends NACKs only where RTX is negotiated).
+fn rtx_codec(payload_type: u8, apt: u8) -> (RTCRtpCodecParameters, RtpCodecKind) {
+    (
+        RTCRtpCodecParameters {
+            rtp_codec: RTCRtpCodec {
+                mime_type: MIME_TYPE_RTX.to_owned(),
+                clock_rate: 90_000,
+                channels: 0,
+                sdp_fmtp_line: format!("apt={apt}"),
+                rtcp_feedback: vec![],
+            },
+            payload_type,
+        },
+        RtpCodecKind::Video,
+    )
+}
+
+fn codecs() -> [(RTCRtpCodecParameters, RtpCodecKind); 5] {
     let video_feedback = vec![
         RTCPFeedback {
             typ: "goog-remb".to_owned(),
@@ -310,6 +358,8 @@ fn codecs() -> [(RTCRtpCodecParameters, RtpCodecKind); 3] {
             },
             RtpCodecKind::Video,
         ),
+        rtx_codec(97, 96),
+        rtx_codec(121, 120),
     ]
 }
 
@@ -365,6 +415,7 @@ async fn build_peer_connection(
     )?;
     let registry = register_default_interceptors(Registry::new(), &mut media_engine)?;
     let registry = super::keyframe::register(registry);
+    let registry = super::rtx::register(registry);
     // Loopback candidates only, and no mDNS (it would multicast off the loopback interface).
     // The server's first connectivity check often arrives before its trickled candidate, so
     // the client meets the server as a peer-reflexive candidate first; webrtc-rs then waits
@@ -431,6 +482,7 @@ impl Link {
             loopback_only: opts.loopback_only,
             mode,
             probe: opts.probe.clone(),
+            packets_per_frame: opts.media.video_packets_per_frame,
         });
         let pc = build_peer_connection(opts, handler).await?;
         shared.update(|r| {

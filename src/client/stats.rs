@@ -9,6 +9,7 @@ use rtc::rtp;
 use tokio::sync::Notify;
 use webrtc::peer_connection::RTCPeerConnectionState;
 
+use super::decode::DecodeCounts;
 use super::payload::{self, PayloadError};
 use crate::signal::protocol::{ErrorCode, MediaKind, ParticipantInfo, RoomMode, TrackInfo};
 
@@ -45,6 +46,14 @@ pub(crate) struct RemoteTrackStats {
     /// The layer of the last intact packet, `u8::MAX` before the first.
     last_layer: AtomicU8,
     ended: AtomicBool,
+    /// The decoder model's counts (video only).
+    frames_decoded: AtomicU64,
+    frames_lost: AtomicU64,
+    frames_undecodable: AtomicU64,
+    freezes: AtomicU64,
+    frozen_us: AtomicU64,
+    keyframe_requests: AtomicU64,
+    late_packets: AtomicU64,
 }
 
 /// Simulcast layers counted apart.
@@ -83,6 +92,13 @@ impl RemoteTrackStats {
             layer_packets: Default::default(),
             last_layer: AtomicU8::new(u8::MAX),
             ended: AtomicBool::new(false),
+            frames_decoded: AtomicU64::new(0),
+            frames_lost: AtomicU64::new(0),
+            frames_undecodable: AtomicU64::new(0),
+            freezes: AtomicU64::new(0),
+            frozen_us: AtomicU64::new(0),
+            keyframe_requests: AtomicU64::new(0),
+            late_packets: AtomicU64::new(0),
         }
     }
 
@@ -139,6 +155,21 @@ impl RemoteTrackStats {
         }
     }
 
+    /// Publishes the decoder model's counts (only the track's receive task writes them).
+    pub fn set_decoded(&self, counts: DecodeCounts) {
+        self.frames_decoded.store(counts.decoded, Ordering::Relaxed);
+        self.frames_lost.store(counts.lost, Ordering::Relaxed);
+        self.frames_undecodable
+            .store(counts.undecodable, Ordering::Relaxed);
+        self.freezes.store(counts.freezes, Ordering::Relaxed);
+        self.frozen_us
+            .store(counts.frozen.as_micros() as u64, Ordering::Relaxed);
+        self.keyframe_requests
+            .store(counts.keyframe_requests, Ordering::Relaxed);
+        self.late_packets
+            .store(counts.late_packets, Ordering::Relaxed);
+    }
+
     pub fn set_ended(&self) {
         self.ended.store(true, Ordering::Relaxed);
     }
@@ -177,6 +208,15 @@ impl RemoteTrackStats {
                 l => Some(l),
             },
             ended: self.ended.load(Ordering::Relaxed),
+            decode: DecodeCounts {
+                decoded: self.frames_decoded.load(Ordering::Relaxed),
+                lost: self.frames_lost.load(Ordering::Relaxed),
+                undecodable: self.frames_undecodable.load(Ordering::Relaxed),
+                freezes: self.freezes.load(Ordering::Relaxed),
+                frozen: std::time::Duration::from_micros(self.frozen_us.load(Ordering::Relaxed)),
+                keyframe_requests: self.keyframe_requests.load(Ordering::Relaxed),
+                late_packets: self.late_packets.load(Ordering::Relaxed),
+            },
         }
     }
 }
@@ -239,6 +279,8 @@ pub struct RemoteTrackSnapshot {
     /// The track's event stream reported it ended (webrtc-rs 0.21 rarely does; see
     /// [`super::Client::remote_track_count`]).
     pub ended: bool,
+    /// What a decoder made of a video track (see [`super::decode`]); zero for audio.
+    pub decode: DecodeCounts,
 }
 
 /// A point-in-time copy of one published track's counters.
