@@ -58,7 +58,7 @@ const CHAT_BUFFER_LIMIT: usize = 256 * 1024;
 /// RTP packets kept per outgoing video stream to answer NACKs: about 0.8 s of 1.2 Mbit/s video,
 /// several round trips. The payloads are shared with the other subscribers; the bookkeeping
 /// measured about 7 KB per video subscriber (heaptrack).
-const RTX_CACHE_VIDEO: usize = 128;
+pub(super) const RTX_CACHE_VIDEO: usize = 128;
 /// How often the load figure is refreshed.
 const LOAD_WINDOW: Duration = Duration::from_secs(1);
 /// Below this downlink estimate, RED audio goes to a subscriber as its primary block only.
