@@ -92,10 +92,7 @@ const INBOUND_VIDEO: &str = "
   });";
 
 async fn inbound_video(page: &Page) -> Result<Value> {
-    page.session
-        .execute(INBOUND_VIDEO, vec![])
-        .await
-        .map_err(Into::into)
+    page.session.execute(INBOUND_VIDEO, vec![]).await
 }
 
 /// `after - before` for one counter of [`INBOUND_VIDEO`].

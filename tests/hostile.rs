@@ -29,6 +29,8 @@ use tokio_tungstenite::tungstenite::Message;
 
 const CHROMIUM_OFFER: &str = include_str!("fixtures/chromium-whip-offer.sdp");
 const CHROMIUM_RECVONLY_OFFER: &str = include_str!("fixtures/chromium-whep-offer.sdp");
+const FIREFOX_OFFER: &str = include_str!("fixtures/firefox-whip-offer.sdp");
+const FIREFOX_RECVONLY_OFFER: &str = include_str!("fixtures/firefox-whep-offer.sdp");
 
 fn cases(var: &str, short: u32) -> u32 {
     std::env::var(var)
@@ -115,6 +117,8 @@ fn message_seeds() -> Vec<Vec<u8>> {
         r#"{"type":"join","room":"fuzz","name":"m","mode":"mesh","token":"x.y.z"}"#.to_owned(),
         offer(CHROMIUM_OFFER),
         offer(CHROMIUM_RECVONLY_OFFER),
+        offer(FIREFOX_OFFER),
+        offer(FIREFOX_RECVONLY_OFFER),
         serde_json::json!({"type": "answer", "sdp": CHROMIUM_RECVONLY_OFFER}).to_string(),
         r#"{"type":"candidate","candidate":{"candidate":"candidate:1 1 udp 2122260223 127.0.0.1 50000 typ host","sdpMid":"0","sdpMLineIndex":0}}"#.to_owned(),
         r#"{"type":"candidate","candidate":null}"#.to_owned(),

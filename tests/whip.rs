@@ -368,6 +368,39 @@ async fn whep_answers_a_players_offer() {
     assert_all_clean(&server, "show").await;
 }
 
+/// Firefox's offers (real ones, `scripts/capture-firefox-offers`: Firefox 153 ESR, fake camera
+/// and microphone, sent before ICE gathering as a trickling publisher does) are answered too:
+/// its own payload types, no `a=ssrc-group`, `{uuid}` msids.
+#[tokio::test]
+async fn firefox_offers_are_answered() {
+    let server = start_server_with(|_| {}).await;
+    let publish = include_str!("fixtures/firefox-whip-offer.sdp");
+    let created = post_offer(&server, "fox", "application/sdp", publish, None).await;
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let publisher = header(created.headers(), "location").to_owned();
+    let answer = created.text().await.expect("answer");
+    assert_eq!(answer.matches("a=recvonly").count(), 2, "{answer}");
+    assert!(answer.contains("opus/48000/2"), "{answer}");
+    assert!(answer.contains("VP8/90000"), "{answer}");
+    let play = include_str!("fixtures/firefox-whep-offer.sdp");
+    let created = http()
+        .post(url(&server, "/whep/fox?name=Player"))
+        .header(header::CONTENT_TYPE, "application/sdp")
+        .body(play)
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let player = header(created.headers(), "location").to_owned();
+    let answer = created.text().await.expect("answer");
+    assert_eq!(answer.matches("a=sendonly").count(), 2, "{answer}");
+    let snapshot = server.registry.room_snapshot("fox").expect("room");
+    assert_eq!(snapshot.participants.len(), 2);
+    assert_eq!(delete(&url(&server, &player)).await, StatusCode::OK);
+    assert_eq!(delete(&url(&server, &publisher)).await, StatusCode::OK);
+    assert_all_clean(&server, "fox").await;
+}
+
 /// With the embedded TURN server on, the answer carries it as `Link` headers (RFC 9725 §4.6)
 /// with credentials for this publisher.
 #[tokio::test]
