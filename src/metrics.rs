@@ -61,6 +61,8 @@ macro_rules! metrics {
             pub worker_receive_drops: Family<WorkerLabel, Counter>,
             /// Video packets queued to subscribers, by the simulcast layer they came from.
             pub packets_out_by_layer: Family<LayerLabel, Counter>,
+            /// The runtime the server runs on, whose tasks `runtime_tasks` counts.
+            runtime: std::sync::OnceLock<tokio::runtime::Handle>,
             registry: Registry,
         }
 
@@ -83,6 +85,7 @@ macro_rules! metrics {
                     worker_load_ratio: Family::default(),
                     worker_receive_drops: Family::default(),
                     packets_out_by_layer: Family::default(),
+                    runtime: std::sync::OnceLock::new(),
                     registry: Registry::with_prefix("switchboard"),
                 };
                 let r = &mut m.registry;
@@ -127,6 +130,7 @@ macro_rules! metrics {
             }
 
             pub fn snapshot(&self) -> MetricsSnapshot {
+                self.sample_runtime();
                 MetricsSnapshot {
                     $($g: self.$g.get().max(0) as u64,)*
                     $($c: self.$c.get(),)*
@@ -156,6 +160,7 @@ metrics! {
         cluster_rooms_contested: "Rooms open here whose placement in Redis names another live node (joined on both during a Redis outage); new joiners go there",
         cascade_links: "Open QUIC connections of the node link to other nodes (cascading)",
         cascade_tracks_in: "Tracks published on other nodes relayed to this one now (cascading)",
+        runtime_tasks: "Tasks alive on the server's tokio runtime (sessions, HTTP connections, timers, webhooks; not the media workers' own loops), sampled when the metrics are read: back to its idle value when everyone has left, or a task leaks",
     }
     counters {
         packets_in: "RTP packets received from publishers",
@@ -212,10 +217,26 @@ impl Default for Metrics {
 impl Metrics {
     /// The OpenMetrics text exposition of everything (content type [`Metrics::CONTENT_TYPE`]).
     pub fn render(&self) -> String {
+        self.sample_runtime();
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// Counts `runtime`'s tasks in `runtime_tasks` (the first call wins: the server's own).
+    pub fn watch_runtime(&self, runtime: tokio::runtime::Handle) {
+        let _ = self.runtime.set(runtime);
+    }
+
+    /// Sets `runtime_tasks` from the watched runtime. Called when the metrics are read, so it
+    /// costs nothing between scrapes.
+    fn sample_runtime(&self) {
+        if let Some(runtime) = self.runtime.get() {
+            let tasks = runtime.metrics().num_alive_tasks();
+            self.runtime_tasks
+                .set(i64::try_from(tasks).unwrap_or(i64::MAX));
+        }
     }
 
     pub const CONTENT_TYPE: &'static str =

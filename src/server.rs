@@ -53,6 +53,7 @@ impl Server {
     /// Binds the HTTP listener and starts serving.
     pub async fn start(config: Config) -> anyhow::Result<ServerHandle> {
         let metrics = Arc::new(Metrics::default());
+        metrics.watch_runtime(tokio::runtime::Handle::current());
         let webhooks = Webhooks::start(
             WebhookConfig {
                 urls: config.webhook_urls.clone(),
