@@ -13,8 +13,10 @@ use clap::{CommandFactory, Parser};
 /// being hit. A value of 0 means "no limit" only where the field says so.
 #[derive(Debug, Clone, Parser)]
 pub struct Limits {
-    /// Largest signaling message accepted, in bytes; a bigger one closes the socket (1009).
-    #[arg(long, env = "SWITCHBOARD_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
+    /// Largest signaling message accepted, in bytes; a bigger one closes the socket (1009). The
+    /// default holds a browser's answer in a full room (100 participants: about 75 KB) with
+    /// room for the stopped m-lines a long call piles up.
+    #[arg(long, env = "SWITCHBOARD_MAX_MESSAGE_BYTES", default_value_t = 256 * 1024)]
     pub max_message_bytes: usize,
     /// Participants per room (0 = no limit).
     #[arg(long, env = "SWITCHBOARD_MAX_PARTICIPANTS", default_value_t = 100)]
@@ -570,7 +572,7 @@ mod tests {
     fn defaults() {
         let config = Config::parse_from(["switchboard"]);
         assert_eq!(config.http.port(), 8080);
-        assert_eq!(config.limits.max_message_bytes, 65536);
+        assert_eq!(config.limits.max_message_bytes, 262_144);
         assert_eq!(config.udp_port, 7882);
         let config = Config::parse_from(["switchboard", "--udp-port", "40000", "--workers", "3"]);
         assert_eq!((config.udp_port, config.media_workers()), (40000, 3));

@@ -24,6 +24,9 @@ use tokio_tungstenite::tungstenite::Message;
 const CONNECT: Duration = Duration::from_secs(20);
 /// Churners at a time: enough to keep joins, renegotiations and departures overlapping.
 const BATCH: usize = 5;
+/// Cycles beside one steady call; the long run moves to a new room and steady call after each
+/// such segment.
+const SEGMENT: usize = 250;
 
 fn churn_cycles() -> usize {
     std::env::var("SWITCHBOARD_CHURN_CYCLES")
@@ -186,8 +189,8 @@ async fn churn(mesh: bool) {
     } else {
         ClientOptions::default()
     };
-    let (a, b) = steady_call(&server, room, &opts).await;
-    let steady = [a.id(), b.id()];
+    let (mut a, mut b) = steady_call(&server, room, &opts).await;
+    let mut room = room.to_owned();
     // The baseline, once the steady call (and everything lazily made for a first call) runs.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let baseline = resources(&server);
@@ -198,10 +201,19 @@ async fn churn(mesh: bool) {
     let peak = std::sync::Mutex::new(baseline);
     let mut done = 0;
     while done < cycles {
-        let batch = BATCH.min(cycles - done);
+        if done > 0 && done.is_multiple_of(SEGMENT) {
+            // A new steady call in a new room: the old one's SDP carries a stopped m-line per
+            // track that left (README, "SDP growth with churn").
+            media_from(&a, &b, 10).await;
+            close_all(&[&a, &b]).await;
+            room = format!("{room}-{done}");
+            (a, b) = steady_call(&server, &room, &opts).await;
+        }
+        let batch = BATCH.min(cycles - done).min(SEGMENT - done % SEGMENT);
+        let steady = [a.id(), b.id()];
         let round = (done..done + batch).map(|i| {
             // Staggered a little, so that joins land in each other's negotiations.
-            let (server, opts, peak) = (&server, opts.clone(), &peak);
+            let (server, opts, peak, room) = (&server, opts.clone(), &peak, &room);
             async move {
                 tokio::time::sleep(Duration::from_millis(60 * (i % BATCH) as u64)).await;
                 cycle(server, room, opts, i, steady, peak).await
@@ -216,6 +228,7 @@ async fn churn(mesh: bool) {
         }
     }
     let churn_time = started.elapsed();
+    let steady = [a.id(), b.id()];
     let peak = peak.into_inner().expect("lock");
 
     // The steady call went on and goes on.
@@ -244,7 +257,7 @@ async fn churn(mesh: bool) {
         panic!(
             "{e:#}: {:?}\n{:?}",
             server.metrics.snapshot(),
-            server.registry.room_snapshot(room)
+            server.registry.room_snapshot(&room)
         );
     }
     for client in [&a, &b] {
@@ -299,7 +312,7 @@ async fn churn(mesh: bool) {
     }
 
     close_all(&[&a, &b]).await;
-    assert_all_clean(&server, room).await;
+    assert_all_clean(&server, &room).await;
     // A fresh call works.
     let (a, b) = steady_call(&server, "after-churn", &opts).await;
     close_all(&[&a, &b]).await;

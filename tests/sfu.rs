@@ -446,8 +446,8 @@ async fn bad_input_is_refused_without_disturbing_calls() {
     .unwrap();
     expect_error(&mut rx, ErrorCode::BadSdp).await;
 
-    // Over 64 KiB: the server closes the socket with 1009 (too big) or 1008 (policy).
-    let huge = format!(r#"{{"type":"offer","sdp":"{}"}}"#, "x".repeat(70 * 1024));
+    // Over 256 KiB: the server closes the socket with 1009 (too big) or 1008 (policy).
+    let huge = format!(r#"{{"type":"offer","sdp":"{}"}}"#, "x".repeat(260 * 1024));
     tx.send(send(huge)).await.unwrap();
     let code = tokio::time::timeout(Duration::from_secs(5), async {
         while let Some(frame) = rx.next().await {

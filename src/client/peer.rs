@@ -272,6 +272,34 @@ async fn receive_track(
     link.shared.changed.notify_waiters();
 }
 
+/// `sdp` with each stopped media section (port 0) cut down to its m-line, connection line, mid,
+/// direction, `rtcp-mux` and formats, as browsers write them. webrtc-rs writes stopped sections
+/// in full (feedback, header extensions, ICE and DTLS attributes), about 550 bytes each, and the
+/// server keeps one per track that left during the call (str0m 0.25 does not recycle m-lines):
+/// a client that stays through a few hundred departures would pass the signaling message limit.
+fn without_stopped_detail(sdp: &str) -> String {
+    let mut out: Vec<&str> = Vec::new();
+    let mut in_stopped = false;
+    for line in sdp.split("\r\n") {
+        if line.starts_with("m=") {
+            in_stopped = (line.starts_with("m=audio ") || line.starts_with("m=video "))
+                && line.split(' ').nth(1) == Some("0");
+        } else if in_stopped {
+            let kept = line.starts_with("c=")
+                || line.starts_with("a=mid:")
+                || line.starts_with("a=rtpmap:")
+                || line.starts_with("a=fmtp:")
+                || line == "a=inactive"
+                || line == "a=rtcp-mux";
+            if !kept {
+                continue;
+            }
+        }
+        out.push(line);
+    }
+    out.join("\r\n")
+}
+
 /// The publisher's participant id in an SFU stream id `{participant_id}-{n}`.
 pub fn publisher_of_stream(stream_id: &str) -> &str {
     stream_id
@@ -541,7 +569,7 @@ impl Link {
         let sdp = offer.sdp.clone();
         self.pc.set_local_description(offer).await?;
         self.have_local_offer = true;
-        Ok(Some(Outgoing::Offer(sdp)))
+        Ok(Some(Outgoing::Offer(without_stopped_detail(&sdp))))
     }
 
     /// Applies a remote offer (rolling back our own if polite) and answers it; may follow with
@@ -570,7 +598,9 @@ impl Link {
         let answer = self.pc.create_answer(None).await?;
         let sdp = answer.sdp.clone();
         self.pc.set_local_description(answer).await?;
-        let mut out = vec![Outgoing::Answer(sdp)];
+        // webrtc-rs writes stopped sections in full; sent as is, a member who outlives many
+        // departed tracks would pass the server's message limit.
+        let mut out = vec![Outgoing::Answer(without_stopped_detail(&sdp))];
         if self.needs_offer
             && let Some(offer) = self.offer().await?
         {
@@ -672,6 +702,27 @@ pub(crate) fn candidate_to_wire(init: RTCIceCandidateInit) -> IceCandidate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stopped_sections_keep_only_what_identifies_them() {
+        let sdp = "v=0\r\na=group:BUNDLE 0 2\r\n\
+                   m=video 0 UDP/TLS/RTP/SAVPF 96 97\r\nc=IN IP4 0.0.0.0\r\na=mid:1\r\n\
+                   a=extmap:3 urn:ietf:params:rtp-hdrext:sdes:mid\r\na=inactive\r\na=rtcp-mux\r\n\
+                   a=rtpmap:96 VP8/90000\r\na=rtcp-fb:96 nack\r\na=rtpmap:97 rtx/90000\r\n\
+                   a=fmtp:97 apt=96\r\na=ssrc:1 cname:x\r\n\
+                   m=video 9 UDP/TLS/RTP/SAVPF 96\r\nc=IN IP4 0.0.0.0\r\na=mid:2\r\n\
+                   a=sendonly\r\na=rtpmap:96 VP8/90000\r\na=rtcp-fb:96 nack\r\n";
+        assert_eq!(
+            without_stopped_detail(sdp),
+            "v=0\r\na=group:BUNDLE 0 2\r\n\
+             m=video 0 UDP/TLS/RTP/SAVPF 96 97\r\nc=IN IP4 0.0.0.0\r\na=mid:1\r\n\
+             a=inactive\r\na=rtcp-mux\r\na=rtpmap:96 VP8/90000\r\na=rtpmap:97 rtx/90000\r\n\
+             a=fmtp:97 apt=96\r\n\
+             m=video 9 UDP/TLS/RTP/SAVPF 96\r\nc=IN IP4 0.0.0.0\r\na=mid:2\r\n\
+             a=sendonly\r\na=rtpmap:96 VP8/90000\r\na=rtcp-fb:96 nack\r\n"
+        );
+    }
+
     use crate::client::media::{LocalTrack, MediaProfile};
     use std::time::Duration;
 
