@@ -29,10 +29,7 @@ const BATCH: usize = 5;
 const SEGMENT: usize = 250;
 
 fn churn_cycles() -> usize {
-    std::env::var("SWITCHBOARD_CHURN_CYCLES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(60)
+    env_number("SWITCHBOARD_CHURN_CYCLES", 60)
 }
 
 /// The server on a tokio runtime of its own (its threads in this process), so that its
@@ -375,42 +372,6 @@ async fn raw_join(server: &ServerHandle, room: &str, name: &str, mesh: bool) -> 
     send_json(&mut ws, join).await;
     read_until(&mut ws, "joined").await;
     ws
-}
-
-/// A real SDP offer (a data channel) from a webrtc-rs connection on loopback; the connection
-/// itself never gets the answer, so it sends nothing: the offer's ICE credentials are ours to
-/// use from a raw socket.
-async fn throwaway_offer() -> (Box<dyn webrtc::peer_connection::PeerConnection>, String) {
-    use rtc::ice::mdns::MulticastDnsMode;
-    use webrtc::peer_connection::{
-        MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
-        SettingEngineBuilder,
-    };
-    struct Ignore;
-    impl PeerConnectionEventHandler for Ignore {}
-    let mut media_engine = MediaEngine::default();
-    media_engine
-        .register_default_codecs()
-        .expect("default codecs");
-    let settings = SettingEngineBuilder::new()
-        .with_multicast_dns_mode(MulticastDnsMode::Disabled)
-        .with_include_loopback_candidate(true)
-        .build();
-    let pc = PeerConnectionBuilder::new()
-        .with_media_engine(media_engine)
-        .with_setting_engine(settings)
-        .with_handler(std::sync::Arc::new(Ignore))
-        .with_udp_addrs(vec!["127.0.0.1:0"])
-        .build()
-        .await
-        .expect("a loopback peer connection");
-    pc.create_data_channel("chat", None)
-        .await
-        .expect("data channel");
-    let offer = pc.create_offer(None).await.expect("offer");
-    pc.set_local_description(offer).await.expect("local offer");
-    let sdp = pc.local_description().await.expect("local description").sdp;
-    (Box::new(pc), sdp)
 }
 
 /// The first value of SDP attribute `a=<name>:`.

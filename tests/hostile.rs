@@ -33,10 +33,7 @@ const FIREFOX_OFFER: &str = include_str!("fixtures/firefox-whip-offer.sdp");
 const FIREFOX_RECVONLY_OFFER: &str = include_str!("fixtures/firefox-whep-offer.sdp");
 
 fn cases(var: &str, short: u32) -> u32 {
-    std::env::var(var)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(short)
+    env_number(var, short)
 }
 
 /// A runner with a fixed seed unless `PROPTEST_RNG_SEED` says otherwise: a CI failure is

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     CLEANUP, assert_all_clean, close_all, eventually, join, serial, start_server,
-    start_server_with, summary, wait_all, ws_url,
+    start_server_with, summary, throwaway_offer, wait_all, ws_url,
 };
 use futures_util::{SinkExt, StreamExt};
 use switchboard::client::{Client, ClientOptions, ClientSnapshot};
@@ -570,41 +570,6 @@ async fn mesh_room_relays_signaling_only() {
     close_all(&both).await;
     assert_all_clean(&server, "m").await;
     server.shutdown().await;
-}
-
-/// A real SDP offer (one data channel) from a throwaway webrtc-rs connection on loopback, for a
-/// raw-socket client that speaks the protocol but never completes the media side.
-async fn throwaway_offer() -> (Box<dyn webrtc::peer_connection::PeerConnection>, String) {
-    use rtc::ice::mdns::MulticastDnsMode;
-    use webrtc::peer_connection::{
-        MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
-        SettingEngineBuilder,
-    };
-    struct Ignore;
-    impl PeerConnectionEventHandler for Ignore {}
-    let mut media_engine = MediaEngine::default();
-    media_engine
-        .register_default_codecs()
-        .expect("default codecs");
-    let settings = SettingEngineBuilder::new()
-        .with_multicast_dns_mode(MulticastDnsMode::Disabled)
-        .with_include_loopback_candidate(true)
-        .build();
-    let pc = PeerConnectionBuilder::new()
-        .with_media_engine(media_engine)
-        .with_setting_engine(settings)
-        .with_handler(std::sync::Arc::new(Ignore))
-        .with_udp_addrs(vec!["127.0.0.1:0"])
-        .build()
-        .await
-        .expect("a loopback peer connection");
-    pc.create_data_channel("chat", None)
-        .await
-        .expect("data channel");
-    let offer = pc.create_offer(None).await.expect("offer");
-    pc.set_local_description(offer).await.expect("local offer");
-    let sdp = pc.local_description().await.expect("local description").sdp;
-    (Box::new(pc), sdp)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

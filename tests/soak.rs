@@ -16,7 +16,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{close_all, eventually, init_tracing, summary, wait_all};
+use common::{close_all, env_number, eventually, init_tracing, summary, wait_all};
 use procfs::process::{FDTarget, Process};
 use switchboard::client::{Client, ClientOptions};
 use switchboard::signal::protocol::MediaKind;
@@ -35,10 +35,7 @@ const CHURN_EVERY: Duration = Duration::from_millis(1500);
 const RSS_MARGIN_BYTES: u64 = 16 << 20;
 
 fn soak_secs() -> u64 {
-    std::env::var("SWITCHBOARD_SOAK_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(30)
+    env_number("SWITCHBOARD_SOAK_SECS", 30)
 }
 
 /// A `switchboard` process on loopback, killed when dropped.

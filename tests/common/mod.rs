@@ -166,3 +166,47 @@ pub async fn assert_all_clean(server: &ServerHandle, room: &str) {
         );
     }
 }
+
+/// The number in environment variable `var` (a long run's size), or `default`.
+pub fn env_number<T: std::str::FromStr>(var: &str, default: T) -> T {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A real SDP offer (one data channel) from a throwaway webrtc-rs connection on loopback, for a
+/// raw-socket client that speaks the protocol but never completes the media side; the
+/// connection never gets the answer, so the offer's ICE credentials are the caller's to use.
+pub async fn throwaway_offer() -> (Box<dyn webrtc::peer_connection::PeerConnection>, String) {
+    use rtc::ice::mdns::MulticastDnsMode;
+    use webrtc::peer_connection::{
+        MediaEngine, PeerConnection, PeerConnectionBuilder, PeerConnectionEventHandler,
+        SettingEngineBuilder,
+    };
+    struct Ignore;
+    impl PeerConnectionEventHandler for Ignore {}
+    let mut media_engine = MediaEngine::default();
+    media_engine
+        .register_default_codecs()
+        .expect("default codecs");
+    let settings = SettingEngineBuilder::new()
+        .with_multicast_dns_mode(MulticastDnsMode::Disabled)
+        .with_include_loopback_candidate(true)
+        .build();
+    let pc = PeerConnectionBuilder::new()
+        .with_media_engine(media_engine)
+        .with_setting_engine(settings)
+        .with_handler(std::sync::Arc::new(Ignore))
+        .with_udp_addrs(vec!["127.0.0.1:0"])
+        .build()
+        .await
+        .expect("a loopback peer connection");
+    pc.create_data_channel("chat", None)
+        .await
+        .expect("data channel");
+    let offer = pc.create_offer(None).await.expect("offer");
+    pc.set_local_description(offer).await.expect("local offer");
+    let sdp = pc.local_description().await.expect("local description").sdp;
+    (Box::new(pc), sdp)
+}
