@@ -274,8 +274,8 @@ async fn churn(mesh: bool) {
             );
         }
     }
-    // Back to the baseline. Tasks and fds exactly; threads too (tokio's blocking pool keeps an
-    // idle thread 10 s, so that is waited out).
+    // Back to the baseline: the server's tasks and fds, and the clients' tasks, exactly; threads
+    // too (tokio's blocking pool keeps an idle thread 10 s, so that is waited out).
     let after = std::sync::Mutex::new(resources(&server));
     let result = eventually(
         "resources back to the baseline",
@@ -286,6 +286,8 @@ async fn churn(mesh: bool) {
             now.tasks <= baseline.tasks
                 && now.fds <= baseline.fds
                 && now.threads <= baseline.threads
+                // The steady clients' readers of departed tracks have ended too.
+                && client_tasks() <= client_tasks_before
         },
     )
     .await;
@@ -305,7 +307,10 @@ async fn churn(mesh: bool) {
         client_tasks(),
     );
     if let Err(e) = result {
-        panic!("{e:#}: baseline {baseline:?}, after {after:?}");
+        panic!(
+            "{e:#}: baseline {baseline:?}, after {after:?}; client tasks {client_tasks_before} -> {}",
+            client_tasks()
+        );
     }
 
     close_all(&[&a, &b]).await;

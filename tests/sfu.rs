@@ -345,6 +345,29 @@ async fn assert_departed(
                 observer.active_remote_tracks().await
             );
         }
+        // The observer's readers of those tracks have ended (their m-lines were stopped), and
+        // the rest still run.
+        let readers = |observer: &Client| {
+            let (tracks, _) = observer.media_snapshot();
+            let gone_ended: Vec<bool> = tracks
+                .iter()
+                .filter(|t| t.publisher_id == gone)
+                .map(|t| t.ended)
+                .collect();
+            let others_running = tracks
+                .iter()
+                .filter(|t| t.publisher_id != gone && !t.ended)
+                .count();
+            (gone_ended, others_running)
+        };
+        let result = eventually("departed tracks' readers ended", CLEANUP, || async {
+            let (gone_ended, others_running) = readers(observer);
+            gone_ended.len() == 2 && gone_ended.iter().all(|e| *e) && others_running == remaining
+        })
+        .await;
+        if let Err(e) = result {
+            panic!("{}: {e:#}: {:?}", observer.id(), readers(observer));
+        }
     }
     let result = eventually("registry forgets the participant", CLEANUP, || async {
         server.registry.room_snapshot("t3").is_some_and(|s| {

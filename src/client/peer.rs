@@ -8,6 +8,7 @@
 //! local ICE candidates to the session task (so a candidate can never overtake the offer or
 //! answer it belongs to on the socket).
 
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,7 +23,7 @@ use rtc::rtcp::payload_feedbacks::picture_loss_indication::PictureLossIndication
 use rtc::rtp_transceiver::rtp_sender::{
     RTCPFeedback, RTCRtpCodec, RTCRtpCodecParameters, RTCRtpHeaderExtensionCapability, RtpCodecKind,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 use webrtc::data_channel::{DataChannel, DataChannelEvent};
@@ -54,6 +55,9 @@ pub(crate) struct LinkState {
     chat: Mutex<Vec<Arc<dyn DataChannel>>>,
     chat_open: AtomicBool,
     shared: Arc<Shared>,
+    /// The stop signal of each running track reader, by track id. webrtc-rs 0.21 never ends a
+    /// remote track whose m-line the remote stopped, so the link ends its reader itself.
+    readers: Mutex<HashMap<String, Arc<Notify>>>,
 }
 
 impl LinkState {
@@ -64,6 +68,34 @@ impl LinkState {
             chat: Mutex::new(Vec::new()),
             chat_open: AtomicBool::new(false),
             shared,
+            readers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn readers(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Notify>>> {
+        self.readers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers the reader of `track_id`; it stops when the returned signal fires.
+    fn add_reader(&self, track_id: String) -> Arc<Notify> {
+        let stop = Arc::new(Notify::new());
+        self.readers().insert(track_id, stop.clone());
+        stop
+    }
+
+    /// Stops the reader of `track_id`, if one runs (`notify_one` keeps the wake-up for a reader
+    /// that is not waiting yet).
+    fn stop_reader(&self, track_id: &str) {
+        if let Some(stop) = self.readers().remove(track_id) {
+            stop.notify_one();
+        }
+    }
+
+    /// Forgets a reader that has ended (unless the id has a newer reader by now).
+    fn reader_ended(&self, track_id: &str, stop: &Arc<Notify>) {
+        let mut readers = self.readers();
+        if readers.get(track_id).is_some_and(|s| Arc::ptr_eq(s, stop)) {
+            readers.remove(track_id);
         }
     }
 
@@ -202,26 +234,31 @@ impl PeerConnectionEventHandler for LinkHandler {
     }
 
     async fn on_track(&self, track: Arc<dyn TrackRemote>) {
-        let state = self.state.clone();
+        let track_id = track.track_id().await;
+        let stop = self.state.add_reader(track_id.clone());
         tokio::spawn(receive_track(
             track,
-            state,
+            track_id,
+            stop,
+            self.state.clone(),
             self.probe.clone(),
             self.packets_per_frame,
         ));
     }
 }
 
-/// Reads one remote track until the connection ends, counting what arrives and, for video,
-/// what a decoder would make of it (asking for a key frame when it could not decode).
+/// Reads one remote track until the connection ends or the remote stops its m-line (`stop`),
+/// counting what arrives and, for video, what a decoder would make of it (asking for a key frame
+/// when it could not decode).
 async fn receive_track(
     track: Arc<dyn TrackRemote>,
+    track_id: String,
+    stop: Arc<Notify>,
     link: Arc<LinkState>,
     probe: Option<Arc<dyn MediaProbe>>,
     packets_per_frame: u32,
 ) {
     let stream_id = track.stream_id().await;
-    let track_id = track.track_id().await;
     let kind = match track.kind().await {
         RtpCodecKind::Audio => MediaKind::Audio,
         _ => MediaKind::Video,
@@ -232,14 +269,19 @@ async fn receive_track(
     };
     let stats = Arc::new(RemoteTrackStats::new(
         stream_id,
-        track_id,
+        track_id.clone(),
         publisher,
         kind,
         link.peer.clone(),
     ));
     link.shared.update(|r| r.remote_tracks.push(stats.clone()));
     let mut decoder = (kind == MediaKind::Video).then(|| FrameDecoder::new(packets_per_frame));
-    while let Some(event) = track.poll().await {
+    loop {
+        let event = tokio::select! {
+            event = track.poll() => event,
+            () = stop.notified() => break,
+        };
+        let Some(event) = event else { break };
         match event {
             TrackRemoteEvent::OnRtpPacket(packet) => {
                 let now_us = payload::now_micros();
@@ -268,6 +310,7 @@ async fn receive_track(
             _ => {}
         }
     }
+    link.reader_ended(&track_id, &stop);
     stats.set_ended();
     link.shared.changed.notify_waiters();
 }
@@ -282,8 +325,7 @@ fn without_stopped_detail(sdp: &str) -> String {
     let mut in_stopped = false;
     for line in sdp.split("\r\n") {
         if line.starts_with("m=") {
-            in_stopped = (line.starts_with("m=audio ") || line.starts_with("m=video "))
-                && line.split(' ').nth(1) == Some("0");
+            in_stopped = is_stopped_media_line(line);
         } else if in_stopped {
             let kept = line.starts_with("c=")
                 || line.starts_with("a=mid:")
@@ -298,6 +340,26 @@ fn without_stopped_detail(sdp: &str) -> String {
         out.push(line);
     }
     out.join("\r\n")
+}
+
+/// An audio or video m-line with port 0: a stopped transceiver's.
+fn is_stopped_media_line(line: &str) -> bool {
+    (line.starts_with("m=audio ") || line.starts_with("m=video "))
+        && line.split(' ').nth(1) == Some("0")
+}
+
+/// The mids of the audio and video sections an SDP has stopped (port 0).
+fn stopped_mids(sdp: &str) -> Vec<String> {
+    let mut mids = Vec::new();
+    let mut in_stopped = false;
+    for line in sdp.lines() {
+        if line.starts_with("m=") {
+            in_stopped = is_stopped_media_line(line);
+        } else if in_stopped && let Some(mid) = line.strip_prefix("a=mid:") {
+            mids.push(mid.trim().to_owned());
+        }
+    }
+    mids
 }
 
 /// The publisher's participant id in an SFU stream id `{participant_id}-{n}`.
@@ -490,6 +552,8 @@ pub(crate) struct Link {
     loopback_only: bool,
     /// The SFU link's media goes through this relay: the server's candidates are rewritten.
     media_relay: Option<MediaRelay>,
+    /// Mids the remote has stopped whose readers were already ended.
+    stopped_mids: HashSet<String>,
 }
 
 impl Link {
@@ -534,6 +598,7 @@ impl Link {
             outputs: Vec::new(),
             loopback_only: opts.loopback_only,
             media_relay,
+            stopped_mids: HashSet::new(),
         })
     }
 
@@ -576,6 +641,7 @@ impl Link {
     /// our own pending offer.
     pub async fn on_offer(&mut self, sdp: String) -> anyhow::Result<Vec<Outgoing>> {
         let sdp = self.via_relay(sdp);
+        let stopped = stopped_mids(&sdp);
         let offer = RTCSessionDescription::offer(sdp).context("parsing the remote offer")?;
         if self.have_local_offer {
             if !self.polite {
@@ -594,6 +660,7 @@ impl Link {
             .set_remote_description(offer)
             .await
             .context("applying the remote offer")?;
+        self.end_stopped_readers(stopped).await;
         self.flush_candidates().await;
         let answer = self.pc.create_answer(None).await?;
         let sdp = answer.sdp.clone();
@@ -616,17 +683,44 @@ impl Link {
             return Ok(None);
         }
         let sdp = self.via_relay(sdp);
+        let stopped = stopped_mids(&sdp);
         let answer = RTCSessionDescription::answer(sdp).context("parsing the remote answer")?;
         self.pc
             .set_remote_description(answer)
             .await
             .context("applying the remote answer")?;
+        self.end_stopped_readers(stopped).await;
         self.have_local_offer = false;
         self.flush_candidates().await;
         if self.needs_offer {
             return self.offer().await;
         }
         Ok(None)
+    }
+
+    /// Ends the readers of the tracks on m-lines the remote description stopped (a departed
+    /// publisher's, or an unpublished track): a stopped m-line never carries media again.
+    async fn end_stopped_readers(&mut self, stopped: Vec<String>) {
+        let stopped: HashSet<String> = stopped
+            .into_iter()
+            .filter(|mid| !self.stopped_mids.contains(mid))
+            .collect();
+        if stopped.is_empty() {
+            return;
+        }
+        for transceiver in self.pc.get_transceivers().await {
+            let Ok(Some(mid)) = transceiver.mid().await else {
+                continue;
+            };
+            if !stopped.contains(&mid) {
+                continue;
+            }
+            if let Ok(Some(receiver)) = transceiver.receiver().await {
+                let track_id = receiver.track().track_id().await;
+                self.state.stop_reader(&track_id);
+            }
+        }
+        self.stopped_mids.extend(stopped);
     }
 
     /// Remote SDP (or a candidate line) naming the relay where it named the server.
@@ -721,6 +815,17 @@ mod tests {
              m=video 9 UDP/TLS/RTP/SAVPF 96\r\nc=IN IP4 0.0.0.0\r\na=mid:2\r\n\
              a=sendonly\r\na=rtpmap:96 VP8/90000\r\na=rtcp-fb:96 nack\r\n"
         );
+    }
+
+    #[test]
+    fn stopped_mids_are_those_of_port_zero_media_sections() {
+        let sdp = "v=0\r\n\
+                   m=audio 0 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\na=inactive\r\n\
+                   m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:1\r\na=recvonly\r\n\
+                   m=application 0 UDP/DTLS/SCTP webrtc-datachannel\r\na=mid:2\r\n\
+                   m=video 0 UDP/TLS/RTP/SAVPF 96\r\nc=IN IP4 0.0.0.0\r\na=mid:3\r\n";
+        assert_eq!(stopped_mids(sdp), ["0", "3"]);
+        assert!(stopped_mids("v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:0\r\n").is_empty());
     }
 
     use crate::client::media::{LocalTrack, MediaProfile};

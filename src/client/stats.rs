@@ -276,8 +276,8 @@ pub struct RemoteTrackSnapshot {
     pub layer_packets: [u64; LAYERS],
     /// The layer of the last intact packet.
     pub last_layer: Option<u8>,
-    /// The track's event stream reported it ended (webrtc-rs 0.21 rarely does; see
-    /// [`super::Client::remote_track_count`]).
+    /// The track's reader has stopped: the remote stopped its m-line (a departed publisher's
+    /// track), or the connection ended.
     pub ended: bool,
     /// What a decoder made of a video track (see [`super::decode`]); zero for audio.
     pub decode: DecodeCounts,
