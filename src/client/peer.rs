@@ -55,9 +55,9 @@ pub(crate) struct LinkState {
     chat: Mutex<Vec<Arc<dyn DataChannel>>>,
     chat_open: AtomicBool,
     shared: Arc<Shared>,
-    /// The stop signal of each running track reader, by track id. webrtc-rs 0.21 never ends a
-    /// remote track whose m-line the remote stopped, so the link ends its reader itself.
-    readers: Mutex<HashMap<String, Arc<Notify>>>,
+    /// The stop signal of each running track reader. webrtc-rs 0.21 never ends a remote track
+    /// whose m-line the remote stopped, so the link ends its reader itself.
+    readers: Mutex<HashMap<ReaderKey, Arc<Notify>>>,
 }
 
 impl LinkState {
@@ -72,30 +72,30 @@ impl LinkState {
         }
     }
 
-    fn readers(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Notify>>> {
+    fn readers(&self) -> std::sync::MutexGuard<'_, HashMap<ReaderKey, Arc<Notify>>> {
         self.readers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Registers the reader of `track_id`; it stops when the returned signal fires.
-    fn add_reader(&self, track_id: String) -> Arc<Notify> {
+    /// Registers the reader of a track; it stops when the returned signal fires.
+    fn add_reader(&self, key: ReaderKey) -> Arc<Notify> {
         let stop = Arc::new(Notify::new());
-        self.readers().insert(track_id, stop.clone());
+        self.readers().insert(key, stop.clone());
         stop
     }
 
-    /// Stops the reader of `track_id`, if one runs (`notify_one` keeps the wake-up for a reader
+    /// Stops the reader of a track, if one runs (`notify_one` keeps the wake-up for a reader
     /// that is not waiting yet).
-    fn stop_reader(&self, track_id: &str) {
-        if let Some(stop) = self.readers().remove(track_id) {
+    fn stop_reader(&self, key: &ReaderKey) {
+        if let Some(stop) = self.readers().remove(key) {
             stop.notify_one();
         }
     }
 
-    /// Forgets a reader that has ended (unless the id has a newer reader by now).
-    fn reader_ended(&self, track_id: &str, stop: &Arc<Notify>) {
+    /// Forgets a reader that has ended (unless its track has a newer reader by now).
+    fn reader_ended(&self, key: &ReaderKey, stop: &Arc<Notify>) {
         let mut readers = self.readers();
-        if readers.get(track_id).is_some_and(|s| Arc::ptr_eq(s, stop)) {
-            readers.remove(track_id);
+        if readers.get(key).is_some_and(|s| Arc::ptr_eq(s, stop)) {
+            readers.remove(key);
         }
     }
 
@@ -178,6 +178,14 @@ impl LinkState {
     }
 }
 
+/// A remote track as its reader is known by: its stream id and track id. Track ids alone repeat
+/// across publishers (every client names its first track `audio-0`).
+type ReaderKey = (String, String);
+
+async fn reader_key(track: &Arc<dyn TrackRemote>) -> ReaderKey {
+    (track.stream_id().await, track.track_id().await)
+}
+
 /// The library's callbacks for one link.
 struct LinkHandler {
     state: Arc<LinkState>,
@@ -234,11 +242,11 @@ impl PeerConnectionEventHandler for LinkHandler {
     }
 
     async fn on_track(&self, track: Arc<dyn TrackRemote>) {
-        let track_id = track.track_id().await;
-        let stop = self.state.add_reader(track_id.clone());
+        let key = reader_key(&track).await;
+        let stop = self.state.add_reader(key.clone());
         tokio::spawn(receive_track(
             track,
-            track_id,
+            key,
             stop,
             self.state.clone(),
             self.probe.clone(),
@@ -252,13 +260,13 @@ impl PeerConnectionEventHandler for LinkHandler {
 /// when it could not decode).
 async fn receive_track(
     track: Arc<dyn TrackRemote>,
-    track_id: String,
+    key: ReaderKey,
     stop: Arc<Notify>,
     link: Arc<LinkState>,
     probe: Option<Arc<dyn MediaProbe>>,
     packets_per_frame: u32,
 ) {
-    let stream_id = track.stream_id().await;
+    let (stream_id, track_id) = key.clone();
     let kind = match track.kind().await {
         RtpCodecKind::Audio => MediaKind::Audio,
         _ => MediaKind::Video,
@@ -269,7 +277,7 @@ async fn receive_track(
     };
     let stats = Arc::new(RemoteTrackStats::new(
         stream_id,
-        track_id.clone(),
+        track_id,
         publisher,
         kind,
         link.peer.clone(),
@@ -310,7 +318,7 @@ async fn receive_track(
             _ => {}
         }
     }
-    link.reader_ended(&track_id, &stop);
+    link.reader_ended(&key, &stop);
     stats.set_ended();
     link.shared.changed.notify_waiters();
 }
@@ -716,8 +724,7 @@ impl Link {
                 continue;
             }
             if let Ok(Some(receiver)) = transceiver.receiver().await {
-                let track_id = receiver.track().track_id().await;
-                self.state.stop_reader(&track_id);
+                self.state.stop_reader(&reader_key(receiver.track()).await);
             }
         }
         self.stopped_mids.extend(stopped);
