@@ -1,8 +1,13 @@
-//! Which connection an incoming datagram belongs to, in O(1): by the remote address once the
-//! connection has answered a connectivity check from it, and before that by the server's ICE
-//! username fragment in the STUN USERNAME attribute ("server-ufrag:client-ufrag"). The engine
-//! still verifies the check's MESSAGE-INTEGRITY; this only routes. A datagram that matches
+//! Which connection an incoming datagram belongs to, in O(1): a connectivity check by the
+//! server's ICE username fragment in its STUN USERNAME attribute ("server-ufrag:client-ufrag"),
+//! everything else by the remote address once the connection has answered a check from it. The
+//! engine still verifies the check's MESSAGE-INTEGRITY; this only routes. A datagram that matches
 //! neither is dropped and counted, never offered to every connection in turn.
+//!
+//! Checks go by ufrag even from a bound address: a new client can arrive from the address of
+//! one that vanished while its connection still waits out its timeout (a NAT, or the OS, handing
+//! the port on). Routed by address, its checks would reach the old connection, which ignores
+//! them, and it would never connect. Its connection's first answer rebinds the address.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -42,11 +47,12 @@ impl Demux {
     }
 
     pub fn route(&self, source: SocketAddr, datagram: &[u8]) -> Option<ConnId> {
-        if let Some(conn) = self.by_addr.get(&source) {
+        if is_stun(datagram)
+            && let Some(conn) = stun_local_ufrag(datagram).and_then(|u| self.by_ufrag.get(u))
+        {
             return Some(*conn);
         }
-        let ufrag = stun_local_ufrag(datagram)?;
-        self.by_ufrag.get(ufrag).copied()
+        self.by_addr.get(&source).copied()
     }
 
     #[cfg(test)]
@@ -124,6 +130,26 @@ mod tests {
         d.remove(2);
         assert_eq!(d.len(), (1, 0));
         assert_eq!(d.route(a, &binding_request("srv2:cli")), None);
+    }
+
+    #[test]
+    fn a_check_from_an_address_bound_elsewhere_goes_by_ufrag() {
+        let mut d = Demux::default();
+        d.add_ufrag("old".into(), 1);
+        d.add_ufrag("new".into(), 2);
+        let a: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        d.bind_addr(a, 1);
+        // The old connection's client vanished; a new one has its address.
+        assert_eq!(d.route(a, &binding_request("new:cli")), Some(2));
+        // Anything but a check still goes by the address until the new connection answers.
+        assert_eq!(d.route(a, &[0x80, 0x60, 0, 1]), Some(1));
+        d.bind_addr(a, 2);
+        assert_eq!(d.route(a, &[0x80, 0x60, 0, 1]), Some(2));
+        // The old connection leaving does not take the new one's address with it.
+        d.remove(1);
+        assert_eq!(d.route(a, &[0x80, 0x60, 0, 1]), Some(2));
+        // A check with an unknown ufrag, and a binding indication (no USERNAME), go by address.
+        assert_eq!(d.route(a, &binding_request("nobody:cli")), Some(2));
     }
 
     #[test]
