@@ -284,10 +284,13 @@ async fn receive_track(
     ));
     link.shared.update(|r| r.remote_tracks.push(stats.clone()));
     let mut decoder = (kind == MediaKind::Video).then(|| FrameDecoder::new(packets_per_frame));
+    // One waiter for the whole read, not one per packet.
+    let stopped = stop.notified();
+    tokio::pin!(stopped);
     loop {
         let event = tokio::select! {
             event = track.poll() => event,
-            () = stop.notified() => break,
+            () = &mut stopped => break,
         };
         let Some(event) = event else { break };
         match event {
@@ -708,11 +711,8 @@ impl Link {
 
     /// Ends the readers of the tracks on m-lines the remote description stopped (a departed
     /// publisher's, or an unpublished track): a stopped m-line never carries media again.
-    async fn end_stopped_readers(&mut self, stopped: Vec<String>) {
-        let stopped: HashSet<String> = stopped
-            .into_iter()
-            .filter(|mid| !self.stopped_mids.contains(mid))
-            .collect();
+    async fn end_stopped_readers(&mut self, mut stopped: Vec<String>) {
+        stopped.retain(|mid| !self.stopped_mids.contains(mid));
         if stopped.is_empty() {
             return;
         }

@@ -47,9 +47,7 @@ impl Demux {
     }
 
     pub fn route(&self, source: SocketAddr, datagram: &[u8]) -> Option<ConnId> {
-        if is_stun(datagram)
-            && let Some(conn) = stun_local_ufrag(datagram).and_then(|u| self.by_ufrag.get(u))
-        {
+        if let Some(conn) = stun_local_ufrag(datagram).and_then(|u| self.by_ufrag.get(u)) {
             return Some(*conn);
         }
         self.by_addr.get(&source).copied()
